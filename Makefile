@@ -1,0 +1,128 @@
+# TensorStream developer entry points. `make demo` and `make test` work on a fresh Debian
+# machine with Python 3.9+: they install what is missing, build and run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYSTEM ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip
+JOBS          ?= $(shell nproc)
+BUILD         ?= build/cpp
+FUZZ_SECONDS  ?= 60
+# torch is pinned for development and CI; the package itself accepts any torch 2.x.
+TORCH_SPEC    ?= torch==2.13.0
+PY_TEST_DEPS  := pytest transformers accelerate safetensors ruff
+PY_BUILD_DEPS := "nanobind>=2.0" "scikit-build-core>=0.10" "cmake>=3.24" ninja
+APT_PACKAGES  := build-essential git libgtest-dev libgmock-dev libxxhash-dev libzstd-dev \
+                 liburing-dev fio clang clang-format clang-tidy libclang-rt-14-dev python3-venv
+CMAKE         := $(VENV)/bin/cmake
+CTEST         := $(VENV)/bin/ctest
+
+.PHONY: help demo test test-unit test-integration test-gpu test-cpp test-python \
+        test-asan test-tsan fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
+        install-python clean
+
+help:
+	@echo "make demo             install, build, run the demo (store round trip of a real model)"
+	@echo "make test             install test deps, build, run all C++ (ctest) and Python (pytest) tests"
+	@echo "make test-unit        C++ tests + Python unit tests"
+	@echo "make test-integration Python tests that convert real transformers checkpoints, CLI, demo"
+	@echo "make test-gpu         GPU tests only (skip cleanly without a GPU)"
+	@echo "make test-asan        C++ tests under AddressSanitizer + UBSan"
+	@echo "make test-tsan        C++ tests under ThreadSanitizer"
+	@echo "make fuzz             build libFuzzer targets, run each FUZZ_SECONDS (default 60)"
+	@echo "make format / lint    clang-format + ruff format / clang-format check, clang-tidy, ruff"
+
+# ---- dependencies ------------------------------------------------------------------------
+deps-system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	@[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS)
+	@touch $@
+
+venv: $(VENV)/.stamp
+deps: deps-system venv
+
+# ---- builds ------------------------------------------------------------------------------
+build-cpp: deps
+	$(CMAKE) -S . -B $(BUILD) -G Ninja -DTS_BUILD_TESTS=ON -DTS_WERROR=ON >/dev/null
+	$(CMAKE) --build $(BUILD) -j $(JOBS)
+
+install-python: deps
+	$(PIP) install -q --no-build-isolation --config-settings=cmake.define.TS_WERROR=ON .
+
+# ---- tests -------------------------------------------------------------------------------
+test: build-cpp install-python
+	cd $(BUILD) && ../../$(CTEST) --output-on-failure -j $(JOBS)
+	$(PY) -m pytest -q tests/python
+
+test-cpp: build-cpp
+	cd $(BUILD) && ../../$(CTEST) --output-on-failure -j $(JOBS)
+
+test-unit: build-cpp install-python
+	cd $(BUILD) && ../../$(CTEST) --output-on-failure -j $(JOBS)
+	$(PY) -m pytest -q tests/python -m "not integration and not gpu"
+
+test-integration: install-python
+	$(PY) -m pytest -q tests/python -m integration
+
+test-gpu: build-cpp install-python
+	cd $(BUILD) && ../../$(CTEST) --output-on-failure -R 'Cuda|Gpu'
+	$(PY) -m pytest -q tests/python -m gpu -rs
+
+test-asan: deps
+	$(CMAKE) -S . -B build/asan -G Ninja -DTS_BUILD_TESTS=ON -DTS_BUILD_TOOLS=OFF \
+	  -DTS_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	$(CMAKE) --build build/asan -j $(JOBS)
+	cd build/asan && ASAN_OPTIONS=detect_leaks=1 ../../$(CTEST) --output-on-failure -j $(JOBS)
+
+test-tsan: deps
+	$(CMAKE) -S . -B build/tsan -G Ninja -DTS_BUILD_TESTS=ON -DTS_BUILD_TOOLS=OFF \
+	  -DTS_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	$(CMAKE) --build build/tsan -j $(JOBS)
+	cd build/tsan && TSAN_OPTIONS=halt_on_error=1 ../../$(CTEST) --output-on-failure -j $(JOBS)
+
+fuzz: deps
+	CC=clang CXX=clang++ $(CMAKE) -S . -B build/fuzz -G Ninja -DTS_BUILD_FUZZERS=ON \
+	  -DTS_BUILD_TOOLS=OFF -DTS_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	$(CMAKE) --build build/fuzz -j $(JOBS)
+	@for t in store safetensors json; do \
+	  corpus=build/fuzz/corpus/$$t; mkdir -p $$corpus; cp -n fuzz/seeds/$$t/* $$corpus/; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  build/fuzz/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=build/fuzz/crash-$$t- $$corpus 2>&1 | grep -E 'stat::number_of_executed_units|ERROR|crash' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=15
+
+# ---- style -------------------------------------------------------------------------------
+CXX_SOURCES := $(shell git ls-files '*.cpp' '*.hpp' 2>/dev/null)
+PY_SOURCES  := python tests/python bench
+
+format: deps
+	clang-format -i $(CXX_SOURCES)
+	$(VENV)/bin/ruff format $(PY_SOURCES)
+
+lint: build-cpp
+	clang-format --dry-run -Werror $(CXX_SOURCES)
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	clang-tidy -p $(BUILD) --quiet $(filter src/%.cpp,$(CXX_SOURCES))
+
+# ---- main job ----------------------------------------------------------------------------
+demo: install-python
+	$(VENV)/bin/tensorstream demo
+
+clean:
+	rm -rf build $(VENV) *.egg-info

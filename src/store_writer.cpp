@@ -1,0 +1,243 @@
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+
+#include "tensorstream/detail/store_format.hpp"
+#include "tensorstream/errors.hpp"
+#include "tensorstream/store.hpp"
+#include "tensorstream/store_maintenance.hpp"
+
+namespace tensorstream {
+namespace {
+
+// Writes are gathered into runs of this size: large enough that pwrite overhead vanishes,
+// small enough that converting a model never holds much more than one run in RAM.
+constexpr std::size_t kWriteBufferSize = 8u << 20;
+
+bool is_power_of_two(std::uint64_t v) noexcept { return v != 0 && (v & (v - 1)) == 0; }
+
+}  // namespace
+
+StoreWriter::StoreWriter(std::filesystem::path destination, WriterOptions options)
+    : destination_(std::move(destination)), options_(options) {
+  TS_EXPECT(!destination_.filename().empty(), std::invalid_argument, "store path '",
+            destination_.string(), "' has no file name");
+  TS_EXPECT(is_power_of_two(options_.block_alignment) &&
+                options_.block_alignment >= kBlockAlignment && options_.block_alignment <= (1u << 30),
+            std::invalid_argument, "block_alignment ", options_.block_alignment,
+            " must be a power of two between 4096 and 2^30");
+  TS_EXPECT(is_power_of_two(options_.tensor_alignment) &&
+                options_.tensor_alignment >= kTensorAlignment &&
+                options_.tensor_alignment <= options_.block_alignment,
+            std::invalid_argument, "tensor_alignment ", options_.tensor_alignment,
+            " must be a power of two between 256 and block_alignment");
+  if (std::filesystem::is_directory(destination_)) {
+    throw std::invalid_argument(detail::concat("store path '", destination_.string(),
+                                               "' is a directory; give a file name"));
+  }
+  temp_path_ = detail::temp_path_for(destination_);
+  fd_ = detail::FileDescriptor(temp_path_, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  buffer_.reserve(kWriteBufferSize);
+  // The superblock region stays zero (an invalid magic) until commit() writes it last.
+  position_ = options_.block_alignment;
+  buffer_offset_ = position_;
+}
+
+StoreWriter::~StoreWriter() {
+  if (!finished_) abort();
+}
+
+void StoreWriter::require(bool condition, std::string_view what) const {
+  TS_EXPECT(condition, std::invalid_argument, "StoreWriter for '", destination_.string(), "': ",
+            what);
+}
+
+void StoreWriter::stage(std::string_view name) const {
+  if (stage_hook) stage_hook(name);
+}
+
+void StoreWriter::flush() {
+  if (buffer_.empty()) return;
+  fd_.pwrite_all(buffer_, buffer_offset_);
+  buffer_offset_ += buffer_.size();
+  buffer_.clear();
+}
+
+void StoreWriter::write_bytes(std::span<const std::byte> data) {
+  if (buffer_.size() + data.size() > kWriteBufferSize) flush();
+  if (data.size() >= kWriteBufferSize) {
+    fd_.pwrite_all(data, buffer_offset_);
+    buffer_offset_ += data.size();
+  } else {
+    buffer_.insert(buffer_.end(), data.begin(), data.end());
+  }
+  position_ += data.size();
+}
+
+void StoreWriter::write_zeros(std::uint64_t n) {
+  static constexpr std::array<std::byte, 4096> kZeros{};
+  while (n > 0) {
+    const auto step = std::min<std::uint64_t>(n, kZeros.size());
+    write_bytes(std::span<const std::byte>(kZeros.data(), step));
+    n -= step;
+  }
+}
+
+void StoreWriter::begin_block(std::string_view name) {
+  require(!finished_, "already committed or aborted");
+  require(!open_block_, "begin_block() while a block is open");
+  require(!name.empty(), "empty block name");
+  for (const auto& b : blocks_) {
+    require(b.name != name, detail::concat("duplicate block name '", name, "'"));
+  }
+  std::uint64_t start = 0;
+  require(detail::align_up(position_, options_.block_alignment, start), "file too large");
+  write_zeros(start - position_);
+  open_block_ = BlockInfo{};
+  open_block_->name = std::string(name);
+  open_block_->offset = position_;
+  open_block_->first_tensor = static_cast<std::uint32_t>(tensors_.size());
+  block_checksum_.reset();
+}
+
+void StoreWriter::begin_tensor(std::string_view name, DType dtype,
+                               std::span<const std::int64_t> shape) {
+  require(open_block_.has_value(), "begin_tensor() outside a block");
+  require(!open_tensor_, "begin_tensor() while a tensor is open");
+  require(!name.empty(), "empty tensor name");
+  require(dtype_size(dtype) != 0,
+          detail::concat("tensor '", name, "': unknown dtype ", static_cast<int>(dtype)));
+  require(shape.size() <= kMaxTensorRank,
+          detail::concat("tensor '", name, "': rank ", shape.size(), " exceeds ", kMaxTensorRank));
+  for (const auto& t : tensors_) {
+    require(t.name != name, detail::concat("duplicate tensor name '", name, "'"));
+  }
+  std::uint64_t nbytes = 0;
+  require(detail::tensor_nbytes(dtype, shape, nbytes),
+          detail::concat("tensor '", name, "': negative dimension or size overflow"));
+  std::uint64_t start = 0;
+  require(detail::align_up(position_, options_.tensor_alignment, start), "file too large");
+  block_checksum_.update_zeros(start - position_);
+  write_zeros(start - position_);
+
+  open_tensor_.emplace();
+  open_tensor_->written = 0;
+  TensorInfo& info = open_tensor_->info;
+  info.name = std::string(name);
+  info.dtype = dtype;
+  info.shape.assign(shape.begin(), shape.end());
+  info.block = static_cast<std::uint32_t>(blocks_.size());
+  info.offset_in_block = position_ - open_block_->offset;
+  info.nbytes = nbytes;
+}
+
+void StoreWriter::append(std::span<const std::byte> data) {
+  require(open_tensor_.has_value(), "append() outside a tensor");
+  auto& t = *open_tensor_;
+  require(data.size() <= t.info.nbytes - t.written,
+          detail::concat("tensor '", t.info.name, "': ", t.written + data.size(),
+                         " bytes appended but dtype × shape is ", t.info.nbytes));
+  t.checksum.update(data);
+  block_checksum_.update(data);
+  write_bytes(data);
+  t.written += data.size();
+}
+
+void StoreWriter::end_tensor() {
+  require(open_tensor_.has_value(), "end_tensor() outside a tensor");
+  auto& t = *open_tensor_;
+  require(t.written == t.info.nbytes,
+          detail::concat("tensor '", t.info.name, "': ", t.written,
+                         " bytes appended but dtype × shape is ", t.info.nbytes));
+  t.info.checksum = t.checksum.digest();
+  tensors_.push_back(std::move(t.info));
+  open_tensor_.reset();
+}
+
+void StoreWriter::add_tensor(std::string_view name, DType dtype,
+                             std::span<const std::int64_t> shape,
+                             std::span<const std::byte> data) {
+  begin_tensor(name, dtype, shape);
+  append(data);
+  end_tensor();
+}
+
+void StoreWriter::end_block() {
+  require(open_block_.has_value(), "end_block() outside a block");
+  require(!open_tensor_, "end_block() while a tensor is open");
+  BlockInfo& b = *open_block_;
+  b.raw_size = b.stored_size = position_ - b.offset;
+  b.checksum = b.raw_checksum = block_checksum_.digest();
+  b.tensor_count = static_cast<std::uint32_t>(tensors_.size() - b.first_tensor);
+  blocks_.push_back(std::move(b));
+  open_block_.reset();
+  stage("block_written");
+}
+
+void StoreWriter::set_user_metadata(std::string text) { user_metadata_ = std::move(text); }
+
+WriteSummary StoreWriter::commit() {
+  require(!finished_, "already committed or aborted");
+  require(!open_block_, "commit() while a block is open");
+
+  detail::Superblock sb;
+  sb.version_major = kStoreVersionMajor;
+  sb.version_minor = kStoreVersionMinor;
+  sb.block_alignment = options_.block_alignment;
+  sb.tensor_alignment = options_.tensor_alignment;
+  sb.data_offset = options_.block_alignment;
+  std::uint64_t metadata_offset = 0;
+  require(detail::align_up(position_, options_.block_alignment, metadata_offset), "file too large");
+  write_zeros(metadata_offset - position_);
+  sb.metadata_offset = metadata_offset;
+  sb.data_size = metadata_offset - sb.data_offset;
+
+  FingerprintBuilder fingerprint;
+  for (const auto& t : tensors_) fingerprint.add(t.name, t.dtype, t.shape, t.checksum);
+  sb.fingerprint = fingerprint.finish();
+
+  const auto metadata = detail::encode_metadata(blocks_, tensors_, user_metadata_, sb);
+  TS_EXPECT(metadata.size() <= kMaxMetadataSize, std::invalid_argument, "store '",
+            destination_.string(), "': metadata of ", metadata.size(),
+            " bytes exceeds the format limit");
+  write_bytes(metadata);
+  flush();
+  sb.file_size = position_;
+  // Trailing zero padding may never have been written out; make the length exact.
+  fd_.truncate(sb.file_size);
+  stage("metadata_written");
+
+  // The superblock goes last: until it is written the temporary has no valid magic.
+  fd_.pwrite_all(detail::encode_superblock(sb), 0);
+  stage("superblock_written");
+  if (options_.durable) fd_.sync();
+  fd_.close();
+  stage("synced");
+  if (::rename(temp_path_.c_str(), destination_.c_str()) != 0) {
+    detail::throw_errno(detail::concat("cannot rename '", temp_path_.string(), "' to '",
+                                       destination_.string(), "'"));
+  }
+  finished_ = true;
+  stage("renamed");
+  if (options_.durable) detail::sync_directory(destination_.parent_path());
+  return WriteSummary{sb.file_size, sb.block_count, sb.tensor_count, sb.fingerprint};
+}
+
+void StoreWriter::abort() noexcept {
+  if (finished_) return;
+  finished_ = true;
+  try {
+    fd_.close();
+  } catch (const std::exception&) {
+    // The temporary is being discarded; a failed close loses nothing.
+  }
+  if (::unlink(temp_path_.c_str()) != 0 && errno != ENOENT) {
+    std::fprintf(stderr, "tensorstream: cannot remove '%s': %s\n", temp_path_.c_str(),
+                 std::strerror(errno));
+  }
+}
+
+}  // namespace tensorstream

@@ -1,0 +1,38 @@
+// Helpers shared by the GoogleTest suites: temporary directories, random data.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace tensorstream::testing {
+
+/// A fresh directory under the system temp dir, removed with its content on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
+  [[nodiscard]] std::filesystem::path operator/(const std::string& name) const {
+    return path_ / name;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// `n` bytes from a seeded generator.
+std::vector<std::byte> random_bytes(std::size_t n, std::uint64_t seed);
+
+/// Whole content of a file.
+std::vector<std::byte> read_file(const std::filesystem::path& path);
+
+/// Replaces the content of a file.
+void write_file(const std::filesystem::path& path, const std::vector<std::byte>& data);
+
+}  // namespace tensorstream::testing

@@ -1,0 +1,260 @@
+#include "cli.hpp"
+
+#include <chrono>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <sstream>
+
+#include "tensorstream/convert.hpp"
+#include "tensorstream/detail/json_writer.hpp"
+#include "tensorstream/errors.hpp"
+#include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/store.hpp"
+#include "tensorstream/version.hpp"
+
+namespace tensorstream::cli {
+namespace {
+
+constexpr const char* kUsage =
+    "usage: tensorstream <command> [options]\n"
+    "\n"
+    "store tools (native):\n"
+    "  convert SRC STORE    convert a .safetensors file or a Hugging Face checkpoint\n"
+    "                       directory (sharded + index) into a store; STORE is a file\n"
+    "                       or a directory (then STORE/model.tstore)\n"
+    "  inspect STORE        list blocks and tensors (--json for machine-readable output)\n"
+    "  verify STORE         check every checksum; exit code 0 only if all are good\n"
+    "  doctor               report what this machine offers (CUDA driver, cuFile)\n"
+    "  version              print the version\n";
+
+std::string human_bytes(std::uint64_t n) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int unit = 0;
+  while (v >= 1024.0 && unit < 4) {
+    v /= 1024.0;
+    ++unit;
+  }
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(unit == 0 ? 0 : 1) << v << " " << kUnits[unit];
+  return s.str();
+}
+
+std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// A one-line progress bar on stderr, redrawn at most ten times a second.
+class ProgressBar {
+ public:
+  ProgressBar(std::ostream& err, bool enabled, std::string label)
+      : err_(err), enabled_(enabled), label_(std::move(label)),
+        start_(std::chrono::steady_clock::now()) {}
+  ~ProgressBar() {
+    if (drawn_) err_ << "\n";
+  }
+
+  bool operator()(std::uint64_t done, std::uint64_t total) {
+    if (!enabled_) return true;
+    const auto now = std::chrono::steady_clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(100)) return true;
+    last_ = now;
+    const double fraction = total ? static_cast<double>(done) / static_cast<double>(total) : 1.0;
+    const double seconds = std::chrono::duration<double>(now - start_).count();
+    const int width = 30;
+    const int filled = static_cast<int>(fraction * width);
+    err_ << "\r" << label_ << " [" << std::string(static_cast<std::size_t>(filled), '#')
+         << std::string(static_cast<std::size_t>(width - filled), ' ') << "] " << std::setw(3)
+         << static_cast<int>(fraction * 100) << "% " << human_bytes(done) << "/"
+         << human_bytes(total);
+    if (seconds > 0) {
+      err_ << " " << human_bytes(static_cast<std::uint64_t>(static_cast<double>(done) / seconds))
+           << "/s";
+    }
+    err_ << "   " << std::flush;
+    drawn_ = true;
+    return true;
+  }
+
+ private:
+  std::ostream& err_;
+  bool enabled_;
+  std::string label_;
+  std::chrono::steady_clock::time_point start_;
+  std::chrono::steady_clock::time_point last_{};
+  bool drawn_ = false;
+};
+
+int cmd_convert(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+                bool interactive) {
+  if (args.size() != 2) {
+    err << "usage: tensorstream convert SRC STORE\n";
+    return kExitUsage;
+  }
+  ProgressBar bar(err, interactive, "convert");
+  ConvertOptions options;
+  options.progress = [&bar](std::uint64_t done, std::uint64_t total) { return bar(done, total); };
+  const auto start = std::chrono::steady_clock::now();
+  const auto summary = convert_safetensors(args[0], args[1], options);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  out << "wrote " << resolve_store_path(args[1]).string() << ": " << summary.block_count
+      << " blocks, " << summary.tensor_count << " tensors, " << human_bytes(summary.file_size)
+      << " in " << std::fixed << std::setprecision(2) << seconds << " s (fingerprint "
+      << summary.fingerprint.hex() << ")\n";
+  return kExitOk;
+}
+
+void inspect_json(const Store& store, std::ostream& out) {
+  const auto& info = store.info();
+  out << "{\"path\":" << detail::json::quote(store.path().string())
+      << ",\"version\":\"" << info.version_major << "." << info.version_minor << "\""
+      << ",\"file_size\":" << info.file_size << ",\"block_alignment\":" << info.block_alignment
+      << ",\"tensor_alignment\":" << info.tensor_alignment << ",\"fingerprint\":\""
+      << info.fingerprint.hex() << "\",\"blocks\":[";
+  for (std::size_t b = 0; b < store.blocks().size(); ++b) {
+    const auto& block = store.blocks()[b];
+    out << (b ? "," : "") << "{\"name\":" << detail::json::quote(block.name)
+        << ",\"offset\":" << block.offset << ",\"size\":" << block.raw_size
+        << ",\"stored_size\":" << block.stored_size << ",\"codec\":\"none\",\"tensors\":[";
+    const auto tensors = store.block_tensors(b);
+    for (std::size_t t = 0; t < tensors.size(); ++t) {
+      const auto& tensor = tensors[t];
+      out << (t ? "," : "") << "{\"name\":" << detail::json::quote(tensor.name)
+          << ",\"dtype\":\"" << dtype_name(tensor.dtype) << "\",\"shape\":"
+          << shape_string(tensor.shape) << ",\"offset\":" << tensor.offset_in_block
+          << ",\"nbytes\":" << tensor.nbytes << "}";
+    }
+    out << "]}";
+  }
+  out << "]}\n";
+}
+
+int cmd_inspect(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  bool json = false;
+  std::vector<std::string> paths;
+  for (const auto& a : args) {
+    if (a == "--json") {
+      json = true;
+    } else {
+      paths.push_back(a);
+    }
+  }
+  if (paths.size() != 1) {
+    err << "usage: tensorstream inspect STORE [--json]\n";
+    return kExitUsage;
+  }
+  const auto store = Store::open(resolve_store_path(paths[0]));
+  if (json) {
+    inspect_json(store, out);
+    return kExitOk;
+  }
+  const auto& info = store.info();
+  std::uint64_t tensor_bytes = 0;
+  for (const auto& t : store.tensors()) tensor_bytes += t.nbytes;
+  out << "store        " << store.path().string() << "\n"
+      << "format       " << info.version_major << "." << info.version_minor << "\n"
+      << "file size    " << human_bytes(info.file_size) << " (" << info.file_size << " bytes)\n"
+      << "tensor data  " << human_bytes(tensor_bytes) << "\n"
+      << "blocks       " << store.blocks().size() << " (largest "
+      << human_bytes(store.max_block_size()) << ", aligned to " << info.block_alignment << ")\n"
+      << "tensors      " << store.tensors().size() << " (aligned to " << info.tensor_alignment
+      << ")\n"
+      << "fingerprint  " << info.fingerprint.hex() << "\n\n";
+  for (std::size_t b = 0; b < store.blocks().size(); ++b) {
+    const auto& block = store.blocks()[b];
+    out << "block " << b << "  " << block.name << "  " << human_bytes(block.raw_size)
+        << " at " << block.offset << ", " << block.tensor_count << " tensors\n";
+    for (const auto& t : store.block_tensors(b)) {
+      out << "    " << std::left << std::setw(48) << t.name << " " << std::setw(16)
+          << dtype_name(t.dtype) << " " << std::setw(20) << shape_string(t.shape) << std::right
+          << " " << human_bytes(t.nbytes) << "\n";
+    }
+  }
+  return kExitOk;
+}
+
+int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+               bool interactive) {
+  if (args.size() != 1) {
+    err << "usage: tensorstream verify STORE\n";
+    return kExitUsage;
+  }
+  const auto store = Store::open(resolve_store_path(args[0]));
+  std::vector<BlockProblem> problems;
+  {
+    ProgressBar bar(err, interactive, "verify");
+    problems = store.verify([&bar](std::uint64_t done, std::uint64_t total) { bar(done, total); });
+  }
+  for (const auto& p : problems) {
+    out << "BAD block " << p.block << " '" << store.blocks()[p.block].name << "': " << p.message
+        << "\n";
+  }
+  std::uint64_t bytes = 0;
+  for (const auto& b : store.blocks()) bytes += b.stored_size;
+  if (problems.empty()) {
+    out << "OK " << store.path().string() << ": " << store.blocks().size() << " blocks, "
+        << store.tensors().size() << " tensors, " << human_bytes(bytes)
+        << " verified (fingerprint " << store.info().fingerprint.hex() << ")\n";
+    return kExitOk;
+  }
+  out << "FAILED " << store.path().string() << ": " << problems.size() << " of "
+      << store.blocks().size() << " blocks damaged\n";
+  return kExitFailure;
+}
+
+int cmd_doctor(std::ostream& out) {
+  const auto driver = cuda::driver_status();
+  out << "tensorstream " << kVersion << "\n"
+      << "CUDA support compiled in: " << (cuda::compiled_with_cuda() ? "yes" : "no") << "\n";
+  if (driver.available) {
+    out << "CUDA driver: yes (version " << driver.driver_version / 1000 << "."
+        << (driver.driver_version % 1000) / 10 << ", " << driver.device_count
+        << " device(s), device 0: " << driver.device0_name << ")\n";
+  } else {
+    out << "CUDA driver: no (" << driver.reason << ")\n";
+  }
+  const auto cufile = cuda::cufile_status();
+  out << "cuFile (GPUDirect Storage): "
+      << (cufile.library_loaded ? std::string("library found") : "no (" + cufile.reason + ")")
+      << "\n";
+  return kExitOk;
+}
+
+}  // namespace
+
+const std::vector<std::string>& native_commands() {
+  static const std::vector<std::string> commands{"convert", "inspect", "verify", "doctor",
+                                                 "version"};
+  return commands;
+}
+
+int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+        bool interactive) {
+  if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+    (args.empty() ? err : out) << kUsage;
+    return args.empty() ? kExitUsage : kExitOk;
+  }
+  const std::string& command = args[0];
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  try {
+    if (command == "convert") return cmd_convert(rest, out, err, interactive);
+    if (command == "inspect") return cmd_inspect(rest, out, err);
+    if (command == "verify") return cmd_verify(rest, out, err, interactive);
+    if (command == "doctor") return cmd_doctor(out);
+    if (command == "version" || command == "--version") {
+      out << "tensorstream " << kVersion << "\n";
+      return kExitOk;
+    }
+  } catch (const std::exception& e) {
+    err << "tensorstream " << command << ": error: " << e.what() << "\n";
+    return kExitFailure;
+  }
+  err << "tensorstream: unknown command '" << command << "'\n\n" << kUsage;
+  return kExitUsage;
+}
+
+}  // namespace tensorstream::cli
