@@ -20,7 +20,7 @@ CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 
 .PHONY: help demo test test-unit test-integration test-gpu test-cpp test-python \
-        test-asan test-tsan fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
+        test-asan test-tsan test-nocuda fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
         install-python clean
 
 help:
@@ -91,6 +91,13 @@ test-tsan: deps
 	  -DTS_SANITIZE=thread -DCMAKE_BUILD_TYPE=Debug >/dev/null
 	$(CMAKE) --build build/tsan -j $(JOBS)
 	cd build/tsan && TSAN_OPTIONS=halt_on_error=1 ../../$(CTEST) --output-on-failure -j $(JOBS)
+
+# The same sources must build and run without CUDA headers (the GPU paths compiled out).
+test-nocuda: deps
+	$(CMAKE) -S . -B build/nocuda -G Ninja -DTS_BUILD_TESTS=ON -DTS_WITH_CUDA=OFF -DTS_WERROR=ON >/dev/null
+	$(CMAKE) --build build/nocuda -j $(JOBS) --target test_cuda_shim tensorstream_tool
+	build/nocuda/tests/cpp/test_cuda_shim
+	build/nocuda/tensorstream doctor | grep -q "CUDA support compiled in: no"
 
 fuzz: deps
 	CC=clang CXX=clang++ $(CMAKE) -S . -B build/fuzz -G Ninja -DTS_BUILD_FUZZERS=ON \

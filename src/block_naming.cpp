@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <initializer_list>
 #include <map>
+#include <utility>
 
 namespace tensorstream {
 namespace {
@@ -61,6 +63,55 @@ bool natural_less(std::string_view a, std::string_view b) noexcept {
   return (a.size() - i) < (b.size() - j);
 }
 
+namespace {
+
+bool has_numeric_component(std::string_view name) {
+  std::size_t start = 0;
+  while (start <= name.size()) {
+    const auto dot = name.find('.', start);
+    const auto end = dot == std::string_view::npos ? name.size() : dot;
+    if (all_digits(name.substr(start, end - start))) return true;
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return false;
+}
+
+bool has_component(std::string_view name, std::initializer_list<std::string_view> words) {
+  std::size_t start = 0;
+  while (start <= name.size()) {
+    const auto dot = name.find('.', start);
+    const auto end = dot == std::string_view::npos ? name.size() : dot;
+    const auto component = name.substr(start, end - start);
+    for (const auto word : words) {
+      if (component == word) return true;
+    }
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return false;
+}
+
+// (stage, role): where a block runs in a transformer, from its name alone. Stages: input
+// embeddings, encoder, undetermined, decoder, output head; roles inside a stage: layers,
+// then the rest (final norms, poolers).
+std::pair<int, int> execution_rank(std::string_view name) {
+  if (has_component(name, {"lm_head", "head", "cls", "classifier", "score", "qa_outputs",
+                           "embed_out"})) {
+    return {4, 0};
+  }
+  if (name.find("embed") != std::string_view::npos ||
+      has_component(name, {"wte", "wpe", "shared"})) {
+    return {0, 0};
+  }
+  const int role = has_numeric_component(name) ? 0 : 1;
+  if (name.find("encoder") != std::string_view::npos) return {1, role};
+  if (name.find("decoder") != std::string_view::npos) return {3, role};
+  return {2, role};
+}
+
+}  // namespace
+
 std::vector<BlockGroup> group_into_blocks(const std::vector<std::string>& tensor_names) {
   std::map<std::string, std::vector<std::string>> groups;
   for (const auto& name : tensor_names) groups[block_name_for(name)].push_back(name);
@@ -70,8 +121,12 @@ std::vector<BlockGroup> group_into_blocks(const std::vector<std::string>& tensor
     std::sort(tensors.begin(), tensors.end(), natural_less);
     out.push_back({name, std::move(tensors)});
   }
-  std::sort(out.begin(), out.end(),
-            [](const BlockGroup& a, const BlockGroup& b) { return natural_less(a.name, b.name); });
+  std::sort(out.begin(), out.end(), [](const BlockGroup& a, const BlockGroup& b) {
+    const auto ra = execution_rank(a.name);
+    const auto rb = execution_rank(b.name);
+    if (ra != rb) return ra < rb;
+    return natural_less(a.name, b.name);
+  });
   return out;
 }
 

@@ -29,11 +29,15 @@ std::string read_text_file(const std::filesystem::path& path) {
 // {"format": "tensorstream", "source": ..., "safetensors_metadata": {...}, "config": {...}}
 std::string make_user_metadata(const std::filesystem::path& source,
                                const SafetensorsCheckpoint& checkpoint) {
-  std::string out = "{\"format\":\"tensorstream\",\"source\":" +
-                    detail::json::quote(source.string()) + ",\"safetensors_metadata\":{";
+  std::string out = "{\"format\":\"tensorstream\",\"source\":";
+  out += detail::json::quote(source.string());
+  out += ",\"safetensors_metadata\":{";
   bool first = true;
   for (const auto& [key, value] : checkpoint.files().front().header().metadata) {
-    out += (first ? "" : ",") + detail::json::quote(key) + ":" + detail::json::quote(value);
+    if (!first) out += ",";
+    out += detail::json::quote(key);
+    out += ":";
+    out += detail::json::quote(value);
     first = false;
   }
   out += "}";

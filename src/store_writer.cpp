@@ -39,7 +39,13 @@ StoreWriter::StoreWriter(std::filesystem::path destination, WriterOptions option
                                                "' is a directory; give a file name"));
   }
   temp_path_ = detail::temp_path_for(destination_);
-  fd_ = detail::FileDescriptor(temp_path_, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  try {
+    fd_ = detail::FileDescriptor(temp_path_, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  } catch (const IoError& e) {
+    // Name what the user asked for first; the temporary is an implementation detail.
+    throw IoError(detail::concat("cannot create store '", destination_.string(), "': ", e.what()),
+                  e.code());
+  }
   buffer_.reserve(kWriteBufferSize);
   // The superblock region stays zero (an invalid magic) until commit() writes it last.
   position_ = options_.block_alignment;

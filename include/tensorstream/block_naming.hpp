@@ -25,9 +25,12 @@ struct BlockGroup {
   std::vector<std::string> tensors;
 };
 
-/// Groups `tensor_names` into blocks with block_name_for; blocks and the tensors inside
-/// each are in natural order (embeddings, then layers 0, 1, ..., then the head: the order
-/// in which a transformer runs them, for common naming schemes).
+/// Groups `tensor_names` into blocks with block_name_for, in the order a transformer most
+/// likely runs them, judged from names alone: input embeddings ("embed", "wte", "wpe",
+/// "shared"), then encoder blocks, then other layers, then decoder blocks (in each: numbered
+/// layers in natural order, then the rest such as final norms), then output heads
+/// ("lm_head", "classifier", ...). Tensors inside a block are in natural order. Engines that
+/// see the real execution order (the adaptive prefetcher) do not depend on this.
 [[nodiscard]] std::vector<BlockGroup> group_into_blocks(const std::vector<std::string>& tensor_names);
 
 }  // namespace tensorstream

@@ -51,3 +51,31 @@ TEST(BlockNaming, NaturalOrderPutsLayersInExecutionOrder) {
   EXPECT_TRUE(ts::natural_less("x01", "x1") != ts::natural_less("x1", "x01"));
   EXPECT_FALSE(ts::natural_less("same", "same"));
 }
+
+namespace {
+std::vector<std::string> block_order(const std::vector<std::string>& tensors) {
+  std::vector<std::string> names;
+  for (const auto& g : ts::group_into_blocks(tensors)) names.push_back(g.name);
+  return names;
+}
+}  // namespace
+
+TEST(BlockNaming, ExecutionOrderOfCommonArchitectures) {
+  EXPECT_EQ(block_order({"lm_head.weight", "model.norm.weight", "model.layers.1.w",
+                         "model.layers.0.w", "model.embed_tokens.weight"}),
+            (std::vector<std::string>{"model.embed_tokens", "model.layers.0", "model.layers.1",
+                                      "model.norm", "lm_head"}));
+  EXPECT_EQ(block_order({"transformer.ln_f.weight", "transformer.wte.weight",
+                         "transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"}),
+            (std::vector<std::string>{"transformer.wpe", "transformer.wte", "transformer.h.0",
+                                      "transformer.ln_f"}));
+  EXPECT_EQ(block_order({"decoder.block.0.layer.0.w", "encoder.final_layer_norm.weight",
+                         "shared.weight", "lm_head.weight", "encoder.block.0.layer.0.w",
+                         "decoder.final_layer_norm.weight"}),
+            (std::vector<std::string>{"shared", "encoder.block.0", "encoder.final_layer_norm",
+                                      "decoder.block.0", "decoder.final_layer_norm", "lm_head"}));
+  EXPECT_EQ(block_order({"gpt_neox.final_layer_norm.weight", "embed_out.weight",
+                         "gpt_neox.layers.0.w", "gpt_neox.embed_in.weight"}),
+            (std::vector<std::string>{"gpt_neox.embed_in", "gpt_neox.layers.0",
+                                      "gpt_neox.final_layer_norm", "embed_out"}));
+}

@@ -8,6 +8,8 @@
 // Thread-safety: all functions are thread-safe; the library is loaded once, on first use.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace tensorstream::cuda {
@@ -38,5 +40,158 @@ struct CuFileStatus {
 
 /// Looks for libcufile on first call. Never throws.
 [[nodiscard]] CuFileStatus cufile_status() noexcept;
+
+// ---- RAII wrappers over the driver API -------------------------------------------------
+// Every constructor and call below throws CudaError naming the driver call and its error
+// string when it fails, and when the driver is not available (with driver_status().reason).
+// Destructors never throw; they report failures on stderr. Objects made for a Device must
+// not outlive it. Thread-safety: a Device may be shared; other objects are used by one
+// thread at a time unless stated.
+
+/// A device address (CUdeviceptr).
+using DevicePtr = std::uint64_t;
+/// A CUstream (nullptr: the legacy default stream).
+using StreamHandle = void*;
+/// A CUevent.
+using EventHandle = void*;
+
+struct MemInfo {
+  std::uint64_t free = 0;
+  std::uint64_t total = 0;
+};
+
+/// A device with its primary context retained for the object's lifetime (the context torch
+/// uses too, so pointers and streams are shared with it).
+class Device {
+ public:
+  explicit Device(int ordinal);
+  ~Device();
+  Device(Device&& other) noexcept;
+  Device& operator=(Device&&) = delete;
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  [[nodiscard]] int ordinal() const noexcept { return ordinal_; }
+  [[nodiscard]] void* context() const noexcept { return context_; }
+  [[nodiscard]] MemInfo mem_info() const;
+
+ private:
+  int ordinal_ = -1;
+  void* context_ = nullptr;
+};
+
+/// Makes a device's primary context current on this thread for the scope.
+class ContextScope {
+ public:
+  explicit ContextScope(const Device& device);
+  ~ContextScope();
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+};
+
+/// Device memory from cuMemAlloc.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(const Device& device, std::size_t bytes);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&&) = delete;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  [[nodiscard]] DevicePtr ptr() const noexcept { return ptr_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+ private:
+  const Device* device_;
+  DevicePtr ptr_ = 0;
+  std::size_t size_ = 0;
+};
+
+/// Page-locked host memory from cuMemHostAlloc (portable: usable from every context), so
+/// host-to-device copies from it run as DMA at full link speed and asynchronously.
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer(const Device& device, std::size_t bytes);
+  ~PinnedHostBuffer();
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer& operator=(PinnedHostBuffer&&) = delete;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+
+  [[nodiscard]] std::byte* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+ private:
+  const Device* device_;
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// Page-locks existing host memory (cuMemHostRegister) for the object's lifetime.
+class HostRegistration {
+ public:
+  HostRegistration(const Device& device, void* data, std::size_t bytes);
+  ~HostRegistration();
+  HostRegistration(HostRegistration&& other) noexcept;
+  HostRegistration& operator=(HostRegistration&&) = delete;
+  HostRegistration(const HostRegistration&) = delete;
+  HostRegistration& operator=(const HostRegistration&) = delete;
+
+ private:
+  const Device* device_;
+  void* data_ = nullptr;
+};
+
+/// A non-blocking stream (does not synchronise with the legacy default stream).
+class Stream {
+ public:
+  explicit Stream(const Device& device);
+  ~Stream();
+  Stream(Stream&& other) noexcept;
+  Stream& operator=(Stream&&) = delete;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+
+  [[nodiscard]] StreamHandle handle() const noexcept { return stream_; }
+  void synchronize() const;
+  /// True if all work submitted so far has completed.
+  [[nodiscard]] bool query() const;
+
+ private:
+  const Device* device_;
+  StreamHandle stream_ = nullptr;
+};
+
+/// An event; with `timing` false it is cheaper and cannot be used for elapsed_ms.
+class Event {
+ public:
+  Event(const Device& device, bool timing = false);
+  ~Event();
+  Event(Event&& other) noexcept;
+  Event& operator=(Event&&) = delete;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  [[nodiscard]] EventHandle handle() const noexcept { return event_; }
+  void record(StreamHandle stream) const;
+  void synchronize() const;
+  /// True if the work captured by the last record() has completed.
+  [[nodiscard]] bool query() const;
+
+ private:
+  const Device* device_;
+  EventHandle event_ = nullptr;
+};
+
+/// Makes `stream` wait (on the device, not the host) until `event` has completed.
+void stream_wait_event(const Device& device, StreamHandle stream, const Event& event);
+/// Asynchronous copies on `stream`; host memory must be pinned for them to be asynchronous.
+void memcpy_htod_async(const Device& device, DevicePtr dst, const void* src, std::size_t bytes,
+                       StreamHandle stream);
+void memcpy_dtoh_async(const Device& device, void* dst, DevicePtr src, std::size_t bytes,
+                       StreamHandle stream);
+/// Milliseconds between two recorded timing events.
+[[nodiscard]] float elapsed_ms(const Event& start, const Event& end);
 
 }  // namespace tensorstream::cuda

@@ -1,0 +1,593 @@
+// tensorstream._core: the nanobind module over the TensorStream engine.
+//
+// Deliberately thin. Tensors cross the boundary as (pointer, byte count) pairs, so this module
+// never touches torch and one build works with every torch version. Every call that does
+// I/O or long computation releases the GIL. Engine exceptions become the Python classes
+// registered below; std::invalid_argument becomes ValueError (nanobind's default).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/filesystem.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "cli.hpp"
+#include "tensorstream/block_naming.hpp"
+#include "tensorstream/checksum.hpp"
+#include "tensorstream/convert.hpp"
+#include "tensorstream/dtype.hpp"
+#include "tensorstream/errors.hpp"
+#include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/store.hpp"
+#include "tensorstream/store_maintenance.hpp"
+#include "tensorstream/version.hpp"
+
+namespace nb = nanobind;
+namespace fs = std::filesystem;
+namespace ts = tensorstream;
+using namespace nb::literals;
+
+namespace {
+
+using ReleaseGil = nb::call_guard<nb::gil_scoped_release>;
+
+// ---- exceptions --------------------------------------------------------------------------
+
+// Owned for the life of the process (the module also holds a reference to each).
+PyObject* g_error = nullptr;
+PyObject* g_format_error = nullptr;
+PyObject* g_checksum_error = nullptr;
+PyObject* g_io_error = nullptr;
+PyObject* g_cuda_error = nullptr;
+PyObject* g_cancelled = nullptr;
+
+// Text from C++ (paths, tensor names) is not guaranteed to be UTF-8; never let a bad byte
+// turn an error report into a UnicodeDecodeError.
+nb::str to_str(std::string_view text) {
+  PyObject* s = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()),
+                                     "replace");
+  if (s == nullptr) throw nb::python_error();
+  return nb::steal<nb::str>(s);
+}
+
+void set_error(PyObject* type, const char* what, const int* error_code = nullptr) {
+  PyObject* message = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)),
+                                           "replace");
+  if (message == nullptr) return;  // the decode error is already set
+  PyObject* exc = PyObject_CallOneArg(type, message);
+  Py_DECREF(message);
+  if (exc == nullptr) return;
+  if (error_code != nullptr) {
+    PyObject* code = PyLong_FromLong(*error_code);
+    if (code != nullptr) {
+      PyObject_SetAttrString(exc, "errno", code);
+      Py_DECREF(code);
+    }
+  }
+  PyErr_SetObject(type, exc);
+  Py_DECREF(exc);
+}
+
+PyObject* new_exception(nb::module_& m, const char* name, PyObject* base, const char* doc) {
+  // Qualified as tensorstream.<Name>: the package re-exports them under that name.
+  const std::string qualified = std::string("tensorstream.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, base, nullptr);
+  if (type == nullptr) throw nb::python_error();
+  m.attr(name) = nb::borrow(type);
+  return type;
+}
+
+void register_exceptions(nb::module_& m) {
+  g_error = new_exception(m, "TensorStreamError", PyExc_RuntimeError,
+                          "Base class of every TensorStream failure.");
+  g_format_error = new_exception(m, "FormatError", g_error,
+                                 "A store or safetensors file whose content breaks the format.");
+  g_checksum_error = new_exception(m, "ChecksumError", g_format_error,
+                                   "Data whose checksum does not match the recorded one.");
+  g_io_error = new_exception(m, "StoreIOError", g_error,
+                             "A system call failed; `errno` holds the error number.");
+  g_cuda_error = new_exception(m, "CudaError", g_error,
+                               "The CUDA driver or cuFile failed or is not usable.");
+  g_cancelled = new_exception(m, "OperationCancelled", g_error,
+                              "A progress callback asked a long operation to stop.");
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const ts::OperationCancelled& e) {
+      set_error(g_cancelled, e.what());
+    } catch (const ts::ChecksumError& e) {
+      set_error(g_checksum_error, e.what());
+    } catch (const ts::FormatError& e) {
+      set_error(g_format_error, e.what());
+    } catch (const ts::IoError& e) {
+      const int code = e.code();
+      set_error(g_io_error, e.what(), &code);
+    } catch (const ts::CudaError& e) {
+      set_error(g_cuda_error, e.what());
+    } catch (const ts::Error& e) {
+      set_error(g_error, e.what());
+    }
+    // Anything else propagates to nanobind's next translator.
+  });
+}
+
+// ---- helpers -----------------------------------------------------------------------------
+
+ts::DType dtype_or_throw(const std::string& name, std::string_view tensor) {
+  const auto dtype = ts::dtype_from_name(name);
+  if (!dtype) {
+    throw std::invalid_argument(ts::detail::concat("tensor '", tensor, "': unsupported dtype '",
+                                                   name, "'"));
+  }
+  return *dtype;
+}
+
+// prod(shape) × dtype size, rejecting negative dimensions and overflow.
+std::uint64_t expected_nbytes(ts::DType dtype, const std::vector<std::int64_t>& shape,
+                              std::string_view tensor) {
+  std::uint64_t n = ts::dtype_size(dtype);
+  bool overflow = false;
+  for (const auto dim : shape) {
+    if (dim < 0) {
+      throw std::invalid_argument(
+          ts::detail::concat("tensor '", tensor, "': negative dimension ", dim));
+    }
+    const auto d = static_cast<std::uint64_t>(dim);
+    if (d != 0 && n > std::numeric_limits<std::uint64_t>::max() / d) overflow = true;
+    n *= d;
+  }
+  if (overflow && n != 0) {
+    throw std::invalid_argument(ts::detail::concat("tensor '", tensor, "': size overflows"));
+  }
+  return overflow ? 0 : n;
+}
+
+std::span<const std::byte> const_bytes(std::uintptr_t ptr, std::uint64_t nbytes,
+                                       std::string_view what) {
+  if (nbytes == 0) return {};
+  if (ptr == 0) {
+    throw std::invalid_argument(
+        ts::detail::concat(what, ": null pointer for ", nbytes, " bytes"));
+  }
+  return {reinterpret_cast<const std::byte*>(ptr), static_cast<std::size_t>(nbytes)};
+}
+
+std::span<std::byte> mutable_bytes(std::uintptr_t ptr, std::uint64_t nbytes,
+                                   std::string_view what) {
+  const auto bytes = const_bytes(ptr, nbytes, what);
+  return {const_cast<std::byte*>(bytes.data()), bytes.size()};
+}
+
+const char* codec_name(ts::Codec codec) {
+  switch (codec) {
+    case ts::Codec::kNone:
+      return "none";
+  }
+  return "unknown";
+}
+
+nb::dict info_dict(const ts::Store& store) {
+  const auto& info = store.info();
+  nb::dict d;
+  d["version"] = ts::detail::concat(info.version_major, ".", info.version_minor);
+  d["version_major"] = info.version_major;
+  d["version_minor"] = info.version_minor;
+  d["block_alignment"] = info.block_alignment;
+  d["tensor_alignment"] = info.tensor_alignment;
+  d["file_size"] = info.file_size;
+  d["data_offset"] = info.data_offset;
+  d["data_size"] = info.data_size;
+  d["metadata_offset"] = info.metadata_offset;
+  d["metadata_size"] = info.metadata_size;
+  d["fingerprint"] = info.fingerprint.hex();
+  d["user_metadata"] = to_str(info.user_metadata);
+  return d;
+}
+
+nb::dict block_dict(const ts::BlockInfo& b) {
+  nb::dict d;
+  d["name"] = to_str(b.name);
+  d["offset"] = b.offset;
+  d["stored_size"] = b.stored_size;
+  d["raw_size"] = b.raw_size;
+  d["checksum"] = b.checksum;
+  d["raw_checksum"] = b.raw_checksum;
+  d["codec"] = codec_name(b.codec);
+  d["first_tensor"] = b.first_tensor;
+  d["tensor_count"] = b.tensor_count;
+  return d;
+}
+
+nb::dict tensor_dict(const ts::TensorInfo& t) {
+  nb::dict d;
+  d["name"] = to_str(t.name);
+  d["dtype"] = std::string(ts::dtype_name(t.dtype));
+  d["shape"] = t.shape;
+  d["block"] = t.block;
+  d["offset_in_block"] = t.offset_in_block;
+  d["nbytes"] = t.nbytes;
+  d["checksum"] = t.checksum;
+  return d;
+}
+
+nb::dict summary_dict(const ts::WriteSummary& s, const fs::path& path) {
+  nb::dict d;
+  d["path"] = path.string();
+  d["file_size"] = s.file_size;
+  d["block_count"] = s.block_count;
+  d["tensor_count"] = s.tensor_count;
+  d["fingerprint"] = s.fingerprint.hex();
+  return d;
+}
+
+// A StoreWriter plus the lock that makes it safe to call from several Python threads (the
+// writer itself is not thread-safe, and its methods run with the GIL released).
+struct PyStoreWriter {
+  PyStoreWriter(const fs::path& destination, const ts::WriterOptions& options)
+      : writer(destination, options) {}
+
+  std::mutex mutex;
+  ts::StoreWriter writer;
+};
+
+void flush_native_streams() {
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(stdout);
+  std::fflush(stderr);
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "TensorStream engine bindings (torch-free; tensors pass as pointer + byte count).";
+  m.attr("__version__") = ts::kVersion;
+  m.attr("version") = ts::kVersion;
+  m.attr("STORE_VERSION") = nb::make_tuple(ts::kStoreVersionMajor, ts::kStoreVersionMinor);
+  m.attr("BLOCK_ALIGNMENT") = ts::kBlockAlignment;
+  m.attr("TENSOR_ALIGNMENT") = ts::kTensorAlignment;
+  m.attr("DEFAULT_STORE_FILE_NAME") = ts::kDefaultStoreFileName;
+
+  register_exceptions(m);
+
+  // ---- dtypes ----
+  m.def(
+      "dtype_names",
+      [] {
+        std::vector<std::string> names;
+        for (unsigned raw = 0; raw <= 0xFF; ++raw) {
+          if (ts::dtype_is_valid(static_cast<std::uint16_t>(raw))) {
+            names.emplace_back(ts::dtype_name(static_cast<ts::DType>(raw)));
+          }
+        }
+        return names;
+      },
+      "The torch-style names of every dtype a store can hold.");
+  m.def(
+      "dtype_size",
+      [](const std::string& name) {
+        const auto dtype = ts::dtype_from_name(name);
+        if (!dtype) throw std::invalid_argument("unknown dtype '" + name + "'");
+        return ts::dtype_size(*dtype);
+      },
+      "name"_a, "Bytes per element of dtype `name` (ValueError if unknown).");
+
+  // ---- Store ----
+  nb::class_<ts::Store>(m, "Store",
+                        "An open, validated store (immutable; safe to read from several "
+                        "threads).")
+      .def(
+          "__init__",
+          [](ts::Store* self, const fs::path& path) {
+            new (self) ts::Store(ts::Store::open(path));
+          },
+          "path"_a, ReleaseGil(), "Opens and validates the store file `path`.")
+      .def_static("open", &ts::Store::open, "path"_a, ReleaseGil(),
+                  "Opens and validates the store file `path`.")
+      .def_prop_ro("path", [](const ts::Store& s) { return s.path().string(); })
+      .def_prop_ro("info", &info_dict, "Store-wide facts from the superblock, as a dict.")
+      .def_prop_ro(
+          "blocks",
+          [](const ts::Store& s) {
+            nb::list out;
+            for (const auto& b : s.blocks()) out.append(block_dict(b));
+            return out;
+          },
+          "The blocks in file order, as dicts.")
+      .def_prop_ro(
+          "tensors",
+          [](const ts::Store& s) {
+            nb::list out;
+            for (const auto& t : s.tensors()) out.append(tensor_dict(t));
+            return out;
+          },
+          "The tensors in store order, as dicts.")
+      .def(
+          "block_tensors",
+          [](const ts::Store& s, std::size_t block) {
+            nb::list out;
+            for (const auto& t : s.block_tensors(block)) out.append(tensor_dict(t));
+            return out;
+          },
+          "block"_a)
+      .def("find_block", &ts::Store::find_block, "name"_a)
+      .def("find_tensor", &ts::Store::find_tensor, "name"_a)
+      .def_prop_ro("max_block_size", &ts::Store::max_block_size)
+      .def(
+          "read_block_into",
+          [](const ts::Store& s, std::size_t index, std::uintptr_t ptr, std::uint64_t nbytes,
+             bool verify) {
+            s.read_block(index, mutable_bytes(ptr, nbytes, "read_block_into"), verify);
+          },
+          "index"_a, "ptr"_a, "nbytes"_a, "verify"_a = true, ReleaseGil(),
+          "Reads block `index` into `nbytes` bytes of writable memory at address `ptr` "
+          "(nbytes must equal the block's raw_size). With `verify`, raises ChecksumError on "
+          "a mismatch.")
+      .def(
+          "verify",
+          [](const ts::Store& s) {
+            std::vector<std::pair<std::uint32_t, std::string>> out;
+            for (auto& p : s.verify()) out.emplace_back(p.block, std::move(p.message));
+            return out;
+          },
+          ReleaseGil(), "Checks every block; returns [(block index, message)] of damaged ones.")
+      .def("__repr__", [](const ts::Store& s) {
+        return ts::detail::concat("<tensorstream Store '", s.path().string(), "': ",
+                                  s.blocks().size(), " blocks, ", s.tensors().size(),
+                                  " tensors>");
+      });
+
+  // ---- StoreWriter ----
+  nb::class_<PyStoreWriter>(m, "StoreWriter",
+                            "Writes a store block by block, crash-safely (temporary file + "
+                            "rename on commit).")
+      .def(
+          "__init__",
+          [](PyStoreWriter* self, const fs::path& path, std::uint32_t block_alignment,
+             std::uint32_t tensor_alignment, bool durable) {
+            ts::WriterOptions options;
+            options.block_alignment = block_alignment;
+            options.tensor_alignment = tensor_alignment;
+            options.durable = durable;
+            new (self) PyStoreWriter(path, options);
+          },
+          "path"_a, "block_alignment"_a = ts::kBlockAlignment,
+          "tensor_alignment"_a = ts::kTensorAlignment, "durable"_a = true, ReleaseGil())
+      .def_prop_ro("destination",
+                   [](const PyStoreWriter& w) { return w.writer.destination().string(); })
+      .def_prop_ro("temp_path",
+                   [](const PyStoreWriter& w) { return w.writer.temp_path().string(); })
+      .def(
+          "begin_block",
+          [](PyStoreWriter& w, const std::string& name) {
+            std::lock_guard lock(w.mutex);
+            w.writer.begin_block(name);
+          },
+          "name"_a, ReleaseGil())
+      .def(
+          "add_tensor",
+          [](PyStoreWriter& w, const std::string& name, const std::string& dtype_name,
+             const std::vector<std::int64_t>& shape, std::uintptr_t ptr, std::uint64_t nbytes) {
+            const auto dtype = dtype_or_throw(dtype_name, name);
+            const auto expected = expected_nbytes(dtype, shape, name);
+            if (nbytes != expected) {
+              throw std::invalid_argument(ts::detail::concat(
+                  "tensor '", name, "': ", nbytes, " bytes given but dtype ", dtype_name,
+                  " × shape needs ", expected));
+            }
+            const auto data = const_bytes(ptr, nbytes, ts::detail::concat("tensor '", name, "'"));
+            std::lock_guard lock(w.mutex);
+            w.writer.add_tensor(name, dtype, shape, data);
+          },
+          "name"_a, "dtype"_a, "shape"_a, "ptr"_a, "nbytes"_a, ReleaseGil(),
+          "Adds one tensor whose `nbytes` bytes lie at address `ptr` (read during the call).")
+      .def(
+          "begin_tensor",
+          [](PyStoreWriter& w, const std::string& name, const std::string& dtype_name,
+             const std::vector<std::int64_t>& shape) {
+            const auto dtype = dtype_or_throw(dtype_name, name);
+            (void)expected_nbytes(dtype, shape, name);
+            std::lock_guard lock(w.mutex);
+            w.writer.begin_tensor(name, dtype, shape);
+          },
+          "name"_a, "dtype"_a, "shape"_a, ReleaseGil())
+      .def(
+          "append",
+          [](PyStoreWriter& w, std::uintptr_t ptr, std::uint64_t nbytes) {
+            const auto data = const_bytes(ptr, nbytes, "append");
+            std::lock_guard lock(w.mutex);
+            w.writer.append(data);
+          },
+          "ptr"_a, "nbytes"_a, ReleaseGil())
+      .def(
+          "end_tensor",
+          [](PyStoreWriter& w) {
+            std::lock_guard lock(w.mutex);
+            w.writer.end_tensor();
+          },
+          ReleaseGil())
+      .def(
+          "end_block",
+          [](PyStoreWriter& w) {
+            std::lock_guard lock(w.mutex);
+            w.writer.end_block();
+          },
+          ReleaseGil())
+      .def(
+          "set_user_metadata",
+          [](PyStoreWriter& w, std::string text) {
+            std::lock_guard lock(w.mutex);
+            w.writer.set_user_metadata(std::move(text));
+          },
+          "text"_a)
+      .def(
+          "commit",
+          [](PyStoreWriter& w) {
+            ts::WriteSummary summary;
+            {
+              nb::gil_scoped_release release;
+              std::lock_guard lock(w.mutex);
+              summary = w.writer.commit();
+            }
+            return summary_dict(summary, w.writer.destination());
+          },
+          "Makes the store durable and renames it into place; returns a summary dict.")
+      .def(
+          "abort",
+          [](PyStoreWriter& w) {
+            std::lock_guard lock(w.mutex);
+            w.writer.abort();
+          },
+          ReleaseGil(), "Deletes the temporary file; idempotent.");
+
+  // ---- free functions ----
+  m.def(
+      "cleanup_orphaned_files",
+      [](const fs::path& path) {
+        std::vector<std::string> out;
+        for (const auto& p : ts::cleanup_orphaned_files(path)) out.push_back(p.string());
+        return out;
+      },
+      "path"_a, ReleaseGil(),
+      "Removes temporaries of dead writers in the directory of `path`; returns their paths.");
+  m.def(
+      "group_into_blocks",
+      [](const std::vector<std::string>& names) {
+        std::vector<std::pair<std::string, std::vector<std::string>>> out;
+        for (auto& g : ts::group_into_blocks(names)) {
+          out.emplace_back(std::move(g.name), std::move(g.tensors));
+        }
+        return out;
+      },
+      "names"_a, "Groups tensor names into blocks: [(block name, [tensor names])].");
+  m.def("block_name_for", &ts::block_name_for, "name"_a);
+  m.def(
+      "checksum64",
+      [](std::uintptr_t ptr, std::uint64_t nbytes) {
+        return ts::checksum64(const_bytes(ptr, nbytes, "checksum64"));
+      },
+      "ptr"_a, "nbytes"_a, ReleaseGil(), "XXH3-64 of `nbytes` bytes at address `ptr`.");
+  m.def(
+      "checksum64",
+      [](nb::bytes data) {
+        return ts::checksum64(std::span<const std::byte>(
+            static_cast<const std::byte*>(data.data()), data.size()));
+      },
+      "data"_a, "XXH3-64 of `data`.");
+  m.def(
+      "fingerprint",
+      [](const std::vector<std::tuple<std::string, std::string, std::vector<std::int64_t>,
+                                      std::uint64_t>>& tensors) {
+        ts::FingerprintBuilder builder;
+        for (const auto& [name, dtype, shape, checksum] : tensors) {
+          builder.add(name, dtype_or_throw(dtype, name), shape, checksum);
+        }
+        return builder.finish().hex();
+      },
+      "tensors"_a,
+      "Model fingerprint of [(name, dtype name, shape, checksum64 of the bytes)].");
+  m.def(
+      "convert_safetensors",
+      [](const fs::path& source, const fs::path& destination, std::optional<nb::callable> progress,
+         std::uint32_t block_alignment, std::uint32_t tensor_alignment, bool durable) {
+        ts::ConvertOptions options;
+        options.writer.block_alignment = block_alignment;
+        options.writer.tensor_alignment = tensor_alignment;
+        options.writer.durable = durable;
+        if (progress) {
+          options.progress = [&progress](std::uint64_t done, std::uint64_t total) {
+            nb::gil_scoped_acquire acquire;
+            const nb::object result = (*progress)(done, total);
+            // None (a callback without a return statement) means "go on".
+            return result.is_none() || PyObject_IsTrue(result.ptr()) != 0;
+          };
+        }
+        ts::WriteSummary summary;
+        fs::path store_path;
+        {
+          nb::gil_scoped_release release;
+          store_path = ts::resolve_store_path(destination);
+          summary = ts::convert_safetensors(source, destination, options);
+        }
+        return summary_dict(summary, store_path);
+      },
+      "source"_a, "destination"_a, "progress"_a = nb::none(),
+      "block_alignment"_a = ts::kBlockAlignment, "tensor_alignment"_a = ts::kTensorAlignment,
+      "durable"_a = true,
+      "Converts a .safetensors file or a Hugging Face checkpoint directory into a store. "
+      "`progress(done_bytes, total_bytes)` is called along the way; returning False cancels "
+      "(OperationCancelled).");
+  m.def(
+      "resolve_store_path",
+      [](const fs::path& path) { return ts::resolve_store_path(path).string(); }, "path"_a,
+      "`path`, or `path/model.tstore` when `path` is a directory.");
+
+  // ---- CLI ----
+  m.def(
+      "cli_run",
+      [](const std::vector<std::string>& args, bool interactive) {
+        const int code = ts::cli::run(args, std::cout, std::cerr, interactive);
+        flush_native_streams();
+        return code;
+      },
+      "args"_a, "interactive"_a = false, ReleaseGil(),
+      "Runs the native `tensorstream` CLI (args exclude the program name); prints to the "
+      "process's stdout/stderr and returns the exit code.");
+  m.def("native_commands", &ts::cli::native_commands,
+        "Subcommands implemented by the native CLI.");
+
+  // ---- platform ----
+  m.def(
+      "cuda_driver_status",
+      [] {
+        ts::cuda::DriverStatus status;
+        bool compiled = false;
+        {
+          nb::gil_scoped_release release;
+          status = ts::cuda::driver_status();
+          compiled = ts::cuda::compiled_with_cuda();
+        }
+        nb::dict d;
+        d["available"] = status.available;
+        d["driver_version"] = status.driver_version;
+        d["device_count"] = status.device_count;
+        d["device0_name"] = to_str(status.device0_name);
+        d["reason"] = to_str(status.reason);
+        d["compiled_with_cuda"] = compiled;
+        return d;
+      },
+      "What the process found when it looked for the CUDA driver (never raises).");
+  m.def(
+      "cufile_status",
+      [] {
+        ts::cuda::CuFileStatus status;
+        {
+          nb::gil_scoped_release release;
+          status = ts::cuda::cufile_status();
+        }
+        nb::dict d;
+        d["library_loaded"] = status.library_loaded;
+        d["reason"] = to_str(status.reason);
+        return d;
+      },
+      "What the process found when it looked for cuFile / GPUDirect Storage (never raises).");
+}
