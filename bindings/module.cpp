@@ -62,15 +62,14 @@ PyObject* g_cancelled = nullptr;
 // Text from C++ (paths, tensor names) is not guaranteed to be UTF-8; never let a bad byte
 // turn an error report into a UnicodeDecodeError.
 nb::str to_str(std::string_view text) {
-  PyObject* s = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()),
-                                     "replace");
+  PyObject* s = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "replace");
   if (s == nullptr) throw nb::python_error();
   return nb::steal<nb::str>(s);
 }
 
 void set_error(PyObject* type, const char* what, const int* error_code = nullptr) {
-  PyObject* message = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)),
-                                           "replace");
+  PyObject* message =
+      PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "replace");
   if (message == nullptr) return;  // the decode error is already set
   PyObject* exc = PyObject_CallOneArg(type, message);
   Py_DECREF(message);
@@ -104,8 +103,8 @@ void register_exceptions(nb::module_& m) {
                                    "Data whose checksum does not match the recorded one.");
   g_io_error = new_exception(m, "StoreIOError", g_error,
                              "A system call failed; `errno` holds the error number.");
-  g_cuda_error = new_exception(m, "CudaError", g_error,
-                               "The CUDA driver or cuFile failed or is not usable.");
+  g_cuda_error =
+      new_exception(m, "CudaError", g_error, "The CUDA driver or cuFile failed or is not usable.");
   g_cancelled = new_exception(m, "OperationCancelled", g_error,
                               "A progress callback asked a long operation to stop.");
 
@@ -135,8 +134,8 @@ void register_exceptions(nb::module_& m) {
 ts::DType dtype_or_throw(const std::string& name, std::string_view tensor) {
   const auto dtype = ts::dtype_from_name(name);
   if (!dtype) {
-    throw std::invalid_argument(ts::detail::concat("tensor '", tensor, "': unsupported dtype '",
-                                                   name, "'"));
+    throw std::invalid_argument(
+        ts::detail::concat("tensor '", tensor, "': unsupported dtype '", name, "'"));
   }
   return *dtype;
 }
@@ -165,8 +164,7 @@ std::span<const std::byte> const_bytes(std::uintptr_t ptr, std::uint64_t nbytes,
                                        std::string_view what) {
   if (nbytes == 0) return {};
   if (ptr == 0) {
-    throw std::invalid_argument(
-        ts::detail::concat(what, ": null pointer for ", nbytes, " bytes"));
+    throw std::invalid_argument(ts::detail::concat(what, ": null pointer for ", nbytes, " bytes"));
   }
   return {reinterpret_cast<const std::byte*>(ptr), static_cast<std::size_t>(nbytes)};
 }
@@ -351,8 +349,8 @@ NB_MODULE(_core, m) {
           },
           ReleaseGil(), "Checks every block; returns [(block index, message)] of damaged ones.")
       .def("__repr__", [](const ts::Store& s) {
-        return ts::detail::concat("<tensorstream Store '", s.path().string(), "': ",
-                                  s.blocks().size(), " blocks, ", s.tensors().size(),
+        return ts::detail::concat("<tensorstream Store '", s.path().string(),
+                                  "': ", s.blocks().size(), " blocks, ", s.tensors().size(),
                                   " tensors>");
       });
 
@@ -390,9 +388,9 @@ NB_MODULE(_core, m) {
             const auto dtype = dtype_or_throw(dtype_name, name);
             const auto expected = expected_nbytes(dtype, shape, name);
             if (nbytes != expected) {
-              throw std::invalid_argument(ts::detail::concat(
-                  "tensor '", name, "': ", nbytes, " bytes given but dtype ", dtype_name,
-                  " × shape needs ", expected));
+              throw std::invalid_argument(ts::detail::concat("tensor '", name, "': ", nbytes,
+                                                             " bytes given but dtype ", dtype_name,
+                                                             " × shape needs ", expected));
             }
             const auto data = const_bytes(ptr, nbytes, ts::detail::concat("tensor '", name, "'"));
             std::lock_guard lock(w.mutex);
@@ -489,8 +487,8 @@ NB_MODULE(_core, m) {
   m.def(
       "checksum64",
       [](nb::bytes data) {
-        return ts::checksum64(std::span<const std::byte>(
-            static_cast<const std::byte*>(data.data()), data.size()));
+        return ts::checksum64(
+            std::span<const std::byte>(static_cast<const std::byte*>(data.data()), data.size()));
       },
       "data"_a, "XXH3-64 of `data`.");
   m.def(
@@ -503,8 +501,7 @@ NB_MODULE(_core, m) {
         }
         return builder.finish().hex();
       },
-      "tensors"_a,
-      "Model fingerprint of [(name, dtype name, shape, checksum64 of the bytes)].");
+      "tensors"_a, "Model fingerprint of [(name, dtype name, shape, checksum64 of the bytes)].");
   m.def(
       "convert_safetensors",
       [](const fs::path& source, const fs::path& destination, std::optional<nb::callable> progress,
@@ -552,8 +549,7 @@ NB_MODULE(_core, m) {
       "args"_a, "interactive"_a = false, ReleaseGil(),
       "Runs the native `tensorstream` CLI (args exclude the program name); prints to the "
       "process's stdout/stderr and returns the exit code.");
-  m.def("native_commands", &ts::cli::native_commands,
-        "Subcommands implemented by the native CLI.");
+  m.def("native_commands", &ts::cli::native_commands, "Subcommands implemented by the native CLI.");
 
   // ---- platform ----
   m.def(

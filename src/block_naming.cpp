@@ -10,8 +10,9 @@ namespace tensorstream {
 namespace {
 
 bool all_digits(std::string_view s) noexcept {
-  return !s.empty() && std::all_of(s.begin(), s.end(),
-                                   [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isdigit(static_cast<unsigned char>(c));
+  });
 }
 
 }  // namespace
@@ -20,9 +21,8 @@ std::string block_name_for(std::string_view tensor_name) {
   std::size_t start = 0;
   while (true) {
     const auto dot = tensor_name.find('.', start);
-    const auto component = tensor_name.substr(start, dot == std::string_view::npos
-                                                         ? std::string_view::npos
-                                                         : dot - start);
+    const auto component = tensor_name.substr(
+        start, dot == std::string_view::npos ? std::string_view::npos : dot - start);
     if (dot == std::string_view::npos) break;  // the last component is the parameter name
     if (all_digits(component)) return std::string(tensor_name.substr(0, dot));
     start = dot + 1;
@@ -96,8 +96,8 @@ bool has_component(std::string_view name, std::initializer_list<std::string_view
 // embeddings, encoder, undetermined, decoder, output head; roles inside a stage: layers,
 // then the rest (final norms, poolers).
 std::pair<int, int> execution_rank(std::string_view name) {
-  if (has_component(name, {"lm_head", "head", "cls", "classifier", "score", "qa_outputs",
-                           "embed_out"})) {
+  if (has_component(name,
+                    {"lm_head", "head", "cls", "classifier", "score", "qa_outputs", "embed_out"})) {
     return {4, 0};
   }
   if (name.find("embed") != std::string_view::npos ||

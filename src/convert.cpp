@@ -91,8 +91,8 @@ WriteSummary convert_safetensors(const std::filesystem::path& source,
         writer.append(chunk);
         done += chunk.size();
         if (options.progress && !options.progress(done, total)) {
-          throw OperationCancelled(detail::concat("conversion of '", source.string(),
-                                                  "' cancelled"));
+          throw OperationCancelled(
+              detail::concat("conversion of '", source.string(), "' cancelled"));
         }
       }
       writer.end_tensor();

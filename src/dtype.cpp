@@ -63,9 +63,7 @@ std::optional<DType> dtype_from_name(std::string_view name) noexcept {
   return std::nullopt;
 }
 
-bool dtype_is_valid(std::uint16_t raw) noexcept {
-  return find(static_cast<DType>(raw)) != nullptr;
-}
+bool dtype_is_valid(std::uint16_t raw) noexcept { return find(static_cast<DType>(raw)) != nullptr; }
 
 std::optional<DType> dtype_from_safetensors(std::string_view name) noexcept {
   if (name.empty()) return std::nullopt;

@@ -8,8 +8,7 @@ namespace tensorstream::detail {
 void throw_errno(const std::string& what) { throw_errno(what, errno); }
 
 void throw_errno(const std::string& what, int code) {
-  throw IoError(what + ": " + std::strerror(code) + " (errno " + std::to_string(code) + ")",
-                code);
+  throw IoError(what + ": " + std::strerror(code) + " (errno " + std::to_string(code) + ")", code);
 }
 
 }  // namespace tensorstream::detail

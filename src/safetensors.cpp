@@ -78,8 +78,8 @@ ParsedTensor parse_tensor(const std::string& name, const json::Value& entry,
   if (!dtype) {
     const bool defined = std::find(kUnsupportedDTypes.begin(), kUnsupportedDTypes.end(),
                                    *dtype_name) != kUnsupportedDTypes.end();
-    throw FormatError(concat(where(), defined ? "unsupported" : "unknown", " dtype '",
-                             *dtype_name, "'"));
+    throw FormatError(
+        concat(where(), defined ? "unsupported" : "unknown", " dtype '", *dtype_name, "'"));
   }
   parsed.tensor.dtype = *dtype;
 
@@ -90,12 +90,10 @@ ParsedTensor parse_tensor(const std::string& name, const json::Value& entry,
   bool overflow = false;
   for (std::size_t i = 0; i < dims->size(); ++i) {
     const json::Integer* dim = as_unsigned((*dims)[i]);
-    TS_EXPECT(dim != nullptr, FormatError, where(), "shape[", i,
-              "] is not a non-negative integer");
-    TS_EXPECT(dim->magnitude <= static_cast<std::uint64_t>(
-                                    std::numeric_limits<std::int64_t>::max()),
-              FormatError, where(), "shape[", i, "] = ", dim->magnitude,
-              " is out of the int64 range");
+    TS_EXPECT(dim != nullptr, FormatError, where(), "shape[", i, "] is not a non-negative integer");
+    TS_EXPECT(
+        dim->magnitude <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
+        FormatError, where(), "shape[", i, "] = ", dim->magnitude, " is out of the int64 range");
     parsed.tensor.shape.push_back(static_cast<std::int64_t>(dim->magnitude));
     // As in the reference implementation, the product is checked step by step.
     overflow = overflow || __builtin_mul_overflow(elements, dim->magnitude, &elements);
@@ -118,8 +116,8 @@ ParsedTensor parse_tensor(const std::string& name, const json::Value& entry,
             "data_offsets is not an array of 2 non-negative integers");
   parsed.begin = begin->magnitude;
   parsed.end = end->magnitude;
-  TS_EXPECT(parsed.begin <= parsed.end, FormatError, where(), "data_offsets [", parsed.begin,
-            ", ", parsed.end, "]: begin is after end");
+  TS_EXPECT(parsed.begin <= parsed.end, FormatError, where(), "data_offsets [", parsed.begin, ", ",
+            parsed.end, "]: begin is after end");
   TS_EXPECT(parsed.end - parsed.begin == nbytes, FormatError, where(), "data_offsets [",
             parsed.begin, ", ", parsed.end, "] hold ", parsed.end - parsed.begin,
             " bytes but dtype ", *dtype_name, " × shape ", format_shape(parsed.tensor.shape),
@@ -133,8 +131,7 @@ std::vector<std::pair<std::string, std::string>> parse_metadata(const json::Valu
   // The reference implementation reads the field as an Option, so null means "none".
   if (std::holds_alternative<std::nullptr_t>(value.data)) return metadata;
   const auto* members = std::get_if<json::Object>(&value.data);
-  TS_EXPECT(members != nullptr, FormatError, source, ": ", kMetadataKey,
-            " is not a JSON object");
+  TS_EXPECT(members != nullptr, FormatError, source, ": ", kMetadataKey, " is not a JSON object");
   metadata.reserve(members->size());
   for (const auto& [key, field] : *members) {
     const auto* text = std::get_if<std::string>(&field.data);
@@ -186,8 +183,7 @@ std::vector<SafetensorsFile> open_indexed(const std::filesystem::path& index_pat
   const json::Value* weight_map_value = root.find("weight_map");
   TS_EXPECT(weight_map_value != nullptr, FormatError, index_name, ": missing key 'weight_map'");
   const auto* weight_map = std::get_if<json::Object>(&weight_map_value->data);
-  TS_EXPECT(weight_map != nullptr, FormatError, index_name,
-            ": weight_map is not a JSON object");
+  TS_EXPECT(weight_map != nullptr, FormatError, index_name, ": weight_map is not a JSON object");
   TS_EXPECT(!weight_map->empty(), FormatError, index_name, ": weight_map lists no tensor");
 
   std::unordered_map<std::string_view, std::string_view> shard_of;
@@ -197,8 +193,8 @@ std::vector<SafetensorsFile> open_indexed(const std::filesystem::path& index_pat
     const auto* shard = std::get_if<std::string>(&shard_value.data);
     TS_EXPECT(shard != nullptr, FormatError, index_name, ": weight_map: tensor '", tensor,
               "': shard name is not a string");
-    TS_EXPECT(is_plain_file_name(*shard), FormatError, index_name, ": weight_map: tensor '",
-              tensor, "': shard '", *shard, "' is not a plain file name");
+    TS_EXPECT(is_plain_file_name(*shard), FormatError, index_name, ": weight_map: tensor '", tensor,
+              "': shard '", *shard, "' is not a plain file name");
     shard_of.emplace(tensor, *shard);  // keys are unique: the parser rejects duplicates
     shard_names.push_back(*shard);
   }
@@ -215,8 +211,7 @@ std::vector<SafetensorsFile> open_indexed(const std::filesystem::path& index_pat
   for (const auto& [tensor, shard_value] : *weight_map) {
     const auto& shard = std::get<std::string>(shard_value.data);
     const auto position = std::lower_bound(shard_names.begin(), shard_names.end(), shard);
-    const SafetensorsFile& file =
-        files[static_cast<std::size_t>(position - shard_names.begin())];
+    const SafetensorsFile& file = files[static_cast<std::size_t>(position - shard_names.begin())];
     TS_EXPECT(file.find(tensor) != nullptr, FormatError, index_name, ": tensor '", tensor,
               "' is listed in shard '", shard, "', which does not hold it");
   }
@@ -289,8 +284,7 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> json_bytes
             " + ", header.header_size, " > ", file_size, ")");
   const std::uint64_t data_size = file_size - header.data_offset;
 
-  const std::string_view text(reinterpret_cast<const char*>(json_bytes.data()),
-                              json_bytes.size());
+  const std::string_view text(reinterpret_cast<const char*>(json_bytes.data()), json_bytes.size());
   const json::Value root = json::parse(text, source);
   const auto* members = std::get_if<json::Object>(&root.data);
   TS_EXPECT(members != nullptr, FormatError, source, ": header is not a JSON object");
@@ -323,9 +317,8 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> json_bytes
                                  " unused bytes (the first tensor must begin at 0)"));
       }
       throw FormatError(concat(source, ": tensor ", describe(t),
-                               t.begin > expected ? " leaves a gap after" : " overlaps",
-                               " tensor ", describe(parsed[i - 1]),
-                               "; tensors must tile the data section"));
+                               t.begin > expected ? " leaves a gap after" : " overlaps", " tensor ",
+                               describe(parsed[i - 1]), "; tensors must tile the data section"));
     }
     expected = t.end;
   }
@@ -336,10 +329,9 @@ SafetensorsHeader parse_safetensors_header(std::span<const std::byte> json_bytes
     }
     const std::string& last = parsed.back().tensor.name;
     if (expected < data_size) {
-      throw FormatError(concat(source, ": ", data_size - expected,
-                               " trailing bytes after the last tensor '", last,
-                               "' (the data section holds ", data_size,
-                               " bytes, the tensors ", expected, ")"));
+      throw FormatError(concat(
+          source, ": ", data_size - expected, " trailing bytes after the last tensor '", last,
+          "' (the data section holds ", data_size, " bytes, the tensors ", expected, ")"));
     }
     throw FormatError(concat(source, ": file truncated: tensor '", last, "' ends at byte ",
                              expected, " of the data section, which holds only ", data_size,
@@ -376,9 +368,9 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   }
   TS_EXPECT(header_size <= kSafetensorsMaxHeaderSize, FormatError, source, ": header length ",
             header_size, " exceeds the limit of ", kSafetensorsMaxHeaderSize, " bytes");
-  TS_EXPECT(header_size <= file_size - kLengthPrefixSize, FormatError, source,
-            ": header length ", header_size, " exceeds the file size ", file_size, " (",
-            kLengthPrefixSize, " + ", header_size, " > ", file_size, ")");
+  TS_EXPECT(header_size <= file_size - kLengthPrefixSize, FormatError, source, ": header length ",
+            header_size, " exceeds the file size ", file_size, " (", kLengthPrefixSize, " + ",
+            header_size, " > ", file_size, ")");
   std::vector<std::byte> json_bytes(static_cast<std::size_t>(header_size));
   fd.pread_exact(json_bytes, kLengthPrefixSize);
   SafetensorsHeader header = parse_safetensors_header(json_bytes, file_size, source);
@@ -399,8 +391,8 @@ void SafetensorsFile::read(const SafetensorsTensor& tensor, std::span<std::byte>
   // A tensor of another file must not read past this one's data section.
   if (tensor.offset < header_.data_offset || tensor.offset > file_size_ ||
       tensor.nbytes > file_size_ - tensor.offset) {
-    throw std::invalid_argument(concat(path().string(), ": tensor '", tensor.name,
-                                       "': bytes [", tensor.offset, ", +", tensor.nbytes,
+    throw std::invalid_argument(concat(path().string(), ": tensor '", tensor.name, "': bytes [",
+                                       tensor.offset, ", +", tensor.nbytes,
                                        ") are outside this file's data section"));
   }
   fd_.pread_exact(out, tensor.offset);
@@ -428,9 +420,8 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::filesystem::path& p
     }
   }
   const auto& entries = checkpoint.entries_;
-  checkpoint.by_name_ = sorted_by_name(entries.size(), [&](std::size_t i) -> std::string_view {
-    return entries[i].tensor->name;
-  });
+  checkpoint.by_name_ = sorted_by_name(
+      entries.size(), [&](std::size_t i) -> std::string_view { return entries[i].tensor->name; });
   for (std::size_t i = 1; i < checkpoint.by_name_.size(); ++i) {
     const Entry& previous = entries[checkpoint.by_name_[i - 1]];
     const Entry& current = entries[checkpoint.by_name_[i]];

@@ -44,8 +44,8 @@ class Checker {
   template <typename... Args>
   void expect(bool condition, std::string_view field, Args&&... cause) const {
     if (!condition) [[unlikely]] {
-      throw FormatError(concat("invalid store '", source_, "': ", field, ": ",
-                               std::forward<Args>(cause)...));
+      throw FormatError(
+          concat("invalid store '", source_, "': ", field, ": ", std::forward<Args>(cause)...));
     }
   }
 
@@ -213,9 +213,9 @@ Superblock decode_superblock(std::span<const std::byte> bytes, std::uint64_t fil
   sb.user_metadata_offset = load_le<std::uint64_t>(p + kOffUserMetadataOffset);
   sb.user_metadata_size = load_le<std::uint64_t>(p + kOffUserMetadataSize);
 
-  check.expect(sb.version_major == kStoreVersionMajor, "version",
-               "format version ", sb.version_major, ".", sb.version_minor,
-               " is not supported (this build reads ", kStoreVersionMajor, ".x)");
+  check.expect(sb.version_major == kStoreVersionMajor, "version", "format version ",
+               sb.version_major, ".", sb.version_minor, " is not supported (this build reads ",
+               kStoreVersionMajor, ".x)");
   check.expect(sb.flags == 0, "flags", "unknown flags 0x", std::hex, sb.flags);
   check.expect(is_power_of_two(sb.block_alignment) && sb.block_alignment >= kBlockAlignment &&
                    sb.block_alignment <= (1u << 30),
@@ -231,15 +231,15 @@ Superblock decode_superblock(std::span<const std::byte> bytes, std::uint64_t fil
                "data_offset", sb.data_offset,
                " is not a multiple of block_alignment past the superblock");
   std::uint64_t data_end = 0;
-  check.expect(checked_add(sb.data_offset, sb.data_size, data_end) &&
-                   data_end == sb.metadata_offset,
-               "data_size", "data region [", sb.data_offset, ", +", sb.data_size,
-               ") does not end where the metadata starts (", sb.metadata_offset, ")");
+  check.expect(
+      checked_add(sb.data_offset, sb.data_size, data_end) && data_end == sb.metadata_offset,
+      "data_size", "data region [", sb.data_offset, ", +", sb.data_size,
+      ") does not end where the metadata starts (", sb.metadata_offset, ")");
   std::uint64_t metadata_end = 0;
-  check.expect(checked_add(sb.metadata_offset, sb.metadata_size, metadata_end) &&
-                   metadata_end == file_size,
-               "metadata_size", "metadata region [", sb.metadata_offset, ", +",
-               sb.metadata_size, ") does not end at the end of the file (", file_size, ")");
+  check.expect(
+      checked_add(sb.metadata_offset, sb.metadata_size, metadata_end) && metadata_end == file_size,
+      "metadata_size", "metadata region [", sb.metadata_offset, ", +", sb.metadata_size,
+      ") does not end at the end of the file (", file_size, ")");
   check.expect(sb.metadata_size <= kMaxMetadataSize, "metadata_size", sb.metadata_size,
                " bytes exceeds the limit of ", kMaxMetadataSize);
 
@@ -278,8 +278,8 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
 
   auto name_at = [&](std::string_view field, std::uint32_t offset, std::uint32_t size) {
     std::uint64_t end = 0;
-    check.expect(checked_add(offset, size, end) && end <= strings.size(), field,
-                 "name range [", offset, ", +", size, ") lies outside the string table");
+    check.expect(checked_add(offset, size, end) && end <= strings.size(), field, "name range [",
+                 offset, ", +", size, ") lies outside the string table");
     check.expect(size > 0, field, "empty name");
     return strings.substr(offset, size);
   };
@@ -304,30 +304,31 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
     b.raw_checksum = load_le<std::uint64_t>(r + 32);
     b.first_tensor = load_le<std::uint32_t>(r + 40);
     b.tensor_count = load_le<std::uint32_t>(r + 44);
-    const auto name = name_at(field("name"), load_le<std::uint32_t>(r + 48),
-                              load_le<std::uint32_t>(r + 52));
+    const auto name =
+        name_at(field("name"), load_le<std::uint32_t>(r + 48), load_le<std::uint32_t>(r + 52));
     b.name = std::string(name);
-    check.expect(block_names.insert(name).second, field("name"), "duplicate block name '", name, "'");
+    check.expect(block_names.insert(name).second, field("name"), "duplicate block name '", name,
+                 "'");
     const auto codec = load_le<std::uint16_t>(r + 56);
-    check.expect(codec == static_cast<std::uint16_t>(Codec::kNone), field("codec"),
-                 "codec ", codec, " of block '", name, "' is not supported by this version");
+    check.expect(codec == static_cast<std::uint16_t>(Codec::kNone), field("codec"), "codec ", codec,
+                 " of block '", name, "' is not supported by this version");
     b.codec = static_cast<Codec>(codec);
     check.expect(load_le<std::uint16_t>(r + 58) == 0 && load_le<std::uint32_t>(r + 60) == 0,
                  field("flags"), "reserved bits set in block '", name, "'");
-    check.expect(b.offset % sb.block_alignment == 0 && b.offset >= sb.data_offset,
-                 field("offset"), "block '", name, "' at ", b.offset,
+    check.expect(b.offset % sb.block_alignment == 0 && b.offset >= sb.data_offset, field("offset"),
+                 "block '", name, "' at ", b.offset,
                  " is not block-aligned inside the data region");
     std::uint64_t end = 0;
-    check.expect(checked_add(b.offset, b.stored_size, end) && end <= data_end,
-                 field("stored_size"), "block '", name, "' [", b.offset, ", +", b.stored_size,
+    check.expect(checked_add(b.offset, b.stored_size, end) && end <= data_end, field("stored_size"),
+                 "block '", name, "' [", b.offset, ", +", b.stored_size,
                  ") extends past the data region (ends at ", data_end, ")");
     check.expect(b.raw_size == b.stored_size && b.raw_checksum == b.checksum, field("raw_size"),
                  "block '", name, "' is not encoded, so raw and stored size/checksum must match");
     check.expect(b.first_tensor == next_tensor, field("first_tensor"), "block '", name,
                  "' starts at tensor ", b.first_tensor, ", expected ", next_tensor);
-    check.expect(checked_add(next_tensor, b.tensor_count, next_tensor) &&
-                     next_tensor <= sb.tensor_count,
-                 field("tensor_count"), "block '", name, "' claims tensors beyond the table");
+    check.expect(
+        checked_add(next_tensor, b.tensor_count, next_tensor) && next_tensor <= sb.tensor_count,
+        field("tensor_count"), "block '", name, "' claims tensors beyond the table");
   }
   check.expect(next_tensor == sb.tensor_count, "tensor_count", "blocks hold ", next_tensor,
                " tensors but the table has ", sb.tensor_count);
@@ -335,9 +336,8 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
   // Extents must not overlap: sort by offset and compare neighbours.
   std::vector<std::uint32_t> by_offset(sb.block_count);
   for (std::uint32_t i = 0; i < sb.block_count; ++i) by_offset[i] = i;
-  std::sort(by_offset.begin(), by_offset.end(), [&](auto a, auto b) {
-    return out.blocks[a].offset < out.blocks[b].offset;
-  });
+  std::sort(by_offset.begin(), by_offset.end(),
+            [&](auto a, auto b) { return out.blocks[a].offset < out.blocks[b].offset; });
   for (std::size_t k = 1; k < by_offset.size(); ++k) {
     const auto& prev = out.blocks[by_offset[k - 1]];
     const auto& cur = out.blocks[by_offset[k]];
@@ -357,16 +357,17 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
       t.nbytes = load_le<std::uint64_t>(r + 8);
       t.checksum = load_le<std::uint64_t>(r + 16);
       const auto dims_index = load_le<std::uint64_t>(r + 24);
-      const auto name = name_at(field("name"), load_le<std::uint32_t>(r + 32),
-                                load_le<std::uint32_t>(r + 36));
+      const auto name =
+          name_at(field("name"), load_le<std::uint32_t>(r + 32), load_le<std::uint32_t>(r + 36));
       t.name = std::string(name);
-      check.expect(tensor_names.insert(name).second, field("name"), "duplicate tensor name '", name, "'");
+      check.expect(tensor_names.insert(name).second, field("name"), "duplicate tensor name '", name,
+                   "'");
       t.block = load_le<std::uint32_t>(r + 40);
-      check.expect(t.block == bi, field("block"), "tensor '", name, "' records block ",
-                   t.block, " but lies in block ", bi);
+      check.expect(t.block == bi, field("block"), "tensor '", name, "' records block ", t.block,
+                   " but lies in block ", bi);
       const auto dtype = load_le<std::uint16_t>(r + 44);
-      check.expect(dtype_is_valid(dtype), field("dtype"), "tensor '", name,
-                   "' has unknown dtype ", dtype);
+      check.expect(dtype_is_valid(dtype), field("dtype"), "tensor '", name, "' has unknown dtype ",
+                   dtype);
       t.dtype = static_cast<DType>(dtype);
       const auto ndim = load_le<std::uint16_t>(r + 46);
       check.expect(ndim <= kMaxTensorRank, field("ndim"), "tensor '", name, "' has rank ", ndim,
@@ -394,8 +395,8 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
                    "' overlaps the tensor before it in block '", b.name, "'");
       std::uint64_t end = 0;
       check.expect(checked_add(t.offset_in_block, t.nbytes, end) && end <= b.raw_size,
-                   field("nbytes"), "tensor '", name, "' extends past the end of block '",
-                   b.name, "'");
+                   field("nbytes"), "tensor '", name, "' extends past the end of block '", b.name,
+                   "'");
       prev_end = end;
     }
   }

@@ -19,8 +19,8 @@ std::atomic<unsigned long> g_temp_counter{0};
 
 std::filesystem::path temp_path_for(const std::filesystem::path& destination) {
   const auto n = g_temp_counter.fetch_add(1);
-  const std::string name = concat(".", destination.filename().string(), ".", ::getpid(), ".", n,
-                                  kTempSuffix);
+  const std::string name =
+      concat(".", destination.filename().string(), ".", ::getpid(), ".", n, kTempSuffix);
   return destination.parent_path() / name;
 }
 
@@ -54,7 +54,8 @@ std::vector<std::filesystem::path> cleanup_orphaned_files(const std::filesystem:
   std::vector<std::filesystem::path> removed;
   for (const auto& entry : it) {
     long pid = 0;
-    if (!entry.is_regular_file() || !detail::parse_temp_name(entry.path().filename().string(), pid)) {
+    if (!entry.is_regular_file() ||
+        !detail::parse_temp_name(entry.path().filename().string(), pid)) {
       continue;
     }
     // A writer that still runs owns its temporary (EPERM: alive under another user).

@@ -22,10 +22,17 @@ Store Store::open(const std::filesystem::path& path) {
   store.fd_.pread_exact(metadata, sb.metadata_offset);
   auto tables = detail::decode_metadata(sb, metadata, source);
 
-  store.info_ = StoreInfo{sb.version_major,  sb.version_minor,     sb.block_alignment,
-                          sb.tensor_alignment, sb.file_size,       sb.data_offset,
-                          sb.data_size,       sb.metadata_offset,  sb.metadata_size,
-                          sb.fingerprint,     std::move(tables.user_metadata)};
+  store.info_ = StoreInfo{sb.version_major,
+                          sb.version_minor,
+                          sb.block_alignment,
+                          sb.tensor_alignment,
+                          sb.file_size,
+                          sb.data_offset,
+                          sb.data_size,
+                          sb.metadata_offset,
+                          sb.metadata_size,
+                          sb.fingerprint,
+                          std::move(tables.user_metadata)};
   store.blocks_ = std::move(tables.blocks);
   store.tensors_ = std::move(tables.tensors);
   return store;
@@ -87,10 +94,10 @@ std::vector<BlockProblem> Store::verify(
       // Each tensor has its own checksum too; a mismatch there with a good block checksum
       // means the metadata was forged or written wrongly.
       for (const auto& t : block_tensors(i)) {
-        const auto actual = checksum64(std::span<const std::byte>(buffer).subspan(
-            t.offset_in_block, t.nbytes));
-        TS_EXPECT(actual == t.checksum, ChecksumError, "checksum mismatch in '",
-                  path().string(), "', tensor '", t.name, "' of block '", blocks_[i].name, "'");
+        const auto actual =
+            checksum64(std::span<const std::byte>(buffer).subspan(t.offset_in_block, t.nbytes));
+        TS_EXPECT(actual == t.checksum, ChecksumError, "checksum mismatch in '", path().string(),
+                  "', tensor '", t.name, "' of block '", blocks_[i].name, "'");
       }
     } catch (const Error& e) {
       problems.push_back({static_cast<std::uint32_t>(i), e.what()});

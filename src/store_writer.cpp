@@ -26,7 +26,8 @@ StoreWriter::StoreWriter(std::filesystem::path destination, WriterOptions option
   TS_EXPECT(!destination_.filename().empty(), std::invalid_argument, "store path '",
             destination_.string(), "' has no file name");
   TS_EXPECT(is_power_of_two(options_.block_alignment) &&
-                options_.block_alignment >= kBlockAlignment && options_.block_alignment <= (1u << 30),
+                options_.block_alignment >= kBlockAlignment &&
+                options_.block_alignment <= (1u << 30),
             std::invalid_argument, "block_alignment ", options_.block_alignment,
             " must be a power of two between 4096 and 2^30");
   TS_EXPECT(is_power_of_two(options_.tensor_alignment) &&
@@ -57,8 +58,8 @@ StoreWriter::~StoreWriter() {
 }
 
 void StoreWriter::require(bool condition, std::string_view what) const {
-  TS_EXPECT(condition, std::invalid_argument, "StoreWriter for '", destination_.string(), "': ",
-            what);
+  TS_EXPECT(condition, std::invalid_argument, "StoreWriter for '", destination_.string(),
+            "': ", what);
 }
 
 void StoreWriter::stage(std::string_view name) const {
@@ -164,8 +165,7 @@ void StoreWriter::end_tensor() {
 }
 
 void StoreWriter::add_tensor(std::string_view name, DType dtype,
-                             std::span<const std::int64_t> shape,
-                             std::span<const std::byte> data) {
+                             std::span<const std::int64_t> shape, std::span<const std::byte> data) {
   begin_tensor(name, dtype, shape);
   append(data);
   end_tensor();

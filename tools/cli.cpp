@@ -51,7 +51,9 @@ std::string shape_string(const std::vector<std::int64_t>& shape) {
 class ProgressBar {
  public:
   ProgressBar(std::ostream& err, bool enabled, std::string label)
-      : err_(err), enabled_(enabled), label_(std::move(label)),
+      : err_(err),
+        enabled_(enabled),
+        label_(std::move(label)),
         start_(std::chrono::steady_clock::now()) {}
   ~ProgressBar() {
     if (drawn_) err_ << "\n";
@@ -110,8 +112,8 @@ int cmd_convert(const std::vector<std::string>& args, std::ostream& out, std::os
 
 void inspect_json(const Store& store, std::ostream& out) {
   const auto& info = store.info();
-  out << "{\"path\":" << detail::json::quote(store.path().string())
-      << ",\"version\":\"" << info.version_major << "." << info.version_minor << "\""
+  out << "{\"path\":" << detail::json::quote(store.path().string()) << ",\"version\":\""
+      << info.version_major << "." << info.version_minor << "\""
       << ",\"file_size\":" << info.file_size << ",\"block_alignment\":" << info.block_alignment
       << ",\"tensor_alignment\":" << info.tensor_alignment << ",\"fingerprint\":\""
       << info.fingerprint.hex() << "\",\"blocks\":[";
@@ -123,10 +125,9 @@ void inspect_json(const Store& store, std::ostream& out) {
     const auto tensors = store.block_tensors(b);
     for (std::size_t t = 0; t < tensors.size(); ++t) {
       const auto& tensor = tensors[t];
-      out << (t ? "," : "") << "{\"name\":" << detail::json::quote(tensor.name)
-          << ",\"dtype\":\"" << dtype_name(tensor.dtype) << "\",\"shape\":"
-          << shape_string(tensor.shape) << ",\"offset\":" << tensor.offset_in_block
-          << ",\"nbytes\":" << tensor.nbytes << "}";
+      out << (t ? "," : "") << "{\"name\":" << detail::json::quote(tensor.name) << ",\"dtype\":\""
+          << dtype_name(tensor.dtype) << "\",\"shape\":" << shape_string(tensor.shape)
+          << ",\"offset\":" << tensor.offset_in_block << ",\"nbytes\":" << tensor.nbytes << "}";
     }
     out << "]}";
   }
@@ -166,8 +167,8 @@ int cmd_inspect(const std::vector<std::string>& args, std::ostream& out, std::os
       << "fingerprint  " << info.fingerprint.hex() << "\n\n";
   for (std::size_t b = 0; b < store.blocks().size(); ++b) {
     const auto& block = store.blocks()[b];
-    out << "block " << b << "  " << block.name << "  " << human_bytes(block.raw_size)
-        << " at " << block.offset << ", " << block.tensor_count << " tensors\n";
+    out << "block " << b << "  " << block.name << "  " << human_bytes(block.raw_size) << " at "
+        << block.offset << ", " << block.tensor_count << " tensors\n";
     for (const auto& t : store.block_tensors(b)) {
       out << "    " << std::left << std::setw(48) << t.name << " " << std::setw(16)
           << dtype_name(t.dtype) << " " << std::setw(20) << shape_string(t.shape) << std::right
@@ -197,8 +198,8 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
   for (const auto& b : store.blocks()) bytes += b.stored_size;
   if (problems.empty()) {
     out << "OK " << store.path().string() << ": " << store.blocks().size() << " blocks, "
-        << store.tensors().size() << " tensors, " << human_bytes(bytes)
-        << " verified (fingerprint " << store.info().fingerprint.hex() << ")\n";
+        << store.tensors().size() << " tensors, " << human_bytes(bytes) << " verified (fingerprint "
+        << store.info().fingerprint.hex() << ")\n";
     return kExitOk;
   }
   out << "FAILED " << store.path().string() << ": " << problems.size() << " of "

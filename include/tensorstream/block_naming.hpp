@@ -31,6 +31,7 @@ struct BlockGroup {
 /// layers in natural order, then the rest such as final norms), then output heads
 /// ("lm_head", "classifier", ...). Tensors inside a block are in natural order. Engines that
 /// see the real execution order (the adaptive prefetcher) do not depend on this.
-[[nodiscard]] std::vector<BlockGroup> group_into_blocks(const std::vector<std::string>& tensor_names);
+[[nodiscard]] std::vector<BlockGroup> group_into_blocks(
+    const std::vector<std::string>& tensor_names);
 
 }  // namespace tensorstream

@@ -26,7 +26,7 @@ enum class DType : std::uint16_t {
   kBFloat16 = 11,
   kFloat32 = 12,
   kFloat64 = 13,
-  kComplex32 = 14,   // torch.complex32 (chalf): two float16
+  kComplex32 = 14,  // torch.complex32 (chalf): two float16
   kComplex64 = 15,
   kComplex128 = 16,
   kFloat8E4M3FN = 17,

@@ -68,17 +68,17 @@ template <typename... Args>
 }  // namespace tensorstream
 
 /// Throws `ExceptionType(concat(message parts...))` unless `condition` holds.
-#define TS_EXPECT(condition, ExceptionType, ...)                                   \
-  do {                                                                             \
-    if (!(condition)) [[unlikely]] {                                               \
-      throw ExceptionType(::tensorstream::detail::concat(__VA_ARGS__));            \
-    }                                                                              \
+#define TS_EXPECT(condition, ExceptionType, ...)                        \
+  do {                                                                  \
+    if (!(condition)) [[unlikely]] {                                    \
+      throw ExceptionType(::tensorstream::detail::concat(__VA_ARGS__)); \
+    }                                                                   \
   } while (0)
 
 /// For a system call returning -1 on failure: throws IoError naming `what` and errno.
-#define TS_SYSCALL_CHECK(call, ...)                                                \
-  do {                                                                             \
-    if ((call) == -1) [[unlikely]] {                                               \
+#define TS_SYSCALL_CHECK(call, ...)                                                     \
+  do {                                                                                  \
+    if ((call) == -1) [[unlikely]] {                                                    \
       ::tensorstream::detail::throw_errno(::tensorstream::detail::concat(__VA_ARGS__)); \
-    }                                                                              \
+    }                                                                                   \
   } while (0)

@@ -40,8 +40,8 @@ struct SafetensorsTensor {
 
 /// The validated header of one safetensors file.
 struct SafetensorsHeader {
-  std::uint64_t header_size = 0;  ///< N: length of the JSON header in bytes
-  std::uint64_t data_offset = 0;  ///< 8 + N: where the data section starts
+  std::uint64_t header_size = 0;           ///< N: length of the JSON header in bytes
+  std::uint64_t data_offset = 0;           ///< 8 + N: where the data section starts
   std::vector<SafetensorsTensor> tensors;  ///< sorted by offset
   std::vector<std::pair<std::string, std::string>> metadata;  ///< "__metadata__", in file order
 };
@@ -98,8 +98,8 @@ class SafetensorsCheckpoint {
 
   /// One tensor and the file that holds it.
   struct Entry {
-    std::size_t file = 0;                ///< index into files()
-    const SafetensorsTensor* tensor{};   ///< owned by files()[file]
+    std::size_t file = 0;               ///< index into files()
+    const SafetensorsTensor* tensor{};  ///< owned by files()[file]
   };
 
   [[nodiscard]] const std::vector<SafetensorsFile>& files() const noexcept { return files_; }

@@ -206,9 +206,9 @@ class StoreWriter {
   std::filesystem::path temp_path_;
   WriterOptions options_;
   detail::FileDescriptor fd_;
-  std::vector<std::byte> buffer_;   // pending writes at offset buffer_offset_
+  std::vector<std::byte> buffer_;  // pending writes at offset buffer_offset_
   std::uint64_t buffer_offset_ = 0;
-  std::uint64_t position_ = 0;      // logical end of file
+  std::uint64_t position_ = 0;  // logical end of file
   std::vector<BlockInfo> blocks_;
   std::vector<TensorInfo> tensors_;
   std::optional<BlockInfo> open_block_;
@@ -217,6 +217,5 @@ class StoreWriter {
   std::string user_metadata_;
   bool finished_ = false;
 };
-
 
 }  // namespace tensorstream

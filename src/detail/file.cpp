@@ -51,8 +51,8 @@ std::uint64_t FileDescriptor::size() const {
 void FileDescriptor::pread_exact(std::span<std::byte> out, std::uint64_t offset) const {
   std::size_t done = 0;
   while (done < out.size()) {
-    const ssize_t n = ::pread(fd_, out.data() + done, out.size() - done,
-                              static_cast<off_t>(offset + done));
+    const ssize_t n =
+        ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
     if (n == -1) {
       if (errno == EINTR) continue;
       throw_errno(concat("read of ", out.size(), " bytes at offset ", offset, " from '",
@@ -69,8 +69,8 @@ void FileDescriptor::pread_exact(std::span<std::byte> out, std::uint64_t offset)
 void FileDescriptor::pwrite_all(std::span<const std::byte> data, std::uint64_t offset) const {
   std::size_t done = 0;
   while (done < data.size()) {
-    const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
-                               static_cast<off_t>(offset + done));
+    const ssize_t n =
+        ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
     if (n == -1) {
       if (errno == EINTR) continue;
       throw_errno(concat("write of ", data.size(), " bytes at offset ", offset, " to '",

@@ -44,11 +44,11 @@ Loaded load_driver() {
     return loaded;
   }
   auto& api = loaded.api;
-#define TS_CUDA_RESOLVE(name)                                                          \
-  api.name = reinterpret_cast<decltype(api.name)>(::dlsym(handle, TS_XSTR(name)));     \
-  if (api.name == nullptr) {                                                           \
-    status.reason = "libcuda.so.1 lacks " TS_XSTR(name) " (driver too old?)";          \
-    return loaded;                                                                     \
+#define TS_CUDA_RESOLVE(name)                                                      \
+  api.name = reinterpret_cast<decltype(api.name)>(::dlsym(handle, TS_XSTR(name))); \
+  if (api.name == nullptr) {                                                       \
+    status.reason = "libcuda.so.1 lacks " TS_XSTR(name) " (driver too old?)";      \
+    return loaded;                                                                 \
   }
   TS_CUDA_DRIVER_FUNCTIONS(TS_CUDA_RESOLVE)
 #undef TS_CUDA_RESOLVE
@@ -206,7 +206,8 @@ Device::~Device() {
 }
 
 Device::Device(Device&& other) noexcept
-    : ordinal_(std::exchange(other.ordinal_, -1)), context_(std::exchange(other.context_, nullptr)) {}
+    : ordinal_(std::exchange(other.ordinal_, -1)),
+      context_(std::exchange(other.context_, nullptr)) {}
 
 MemInfo Device::mem_info() const {
   ContextScope scope(*this);
@@ -225,7 +226,8 @@ ContextScope::~ContextScope() {
   });
 }
 
-DeviceBuffer::DeviceBuffer(const Device& device, std::size_t bytes) : device_(&device), size_(bytes) {
+DeviceBuffer::DeviceBuffer(const Device& device, std::size_t bytes)
+    : device_(&device), size_(bytes) {
   ContextScope scope(device);
   CUdeviceptr p = 0;
   TS_CUDA_TRY(cuMemAlloc, &p, bytes);
@@ -241,7 +243,9 @@ DeviceBuffer::~DeviceBuffer() {
 }
 
 DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
-    : device_(other.device_), ptr_(std::exchange(other.ptr_, 0)), size_(std::exchange(other.size_, 0)) {}
+    : device_(other.device_),
+      ptr_(std::exchange(other.ptr_, 0)),
+      size_(std::exchange(other.size_, 0)) {}
 
 PinnedHostBuffer::PinnedHostBuffer(const Device& device, std::size_t bytes)
     : device_(&device), size_(bytes) {
@@ -260,7 +264,8 @@ PinnedHostBuffer::~PinnedHostBuffer() {
 }
 
 PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
-    : device_(other.device_), data_(std::exchange(other.data_, nullptr)),
+    : device_(other.device_),
+      data_(std::exchange(other.data_, nullptr)),
       size_(std::exchange(other.size_, 0)) {}
 
 HostRegistration::HostRegistration(const Device& device, void* data, std::size_t bytes)

@@ -63,12 +63,12 @@ const DriverApi& api();
 }  // namespace tensorstream::cuda::detail
 
 /// Calls a driver function through the table and throws CudaError naming it on failure.
-#define TS_CUDA_TRY(name, ...)                                                        \
-  do {                                                                                \
+#define TS_CUDA_TRY(name, ...)                                                          \
+  do {                                                                                  \
     const CUresult ts_cuda_rc_ = ::tensorstream::cuda::detail::api().name(__VA_ARGS__); \
-    if (ts_cuda_rc_ != CUDA_SUCCESS) [[unlikely]] {                                   \
-      ::tensorstream::cuda::detail::throw_cuda_error(#name, ts_cuda_rc_);             \
-    }                                                                                 \
+    if (ts_cuda_rc_ != CUDA_SUCCESS) [[unlikely]] {                                     \
+      ::tensorstream::cuda::detail::throw_cuda_error(#name, ts_cuda_rc_);               \
+    }                                                                                   \
   } while (0)
 
 #endif  // TS_HAVE_CUDA_HEADERS

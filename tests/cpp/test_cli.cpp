@@ -65,7 +65,7 @@ TEST(Cli, ConvertInspectVerify) {
   std::vector<std::string> blocks;
   for (const auto& b : store.blocks()) blocks.push_back(b.name);
   EXPECT_EQ(blocks, (std::vector<std::string>{"model.embed_tokens", "model.layers.0",
-                                               "model.layers.1", "lm_head"}));
+                                              "model.layers.1", "lm_head"}));
   EXPECT_NE(store.info().user_metadata.find("\"format\":\"pt\""), std::string::npos);
 
   r = run({"inspect", (dir / "out.tstore").string()});

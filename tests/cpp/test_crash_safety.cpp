@@ -36,7 +36,8 @@ ts::Fingerprint write_store(const std::filesystem::path& path, std::uint64_t see
   }
   for (int b = 0; b < kBlocks; ++b) {
     writer.begin_block("layers." + std::to_string(b));
-    const auto data = ts::testing::random_bytes(tensor_bytes, seed * 100 + static_cast<unsigned>(b));
+    const auto data =
+        ts::testing::random_bytes(tensor_bytes, seed * 100 + static_cast<unsigned>(b));
     writer.add_tensor("layers." + std::to_string(b) + ".w", ts::DType::kUInt8,
                       std::vector<std::int64_t>{static_cast<std::int64_t>(tensor_bytes)}, data);
     writer.end_block();
@@ -80,8 +81,9 @@ void expect_consistent(const std::filesystem::path& dir, const std::filesystem::
 }
 
 const std::vector<std::pair<std::string, int>> kStages = {
-    {"block_written", 1}, {"block_written", kBlocks / 2}, {"block_written", kBlocks},
-    {"metadata_written", 1}, {"superblock_written", 1}, {"synced", 1}, {"renamed", 1}};
+    {"block_written", 1},    {"block_written", kBlocks / 2}, {"block_written", kBlocks},
+    {"metadata_written", 1}, {"superblock_written", 1},      {"synced", 1},
+    {"renamed", 1}};
 
 }  // namespace
 

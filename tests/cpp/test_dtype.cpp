@@ -38,13 +38,13 @@ TEST(BlockNaming, GroupsTransformerNames) {
 }
 
 TEST(BlockNaming, NaturalOrderPutsLayersInExecutionOrder) {
-  const auto groups = ts::group_into_blocks({"model.norm.weight", "model.layers.10.w",
-                                             "model.layers.2.w", "model.layers.2.b",
-                                             "model.embed_tokens.weight", "model.layers.0.w"});
+  const auto groups =
+      ts::group_into_blocks({"model.norm.weight", "model.layers.10.w", "model.layers.2.w",
+                             "model.layers.2.b", "model.embed_tokens.weight", "model.layers.0.w"});
   std::vector<std::string> names;
   for (const auto& g : groups) names.push_back(g.name);
   EXPECT_EQ(names, (std::vector<std::string>{"model.embed_tokens", "model.layers.0",
-                                              "model.layers.2", "model.layers.10", "model.norm"}));
+                                             "model.layers.2", "model.layers.10", "model.norm"}));
   EXPECT_EQ(groups[2].tensors, (std::vector<std::string>{"model.layers.2.b", "model.layers.2.w"}));
   EXPECT_TRUE(ts::natural_less("x9", "x10"));
   EXPECT_FALSE(ts::natural_less("x10", "x9"));

@@ -63,8 +63,7 @@ TEST(Json, NestedDocument) {
 }
 
 TEST(Json, StringEscapes) {
-  EXPECT_EQ(string_of(parse(R"("a\"b\\c\/d\be\ff\ng\rh\ti")", "t")),
-            "a\"b\\c/d\be\ff\ng\rh\ti");
+  EXPECT_EQ(string_of(parse(R"("a\"b\\c\/d\be\ff\ng\rh\ti")", "t")), "a\"b\\c/d\be\ff\ng\rh\ti");
   EXPECT_EQ(string_of(parse(R"("\u0041\u00e9\u20AC")", "t")), "A\xC3\xA9\xE2\x82\xAC");
   EXPECT_EQ(string_of(parse(R"("\u0000")", "t")), std::string(1, '\0'));
   // U+1F600 as a surrogate pair, and U+10FFFF, the last code point.
@@ -171,13 +170,13 @@ TEST(Json, RejectsLoneSurrogates) {
 
 TEST(Json, RejectsInvalidUtf8) {
   expect_rejected("\"\x80\"", "invalid UTF-8 lead", 1);
-  expect_rejected("\"\xC0\xAF\"", "invalid UTF-8 lead", 1);   // overlong '/'
-  expect_rejected("\"\xE0\x80\xAF\"", "invalid UTF-8 sequence", 2);  // overlong
-  expect_rejected("\"\xED\xA0\x80\"", "invalid UTF-8 sequence", 2);  // encoded surrogate
+  expect_rejected("\"\xC0\xAF\"", "invalid UTF-8 lead", 1);              // overlong '/'
+  expect_rejected("\"\xE0\x80\xAF\"", "invalid UTF-8 sequence", 2);      // overlong
+  expect_rejected("\"\xED\xA0\x80\"", "invalid UTF-8 sequence", 2);      // encoded surrogate
   expect_rejected("\"\xF4\x90\x80\x80\"", "invalid UTF-8 sequence", 2);  // > U+10FFFF
   expect_rejected("\"\xE2\x82\"", "invalid UTF-8 sequence", 3);
   expect_rejected("\"\xE2\x82", "invalid UTF-8 sequence", 3);  // input ends mid-sequence
-  expect_rejected("\xC3\xA9", "byte 0xc3", 0);  // non-ASCII outside a string
+  expect_rejected("\xC3\xA9", "byte 0xc3", 0);                 // non-ASCII outside a string
 }
 
 TEST(Json, RejectsBadNumbers) {

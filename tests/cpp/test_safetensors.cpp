@@ -94,8 +94,8 @@ class FileBuilder {
     }
     for (const Tensor& t : tensors_) {
       if (json.size() > 1) json += ",";
-      json += "\"" + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":" +
-              shape_json(t.shape) + ",\"data_offsets\":[" + std::to_string(t.begin) + "," +
+      json += "\"" + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":" + shape_json(t.shape) +
+              ",\"data_offsets\":[" + std::to_string(t.begin) + "," +
               std::to_string(t.begin + t.data.size()) + "]}";
     }
     json += "}";
@@ -296,8 +296,8 @@ TEST_F(Safetensors, RejectsTruncatedData) {
   builder.add("a", "F32", {2}, 4).add("model.w", "F64", {2}, 8);
   auto bytes = builder.bytes();
   bytes.resize(bytes.size() - 3);
-  expect_rejected(bytes, {"file truncated: tensor 'model.w' ends at byte 24",
-                          "which holds only 21 bytes"});
+  expect_rejected(
+      bytes, {"file truncated: tensor 'model.w' ends at byte 24", "which holds only 21 bytes"});
 }
 
 TEST_F(Safetensors, RejectsTrailingBytes) {
@@ -313,9 +313,9 @@ TEST_F(Safetensors, RejectsGap) {
                         R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
                         random_bytes(12, 1)),
                   {"tensor 'b' [8, 12] leaves a gap after tensor 'a' [0, 4]"});
-  expect_rejected(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-                        random_bytes(8, 1)),
-                  {"tensor 'a' [4, 8]", "gap of 4 unused bytes"});
+  expect_rejected(
+      image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", random_bytes(8, 1)),
+      {"tensor 'a' [4, 8]", "gap of 4 unused bytes"});
 }
 
 TEST_F(Safetensors, RejectsOverlap) {
@@ -344,16 +344,13 @@ TEST_F(Safetensors, RejectsSizeMismatch) {
 }
 
 TEST_F(Safetensors, RejectsByteCountOverflow) {
-  expect_rejected_tensor(
-      R"({"dtype":"F64","shape":[4611686018427387904,8],"data_offsets":[0,8]})", 8,
-      {"tensor 'w': dtype F64 × shape [4611686018427387904, 8] overflows"});
+  expect_rejected_tensor(R"({"dtype":"F64","shape":[4611686018427387904,8],"data_offsets":[0,8]})",
+                         8, {"tensor 'w': dtype F64 × shape [4611686018427387904, 8] overflows"});
   // prod(shape) fits but × dtype size does not.
-  expect_rejected_tensor(
-      R"({"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]})", 8,
-      {"tensor 'w'", "overflows a 64-bit byte count"});
-  expect_rejected_tensor(
-      R"({"dtype":"U8","shape":[9223372036854775808],"data_offsets":[0,8]})", 8,
-      {"tensor 'w': shape[0] = 9223372036854775808 is out of the int64 range"});
+  expect_rejected_tensor(R"({"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]})", 8,
+                         {"tensor 'w'", "overflows a 64-bit byte count"});
+  expect_rejected_tensor(R"({"dtype":"U8","shape":[9223372036854775808],"data_offsets":[0,8]})", 8,
+                         {"tensor 'w': shape[0] = 9223372036854775808 is out of the int64 range"});
 }
 
 TEST_F(Safetensors, RejectsBadShape) {
@@ -421,9 +418,8 @@ TEST_F(Safetensors, RejectsDuplicateTensorNames) {
 
 TEST_F(Safetensors, ParseHeaderIsPure) {
   const std::string json = R"({"x":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]}})";
-  const auto header =
-      parse_safetensors_header(std::as_bytes(std::span(json.data(), json.size())),
-                               8 + json.size() + 12, "mem");
+  const auto header = parse_safetensors_header(std::as_bytes(std::span(json.data(), json.size())),
+                                               8 + json.size() + 12, "mem");
   ASSERT_EQ(header.tensors.size(), 1u);
   EXPECT_EQ(header.tensors[0].dtype, DType::kBFloat16);
   EXPECT_EQ(header.tensors[0].offset, 8 + json.size());
@@ -537,9 +533,9 @@ TEST_F(Checkpoint, IndexListsTensorTheShardLacks) {
   auto weight_map = shard_of_;
   weight_map["model.layers.7.attn.weight"] = "model-00002-of-00003.safetensors";
   write_index(weight_map);
-  expect_rejected(dir_.path(), {"model.safetensors.index.json", "tensor 'model.layers.7.attn.weight'",
-                                "listed in shard 'model-00002-of-00003.safetensors'",
-                                "does not hold it"});
+  expect_rejected(dir_.path(),
+                  {"model.safetensors.index.json", "tensor 'model.layers.7.attn.weight'",
+                   "listed in shard 'model-00002-of-00003.safetensors'", "does not hold it"});
 }
 
 TEST_F(Checkpoint, ShardHoldsUnlistedTensor) {
@@ -570,8 +566,8 @@ TEST_F(Checkpoint, SameTensorInTwoFilesWithoutIndex) {
   FileBuilder b;
   b.add("other", "F32", {2}, 4).add("shared", "F16", {2}, 2);
   b.write(dir_ / "two.safetensors");
-  expect_rejected(dir_.path(), {"tensor 'shared' is in both", "one.safetensors and ",
-                                "two.safetensors"});
+  expect_rejected(dir_.path(),
+                  {"tensor 'shared' is in both", "one.safetensors and ", "two.safetensors"});
 }
 
 TEST_F(Checkpoint, IndexShardOutsideDirectory) {

@@ -17,13 +17,13 @@ using ts::testing::TempDir;
 namespace {
 
 const std::vector<ts::DType> kAllDTypes = {
-    ts::DType::kBool,         ts::DType::kUInt8,         ts::DType::kInt8,
-    ts::DType::kInt16,        ts::DType::kUInt16,        ts::DType::kInt32,
-    ts::DType::kUInt32,       ts::DType::kInt64,         ts::DType::kUInt64,
-    ts::DType::kFloat16,      ts::DType::kBFloat16,      ts::DType::kFloat32,
-    ts::DType::kFloat64,      ts::DType::kComplex32,     ts::DType::kComplex64,
-    ts::DType::kComplex128,   ts::DType::kFloat8E4M3FN,  ts::DType::kFloat8E4M3FNUZ,
-    ts::DType::kFloat8E5M2,   ts::DType::kFloat8E5M2FNUZ, ts::DType::kFloat8E8M0FNU,
+    ts::DType::kBool,          ts::DType::kUInt8,          ts::DType::kInt8,
+    ts::DType::kInt16,         ts::DType::kUInt16,         ts::DType::kInt32,
+    ts::DType::kUInt32,        ts::DType::kInt64,          ts::DType::kUInt64,
+    ts::DType::kFloat16,       ts::DType::kBFloat16,       ts::DType::kFloat32,
+    ts::DType::kFloat64,       ts::DType::kComplex32,      ts::DType::kComplex64,
+    ts::DType::kComplex128,    ts::DType::kFloat8E4M3FN,   ts::DType::kFloat8E4M3FNUZ,
+    ts::DType::kFloat8E5M2,    ts::DType::kFloat8E5M2FNUZ, ts::DType::kFloat8E8M0FNU,
     ts::DType::kFloat4E2M1FNx2};
 
 struct Expected {
@@ -131,7 +131,8 @@ TEST(Store, RandomLayoutsRoundTrip) {
     writer.commit();
     const auto store = ts::Store::open(dir / "r.tstore");
     EXPECT_EQ(store.info().tensor_alignment, options.tensor_alignment);
-    for (const auto& t : store.tensors()) EXPECT_EQ(t.offset_in_block % options.tensor_alignment, 0u);
+    for (const auto& t : store.tensors())
+      EXPECT_EQ(t.offset_in_block % options.tensor_alignment, 0u);
     expect_store_holds(dir / "r.tstore", expected);
   }
 }
@@ -227,8 +228,7 @@ TEST(Store, WriterRejectsMisuse) {
   w2.begin_block("b");
   w2.add_tensor("t", ts::DType::kFloat32, shape, data);
   EXPECT_THROW(w2.add_tensor("t", ts::DType::kFloat32, shape, data), std::invalid_argument);
-  EXPECT_THROW(w2.add_tensor("u", static_cast<ts::DType>(999), shape, data),
-               std::invalid_argument);
+  EXPECT_THROW(w2.add_tensor("u", static_cast<ts::DType>(999), shape, data), std::invalid_argument);
   const std::vector<std::int64_t> negative{-1};
   EXPECT_THROW(w2.begin_tensor("v", ts::DType::kFloat32, negative), std::invalid_argument);
   EXPECT_THROW(w2.commit(), std::invalid_argument) << "commit with an open block";

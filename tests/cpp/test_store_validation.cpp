@@ -49,9 +49,9 @@ class StoreValidation : public ::testing::Test {
   void reseal_and_write() {
     sb_.metadata_checksum = ts::checksum64(std::span<const std::byte>(
         bytes_.data() + std::min<std::uint64_t>(sb_.metadata_offset, bytes_.size()),
-        std::min<std::uint64_t>(sb_.metadata_size,
-                                bytes_.size() - std::min<std::uint64_t>(sb_.metadata_offset,
-                                                                        bytes_.size()))));
+        std::min<std::uint64_t>(
+            sb_.metadata_size,
+            bytes_.size() - std::min<std::uint64_t>(sb_.metadata_offset, bytes_.size()))));
     const auto encoded = detail::encode_superblock(sb_);
     std::copy(encoded.begin(), encoded.end(), bytes_.begin());
     write_file(path_, bytes_);
@@ -158,13 +158,14 @@ TEST_F(StoreValidation, CorruptMetadataFailsItsChecksum) {
 }
 
 TEST_F(StoreValidation, OverflowingBlockOffset) {
-  detail::store_le<std::uint64_t>(block_record(0), std::numeric_limits<std::uint64_t>::max() & ~4095ull);
+  detail::store_le<std::uint64_t>(block_record(0),
+                                  std::numeric_limits<std::uint64_t>::max() & ~4095ull);
   reseal_and_write();
   expect_rejected("blocks[0].stored_size");
 }
 
 TEST_F(StoreValidation, BlockPastDataRegion) {
-  detail::store_le<std::uint64_t>(block_record(1) + 8, sb_.data_size);  // stored_size
+  detail::store_le<std::uint64_t>(block_record(1) + 8, sb_.data_size);   // stored_size
   detail::store_le<std::uint64_t>(block_record(1) + 16, sb_.data_size);  // raw_size
   reseal_and_write();
   expect_rejected("blocks[1].stored_size");

@@ -73,8 +73,7 @@ struct StoreTables {
                                            bool check_checksums = true);
 
 /// Decodes and validates the metadata region described by `sb`.
-[[nodiscard]] StoreTables decode_metadata(const Superblock& sb,
-                                          std::span<const std::byte> metadata,
+[[nodiscard]] StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> metadata,
                                           std::string_view source, bool check_checksums = true);
 
 /// Rounds `value` up to a multiple of the power of two `alignment`; false on overflow.

@@ -16,11 +16,11 @@ namespace tensorstream::cuda {
 
 /// What the process found when it looked for the CUDA driver.
 struct DriverStatus {
-  bool available = false;     ///< driver loaded, cuInit succeeded, at least one device
-  int driver_version = 0;     ///< e.g. 13000 for CUDA 13.0 (0 if not loaded)
+  bool available = false;  ///< driver loaded, cuInit succeeded, at least one device
+  int driver_version = 0;  ///< e.g. 13000 for CUDA 13.0 (0 if not loaded)
   int device_count = 0;
-  std::string device0_name;   ///< name of device 0, if any
-  std::string reason;         ///< why not available ("" when available)
+  std::string device0_name;  ///< name of device 0, if any
+  std::string reason;        ///< why not available ("" when available)
 };
 
 /// True if this build was compiled with the CUDA driver headers (the GPU code paths exist).
