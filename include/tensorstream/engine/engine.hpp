@@ -1,0 +1,161 @@
+// The streaming engine: moves blocks of a store into the memory of the device that computes
+// with them, ahead of when they are needed, within hard budgets.
+//
+// Data path. A block is read by an I/O backend (io/backend.hpp) into host memory — straight
+// into its device slot when the device is the CPU, into a pinned staging buffer or a RAM-tier
+// entry otherwise — and, on a GPU, copied to its device slot on the engine's copy stream.
+// Blocks the residency plan (residency.hpp) keeps resident are loaded once and stay; the
+// others share a ring of slots.
+//
+// Synchronisation. acquire(block, stream) returns once the block's bytes are on their way
+// and, on a GPU, makes `stream` wait (on the device) for the copy's "ready" event: the host
+// does not wait for the copy. release(block, stream) records a "done" event on `stream`; the
+// slot's next fill waits for it on the copy stream. In the steady state, with prefetching
+// ahead of compute, acquire() finds the block's read finished and returns without blocking.
+//
+// Scheduling. A demanded block (acquire) is read at high priority, ahead of prefetches.
+// Prefetch strategies: kNone; kNextLayer (the next blocks in store order, cyclically);
+// kAdaptive (learns the order of acquires during the first pass, then prefetches along it,
+// as deep as measured I/O time vs compute time requires, within the slots available).
+// A prefetch never displaces a block that is held or that was prefetched and not used yet.
+//
+// Failures. An I/O error, short read, checksum mismatch (with verify_checksums) or CUDA error
+// of a fill is delivered to whoever acquires that block, as an exception naming the file,
+// block, offset and cause; the failed block can be acquired again (it is re-read). No wait
+// is unbounded: `wait_timeout` bounds every wait, and close() cancels pending work.
+//
+// Thread-safety: every public member is thread-safe. Several threads may hold different (or
+// the same) blocks at once, up to the number of slots for streamed blocks.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensorstream/cache/block_cache.hpp"
+#include "tensorstream/engine/residency.hpp"
+#include "tensorstream/io/backend.hpp"
+#include "tensorstream/shim/cuda.hpp"
+
+namespace tensorstream::engine {
+
+enum class PrefetchStrategy { kNone, kNextLayer, kAdaptive };
+
+/// "none", "next_layer", "adaptive"; parse throws std::invalid_argument naming the value.
+[[nodiscard]] std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept;
+[[nodiscard]] PrefetchStrategy parse_prefetch_strategy(std::string_view name);
+
+/// Memory for the engine's device buffers supplied by the caller (e.g. taken from torch's
+/// caching allocator, so one allocator sees all device memory). `allocate(bytes)` returns an
+/// address: a host pointer (device "cpu"; 4096-aligned) or a CUDA device pointer (256-aligned),
+/// valid until `release(address, bytes)`, which the engine calls from close().
+struct MemoryProvider {
+  std::function<std::uint64_t(std::size_t bytes)> allocate;
+  std::function<void(std::uint64_t address, std::size_t bytes)> release;
+};
+
+struct EngineOptions {
+  /// "cpu" or "cuda:N" (also "cuda" for device 0).
+  std::string device = "cpu";
+  /// Hard cap on bytes of weights held in device memory (resident blocks + streaming slots).
+  std::uint64_t device_budget = 0;
+  /// Pinned-RAM tier between storage and device (0: none).
+  std::uint64_t ram_cache_bytes = 0;
+  cache::Policy cache_policy = cache::Policy::kAuto;
+  io::BackendType backend = io::BackendType::kAuto;
+  io::IoOptions io;
+  PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
+  /// Blocks to prefetch ahead; nullopt: chosen from measured I/O vs compute time.
+  std::optional<unsigned> prefetch_depth;
+  /// Streaming slots in the ring (≥ 2); more allow deeper prefetch at the cost of budget.
+  unsigned slots = 2;
+  /// Check every block read against the store's checksum.
+  bool verify_checksums = false;
+  /// Upper bound on any wait inside the engine (a block that takes longer fails with an
+  /// Error saying so, instead of hanging).
+  std::chrono::milliseconds wait_timeout{120'000};
+  /// Where resident buffers and slots come from; unset: the engine allocates them itself.
+  std::optional<MemoryProvider> device_memory;
+  /// Spans kept in the trace ring.
+  std::size_t trace_capacity = 1u << 16;
+};
+
+/// Where an acquired block lives: a host pointer (device "cpu") or a device address.
+struct BlockView {
+  std::uint32_t block = 0;
+  std::byte* host = nullptr;          ///< device "cpu": the block's bytes
+  cuda::DevicePtr device = 0;         ///< device "cuda:N": the block's bytes
+  std::uint64_t size = 0;
+  bool resident = false;
+};
+
+/// Counters since construction. Bytes are of block data.
+struct EngineStats {
+  std::uint64_t acquires = 0;
+  std::uint64_t device_hits = 0;      ///< acquires that found the block ready (no wait)
+  std::uint64_t device_misses = 0;    ///< acquires that waited for the block
+  std::uint64_t bytes_from_storage = 0;
+  std::uint64_t bytes_from_ram_tier = 0;
+  std::uint64_t bytes_to_device = 0;  ///< bytes moved into device slots / resident buffers
+  std::uint64_t fills = 0;
+  std::uint64_t prefetches_issued = 0;
+  std::uint64_t prefetches_used = 0;     ///< prefetched blocks later acquired
+  std::uint64_t prefetches_wasted = 0;   ///< prefetched blocks evicted before use
+  std::uint64_t prefetches_cancelled = 0;  ///< queued prefetches dropped for a demand
+  std::uint64_t failures = 0;            ///< fills that ended in an error
+  double stall_seconds = 0;              ///< time acquire() waited for blocks
+  double io_seconds = 0;                 ///< summed time of storage reads
+  double fill_seconds = 0;               ///< summed time of fills (read + copy)
+  std::uint64_t device_bytes_in_use = 0; ///< resident buffers + slots allocated
+  std::uint64_t device_bytes_peak = 0;
+  std::uint64_t device_budget = 0;
+  cache::Stats ram_tier;                 ///< zeros when there is no RAM tier
+  io::IoStats io;
+  unsigned prefetch_depth = 0;           ///< depth in use now
+  bool order_learned = false;            ///< kAdaptive: the cyclic order is known
+  std::vector<double> block_load_seconds;  ///< per block: last fill time (0: never filled)
+  /// Effective storage bandwidth: bytes_from_storage / io_seconds (0 if nothing was read).
+  [[nodiscard]] double storage_gbps() const noexcept {
+    return io_seconds > 0 ? static_cast<double>(bytes_from_storage) / io_seconds / 1e9 : 0;
+  }
+};
+
+class Engine {
+ public:
+  /// Opens `store_path`, plans residency under `options.device_budget` (throws
+  /// BudgetTooSmall naming the minimum) and allocates the slots (never more than the plan).
+  Engine(const std::filesystem::path& store_path, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  /// Makes `block` available and pins it until release(). On a GPU, `stream` (a CUstream;
+  /// nullptr = legacy default stream) waits on the device for the block's copy. Blocks the
+  /// calling thread only while the block's read has not finished (counted as stall).
+  BlockView acquire(std::uint32_t block, cuda::StreamHandle stream = nullptr);
+  /// Unpins `block`; on a GPU records on `stream` the event its slot's next fill waits for.
+  void release(std::uint32_t block, cuda::StreamHandle stream = nullptr);
+  /// Hints that `block` will be needed soon (no effect for resident or present blocks).
+  void prefetch(std::uint32_t block);
+
+  /// Cancels pending work, waits for fills in flight, frees every buffer; later calls throw
+  /// Error("engine is closed"). Idempotent; the destructor calls it.
+  void close();
+
+  [[nodiscard]] std::size_t block_count() const noexcept;
+  [[nodiscard]] const ResidencyPlan& plan() const noexcept;
+  [[nodiscard]] EngineStats stats() const;
+  /// Chrome/Perfetto trace JSON of reads, copies and stalls.
+  [[nodiscard]] std::string trace_json() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tensorstream::engine

@@ -1,0 +1,815 @@
+#include "tensorstream/engine/engine.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "tensorstream/checksum.hpp"
+#include "tensorstream/engine/trace.hpp"
+#include "tensorstream/errors.hpp"
+#include "tensorstream/store.hpp"
+
+namespace tensorstream::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr unsigned kFillWorkers = 2;
+
+std::uint64_t align_4k(std::uint64_t n) { return (n + 4095) / 4096 * 4096; }
+
+double seconds_since(std::int64_t start_ns) {
+  return static_cast<double>(now_ns() - start_ns) / 1e9;
+}
+
+// Parses "cpu", "cuda", "cuda:N"; returns -1 for the CPU.
+int parse_device(const std::string& device) {
+  if (device == "cpu") return -1;
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0) {
+    const auto rest = device.substr(5);
+    if (!rest.empty() && std::all_of(rest.begin(), rest.end(), ::isdigit) && rest.size() < 6) {
+      return std::stoi(rest);
+    }
+  }
+  throw std::invalid_argument(
+      detail::concat("device '", device, "' is not 'cpu', 'cuda' or 'cuda:N'"));
+}
+
+// Pinned host memory for the RAM tier and staging when the device is a GPU, so that every
+// host-to-device copy is a DMA from page-locked memory.
+class PinnedAllocator final : public cache::HostAllocator {
+ public:
+  explicit PinnedAllocator(const cuda::Device& device) : device_(device) {}
+  void* allocate(std::size_t bytes) override {
+    cuda::PinnedHostBuffer buffer(device_, bytes);
+    void* p = buffer.data();
+    std::lock_guard lock(mutex_);
+    buffers_.emplace(p, std::move(buffer));
+    return p;
+  }
+  void deallocate(void* pointer, std::size_t) noexcept override {
+    std::lock_guard lock(mutex_);
+    buffers_.erase(pointer);
+  }
+
+ private:
+  const cuda::Device& device_;
+  std::mutex mutex_;
+  std::map<void*, cuda::PinnedHostBuffer> buffers_;
+};
+
+// A fill's failure, kept as data: each waiter gets a fresh exception of the same type, so no
+// exception object is ever shared between threads.
+struct FillError {
+  enum class Kind { kError, kIo, kFormat, kChecksum, kCuda, kArgument } kind = Kind::kError;
+  std::string message;
+  int code = 0;
+
+  static FillError capture() {
+    try {
+      throw;
+    } catch (const ChecksumError& e) {
+      return {Kind::kChecksum, e.what(), 0};
+    } catch (const FormatError& e) {
+      return {Kind::kFormat, e.what(), 0};
+    } catch (const IoError& e) {
+      return {Kind::kIo, e.what(), e.code()};
+    } catch (const CudaError& e) {
+      return {Kind::kCuda, e.what(), 0};
+    } catch (const std::invalid_argument& e) {
+      return {Kind::kArgument, e.what(), 0};
+    } catch (const std::exception& e) {
+      return {Kind::kError, e.what(), 0};
+    } catch (...) {
+      return {Kind::kError, "unknown error", 0};
+    }
+  }
+
+  [[noreturn]] void raise() const {
+    switch (kind) {
+      case Kind::kChecksum: throw ChecksumError(message);
+      case Kind::kFormat: throw FormatError(message);
+      case Kind::kIo: throw IoError(message, code);
+      case Kind::kCuda: throw CudaError(message);
+      case Kind::kArgument: throw std::invalid_argument(message);
+      case Kind::kError: break;
+    }
+    throw Error(message);
+  }
+};
+
+}  // namespace
+
+std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept {
+  switch (strategy) {
+    case PrefetchStrategy::kNone: return "none";
+    case PrefetchStrategy::kNextLayer: return "next_layer";
+    case PrefetchStrategy::kAdaptive: return "adaptive";
+  }
+  return "";
+}
+
+PrefetchStrategy parse_prefetch_strategy(std::string_view name) {
+  for (const auto s :
+       {PrefetchStrategy::kNone, PrefetchStrategy::kNextLayer, PrefetchStrategy::kAdaptive}) {
+    if (prefetch_strategy_name(s) == name) return s;
+  }
+  throw std::invalid_argument(detail::concat("prefetch strategy '", name,
+                                             "' is not one of none, next_layer, adaptive"));
+}
+
+// ---------------------------------------------------------------------------------------
+class Engine::Impl {
+ public:
+  Impl(const std::filesystem::path& store_path, EngineOptions options);
+  ~Impl() { close(); }
+
+  BlockView acquire(std::uint32_t block, cuda::StreamHandle stream);
+  void release(std::uint32_t block, cuda::StreamHandle stream);
+  void prefetch(std::uint32_t block);
+  void close();
+  EngineStats stats() const;
+  std::string trace_json() const { return trace_.to_chrome_json([this](std::uint32_t b) {
+    return b < store_.blocks().size() ? store_.blocks()[b].name : std::to_string(b);
+  }); }
+
+  Store store_;
+  ResidencyPlan plan_;
+
+ private:
+  enum class State { kEmpty, kFilling, kReady, kFailed };
+
+  // A resident block's buffer or a streaming slot.
+  struct Buffer {
+    io::AlignedBuffer host;                  // device "cpu": the block's bytes
+    cuda::DevicePtr dev_ptr = 0;             // GPU: the block's bytes
+    std::optional<cuda::DeviceBuffer> dev;   // GPU: owned memory (unset if provided)
+    std::shared_ptr<void> provided;          // GPU: gives provided memory back when reset
+    std::optional<cuda::Event> ready;        // GPU: recorded after the fill's copy
+    std::optional<cuda::Event> done;         // GPU: recorded by release()
+    bool done_recorded = false;
+    std::optional<cache::BlockHandle> source_pin;  // GPU: keeps a copy's source alive
+    std::int64_t block = -1;
+    State state = State::kEmpty;
+    std::optional<FillError> error;
+    int pins = 0;
+    bool resident = false;
+    bool prefetched_unused = false;
+    bool demanded = false;
+    std::uint64_t generation = 0;
+    std::int64_t last_release_ns = 0;
+  };
+
+  struct Job {
+    std::size_t buffer;
+    std::uint32_t block;
+    std::uint64_t generation;
+    // Taken under the lock when the job starts, so the fill reads no shared state unlocked.
+    bool demand = false;
+    bool wait_for_release = false;
+  };
+
+  // A pinned (on GPU) host buffer that a fill reads into before the copy to the device.
+  struct Staging {
+    io::AlignedBuffer host;
+    std::optional<cuda::Event> copied;
+    bool busy = false;
+  };
+
+  void check_open() const;
+  void schedule_fill(std::size_t buffer, std::uint32_t block, bool demand);
+  std::optional<std::size_t> pick_slot(bool for_demand);
+  std::optional<std::size_t> cancel_queued_prefetch();
+  void assign(std::size_t buffer, std::uint32_t block);
+  void prefetch_locked(std::uint32_t block);
+  void prefetch_after(std::uint32_t block);
+  unsigned current_depth() const;
+  void worker_loop();
+  void run_fill(const Job& job);
+  std::span<std::byte> read_block(std::uint32_t block, std::span<std::byte> dest, bool demand);
+  BlockView view_of(const Buffer& buffer, std::uint32_t block) const;
+  Staging& take_staging();
+
+  EngineOptions options_;
+  int device_ordinal_ = -1;
+  std::optional<cuda::Device> cuda_device_;
+  std::optional<cuda::Stream> copy_stream_;
+  std::unique_ptr<io::Backend> backend_;
+  io::FileId file_{};
+  std::shared_ptr<cache::HostAllocator> host_allocator_;
+  std::unique_ptr<cache::BlockCache> cache_;
+  TraceLog trace_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;     // buffer states, pins
+  std::condition_variable jobs_ready_;  // job queues, closing
+  std::vector<Buffer> buffers_;         // resident buffers, then slots
+  std::vector<std::int64_t> buffer_of_block_;  // -1: not in device memory
+  std::vector<std::int64_t> resident_buffer_;  // per block: its resident buffer or -1
+  std::vector<std::size_t> slots_;             // indices of slot buffers
+  std::deque<Job> demand_jobs_;
+  std::deque<Job> prefetch_jobs_;
+  std::vector<std::thread> workers_;
+  std::vector<Staging> staging_;
+  std::mutex staging_mutex_;
+  std::condition_variable staging_free_;
+  bool closed_ = false;
+
+  // kAdaptive: the order of acquires of the first pass.
+  std::vector<std::uint32_t> order_;
+  std::vector<std::int64_t> order_position_;
+  bool order_learned_ = false;
+  std::vector<std::int64_t> acquired_at_ns_;
+  double compute_ema_ = 0;  // seconds a block is held
+  double fill_ema_ = 0;     // seconds a fill takes
+
+  EngineStats stats_;
+};
+
+Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions options)
+    : store_(Store::open(store_path)), options_(std::move(options)),
+      trace_(options_.trace_capacity) {
+  TS_EXPECT(options_.slots >= 2, std::invalid_argument, "slots must be at least 2, got ",
+            options_.slots);
+  device_ordinal_ = parse_device(options_.device);
+  std::vector<std::uint64_t> sizes;
+  for (const auto& b : store_.blocks()) sizes.push_back(b.raw_size);
+  try {
+    plan_ = plan_residency(sizes, options_.device_budget, options_.slots);
+  } catch (const BudgetTooSmall& e) {
+    throw BudgetTooSmall(detail::concat("store '", store_path.string(), "' on ", options_.device,
+                                        ": ", e.what()),
+                         e.minimum_budget());
+  }
+
+  if (device_ordinal_ >= 0) {
+    cuda_device_.emplace(device_ordinal_);
+    copy_stream_.emplace(*cuda_device_);
+    host_allocator_ = std::make_shared<PinnedAllocator>(*cuda_device_);
+  } else {
+    host_allocator_ = cache::default_host_allocator();
+  }
+  backend_ = io::make_backend(options_.backend, options_.io);
+  file_ = backend_->open(store_.path());
+  if (options_.ram_cache_bytes > 0) {
+    cache_ = std::make_unique<cache::BlockCache>(options_.ram_cache_bytes, options_.cache_policy,
+                                                 host_allocator_);
+  }
+
+  const auto n = store_.blocks().size();
+  buffer_of_block_.assign(n, -1);
+  resident_buffer_.assign(n, -1);
+  order_position_.assign(n, -1);
+  acquired_at_ns_.assign(n, 0);
+  stats_.block_load_seconds.assign(n, 0.0);
+  const auto& provider = options_.device_memory;
+  TS_EXPECT(!provider || (provider->allocate && provider->release), std::invalid_argument,
+            "device_memory needs both allocate and release");
+  auto make_buffer = [&](std::uint64_t bytes, bool resident) {
+    Buffer b;
+    b.resident = resident;
+    std::uint64_t address = 0;
+    if (provider) {
+      address = provider->allocate(bytes);
+      TS_EXPECT(address != 0, Error, "device_memory.allocate(", bytes, ") returned null");
+    }
+    if (cuda_device_) {
+      if (provider) {
+        TS_EXPECT(address % 256 == 0, std::invalid_argument, "device_memory.allocate returned ",
+                  "an address not aligned to 256 bytes");
+        b.dev_ptr = address;
+        auto release = provider->release;
+        b.provided = std::shared_ptr<void>(nullptr, [release, address, bytes](void*) {
+          release(address, bytes);
+        });
+      } else {
+        b.dev.emplace(*cuda_device_, bytes);
+        b.dev_ptr = b.dev->ptr();
+      }
+      b.ready.emplace(*cuda_device_);
+      b.done.emplace(*cuda_device_);
+    } else if (provider) {
+      auto release = provider->release;
+      b.host = io::AlignedBuffer::adopt(reinterpret_cast<std::byte*>(address), bytes,
+                                        [release](std::byte* data, std::size_t size) {
+                                          release(reinterpret_cast<std::uint64_t>(data), size);
+                                        });
+    } else {
+      b.host = io::AlignedBuffer(bytes);
+    }
+    stats_.device_bytes_in_use += bytes;
+    buffers_.push_back(std::move(b));
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (plan_.resident[i]) {
+      resident_buffer_[i] = static_cast<std::int64_t>(buffers_.size());
+      make_buffer(align_4k(std::max<std::uint64_t>(store_.blocks()[i].raw_size, 1)), true);
+    }
+  }
+  for (unsigned s = 0; s < plan_.slots; ++s) {
+    slots_.push_back(buffers_.size());
+    make_buffer(plan_.slot_size, false);
+  }
+  stats_.device_bytes_peak = stats_.device_bytes_in_use;
+  stats_.device_budget = options_.device_budget;
+  if (cuda_device_) {
+    // Staging for reads that do not go into a RAM-tier entry: one per fill worker.
+    const auto largest = align_4k(std::max<std::uint64_t>(store_.max_block_size(), 1));
+    for (unsigned w = 0; w < kFillWorkers; ++w) {
+      Staging s;
+      void* p = host_allocator_->allocate(largest);
+      auto allocator = host_allocator_;
+      s.host = io::AlignedBuffer::adopt(static_cast<std::byte*>(p), largest,
+                                        [allocator](std::byte* data, std::size_t size) {
+                                          allocator->deallocate(data, size);
+                                        });
+      s.copied.emplace(*cuda_device_);
+      staging_.push_back(std::move(s));
+    }
+  }
+  for (unsigned w = 0; w < kFillWorkers; ++w) workers_.emplace_back([this] { worker_loop(); });
+}
+
+void Engine::Impl::check_open() const {
+  if (closed_) throw Error(detail::concat("engine for '", store_.path().string(), "' is closed"));
+}
+
+BlockView Engine::Impl::view_of(const Buffer& buffer, std::uint32_t block) const {
+  BlockView view;
+  view.block = block;
+  view.size = store_.blocks()[block].raw_size;
+  view.resident = buffer.resident;
+  if (cuda_device_) {
+    view.device = buffer.dev_ptr;
+  } else {
+    view.host = buffer.host.data();
+  }
+  return view;
+}
+
+void Engine::Impl::assign(std::size_t buffer, std::uint32_t block) {
+  Buffer& b = buffers_[buffer];
+  if (b.block >= 0 && buffer_of_block_[static_cast<std::size_t>(b.block)] ==
+                          static_cast<std::int64_t>(buffer)) {
+    buffer_of_block_[static_cast<std::size_t>(b.block)] = -1;
+  }
+  if (b.prefetched_unused) ++stats_.prefetches_wasted;
+  b.block = block;
+  b.state = State::kEmpty;
+  b.error.reset();
+  b.prefetched_unused = false;
+  b.demanded = false;
+  ++b.generation;
+  buffer_of_block_[block] = static_cast<std::int64_t>(buffer);
+}
+
+// A slot that may take a new block: empty, or holding a block that is neither held, nor
+// being filled, nor prefetched and still unused (a demand may take those last, oldest first).
+std::optional<std::size_t> Engine::Impl::pick_slot(bool for_demand) {
+  std::optional<std::size_t> best;
+  std::int64_t best_time = 0;
+  int best_rank = 3;
+  for (const auto s : slots_) {
+    const Buffer& b = buffers_[s];
+    if (b.pins > 0 || b.state == State::kFilling) continue;
+    int rank = 2;
+    if (b.block < 0 || b.state == State::kEmpty || b.state == State::kFailed) {
+      rank = 0;
+    } else if (!b.prefetched_unused) {
+      rank = 1;
+    } else if (!for_demand) {
+      continue;
+    }
+    if (rank < best_rank || (rank == best_rank && b.last_release_ns < best_time)) {
+      best = s;
+      best_rank = rank;
+      best_time = b.last_release_ns;
+    }
+  }
+  return best;
+}
+
+// A demand found no free slot: take one whose prefetch has not started yet (the newest, as
+// it is needed last). Its job is dropped; a read in flight is never interrupted.
+std::optional<std::size_t> Engine::Impl::cancel_queued_prefetch() {
+  for (auto it = prefetch_jobs_.rbegin(); it != prefetch_jobs_.rend(); ++it) {
+    Buffer& b = buffers_[it->buffer];
+    if (b.resident || b.pins > 0 || b.generation != it->generation) continue;
+    const auto buffer = it->buffer;
+    prefetch_jobs_.erase(std::next(it).base());
+    ++stats_.prefetches_cancelled;
+    b.prefetched_unused = false;  // not wasted: it was never read
+    b.state = State::kEmpty;
+    return buffer;
+  }
+  return std::nullopt;
+}
+
+void Engine::Impl::schedule_fill(std::size_t buffer, std::uint32_t block, bool demand) {
+  Buffer& b = buffers_[buffer];
+  b.state = State::kFilling;
+  b.demanded = demand;
+  (demand ? demand_jobs_ : prefetch_jobs_).push_back({buffer, block, b.generation});
+  jobs_ready_.notify_one();
+}
+
+unsigned Engine::Impl::current_depth() const {
+  const unsigned max_depth = plan_.slots > 0 ? plan_.slots - 1 : 0;
+  if (options_.prefetch_depth) return std::min(*options_.prefetch_depth, max_depth);
+  if (compute_ema_ <= 0 || fill_ema_ <= 0) return max_depth;
+  // Enough blocks in flight that a block's fill finishes while the ones before it compute.
+  const auto wanted = static_cast<unsigned>(std::ceil(fill_ema_ / compute_ema_));
+  return std::clamp(wanted, 1u, std::max(max_depth, 1u));
+}
+
+void Engine::Impl::prefetch_locked(std::uint32_t block) {
+  if (buffer_of_block_[block] >= 0) return;  // present or on its way
+  if (resident_buffer_[block] >= 0) {
+    const auto buffer = static_cast<std::size_t>(resident_buffer_[block]);
+    assign(buffer, block);
+    buffers_[buffer].prefetched_unused = true;
+    ++stats_.prefetches_issued;
+    schedule_fill(buffer, block, false);
+    return;
+  }
+  const auto slot = pick_slot(/*for_demand=*/false);
+  if (!slot) return;
+  assign(*slot, block);
+  buffers_[*slot].prefetched_unused = true;
+  ++stats_.prefetches_issued;
+  schedule_fill(*slot, block, false);
+}
+
+void Engine::Impl::prefetch_after(std::uint32_t block) {
+  if (options_.prefetch == PrefetchStrategy::kNone) return;
+  const auto n = static_cast<std::uint32_t>(store_.blocks().size());
+  const unsigned depth = current_depth();
+  stats_.prefetch_depth = depth;
+  const bool along_order = options_.prefetch == PrefetchStrategy::kAdaptive && order_learned_ &&
+                           order_position_[block] >= 0;
+  std::uint32_t cursor = block;
+  unsigned issued = 0;
+  // Walk ahead over resident blocks too (they cost nothing once loaded) but count only
+  // streamed blocks against the depth.
+  for (std::uint32_t step = 0; step < n && issued < depth; ++step) {
+    if (along_order) {
+      const auto pos = static_cast<std::size_t>(order_position_[cursor]);
+      cursor = order_[(pos + 1) % order_.size()];
+    } else {
+      cursor = (cursor + 1) % n;
+    }
+    if (cursor == block) break;
+    prefetch_locked(cursor);
+    if (resident_buffer_[cursor] < 0) ++issued;
+  }
+}
+
+BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) {
+  std::unique_lock lock(mutex_);
+  check_open();
+  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block,
+            " out of range (", store_.blocks().size(), " blocks in '", store_.path().string(),
+            "')");
+  ++stats_.acquires;
+  if (!order_learned_ && options_.prefetch == PrefetchStrategy::kAdaptive) {
+    if (order_position_[block] >= 0) {
+      order_learned_ = true;  // the first block seen again: one full pass recorded
+    } else {
+      order_position_[block] = static_cast<std::int64_t>(order_.size());
+      order_.push_back(block);
+    }
+  }
+  const auto deadline = Clock::now() + options_.wait_timeout;
+  const std::int64_t start = now_ns();
+  bool waited = false;
+  std::size_t buffer = 0;
+  while (true) {
+    if (buffer_of_block_[block] < 0) {
+      std::optional<std::size_t> target;
+      if (resident_buffer_[block] >= 0) {
+        target = static_cast<std::size_t>(resident_buffer_[block]);
+      } else {
+        target = pick_slot(/*for_demand=*/true);
+        if (!target) target = cancel_queued_prefetch();
+      }
+      if (!target) {
+        waited = true;
+        if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
+          throw Error(detail::concat("acquire of block '", store_.blocks()[block].name,
+                                     "' timed out: all ", plan_.slots,
+                                     " streaming slots stay held; release blocks first"));
+        }
+        check_open();
+        continue;
+      }
+      assign(*target, block);
+      schedule_fill(*target, block, /*demand=*/true);
+    }
+    buffer = static_cast<std::size_t>(buffer_of_block_[block]);
+    Buffer& b = buffers_[buffer];
+    if (b.state == State::kFilling && !b.demanded) {
+      // A prefetch in the queue becomes a demand: move it ahead of other prefetches.
+      for (auto it = prefetch_jobs_.begin(); it != prefetch_jobs_.end(); ++it) {
+        if (it->buffer == buffer && it->generation == b.generation) {
+          demand_jobs_.push_back(*it);
+          prefetch_jobs_.erase(it);
+          break;
+        }
+      }
+      b.demanded = true;
+    }
+    ++b.pins;
+    while (b.state == State::kFilling) {
+      waited = true;
+      if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
+        --b.pins;
+        changed_.notify_all();
+        throw Error(detail::concat("block '", store_.blocks()[block].name, "' of '",
+                                   store_.path().string(), "' was not loaded within ",
+                                   options_.wait_timeout.count(), " ms"));
+      }
+    }
+    if (closed_) {
+      --b.pins;
+      check_open();
+    }
+    if (b.state == State::kFailed) {
+      const FillError error = *b.error;
+      --b.pins;
+      // Forget the failed fill so that the next acquire reads the block again.
+      buffer_of_block_[block] = -1;
+      b.block = -1;
+      b.state = State::kEmpty;
+      b.error.reset();
+      changed_.notify_all();
+      error.raise();
+    }
+    if (b.state == State::kReady && b.block == static_cast<std::int64_t>(block)) break;
+    --b.pins;  // the buffer was reassigned while we waited; start over
+  }
+  Buffer& b = buffers_[buffer];
+  if (b.prefetched_unused) {
+    b.prefetched_unused = false;
+    ++stats_.prefetches_used;
+  }
+  if (waited) {
+    ++stats_.device_misses;
+    const auto end = now_ns();
+    stats_.stall_seconds += static_cast<double>(end - start) / 1e9;
+    trace_.record({SpanKind::kStall, block, 0, start, end});
+  } else {
+    ++stats_.device_hits;
+  }
+  acquired_at_ns_[block] = now_ns();
+  const BlockView view = view_of(b, block);
+  if (b.ready && stream != nullptr) {
+    cuda::stream_wait_event(*cuda_device_, stream, *b.ready);
+  } else if (b.ready) {
+    cuda::stream_wait_event(*cuda_device_, nullptr, *b.ready);
+  }
+  prefetch_after(block);
+  return view;
+}
+
+void Engine::Impl::release(std::uint32_t block, cuda::StreamHandle stream) {
+  std::lock_guard lock(mutex_);
+  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block, " out of range");
+  const auto index = buffer_of_block_[block];
+  TS_EXPECT(index >= 0 && buffers_[static_cast<std::size_t>(index)].pins > 0, std::logic_error,
+            "release of block '", store_.blocks()[block].name, "' that is not acquired");
+  Buffer& b = buffers_[static_cast<std::size_t>(index)];
+  --b.pins;
+  const auto now = now_ns();
+  b.last_release_ns = now;
+  if (!b.resident && acquired_at_ns_[block] > 0) {
+    const double held = static_cast<double>(now - acquired_at_ns_[block]) / 1e9;
+    compute_ema_ = compute_ema_ == 0 ? held : 0.8 * compute_ema_ + 0.2 * held;
+    trace_.record({SpanKind::kCompute, block, 0, acquired_at_ns_[block], now});
+  }
+  if (b.done) {
+    b.done->record(stream);
+    b.done_recorded = true;
+  }
+  changed_.notify_all();
+}
+
+void Engine::Impl::prefetch(std::uint32_t block) {
+  std::lock_guard lock(mutex_);
+  check_open();
+  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block, " out of range");
+  prefetch_locked(block);
+}
+
+void Engine::Impl::worker_loop() {
+  while (true) {
+    Job job{};
+    {
+      std::unique_lock lock(mutex_);
+      jobs_ready_.wait(lock,
+                       [&] { return closed_ || !demand_jobs_.empty() || !prefetch_jobs_.empty(); });
+      if (closed_) return;
+      auto& queue = demand_jobs_.empty() ? prefetch_jobs_ : demand_jobs_;
+      job = queue.front();
+      queue.pop_front();
+      const Buffer& b = buffers_[job.buffer];
+      if (b.generation != job.generation) continue;  // cancelled
+      job.demand = b.demanded;
+      job.wait_for_release = b.done_recorded;
+    }
+    run_fill(job);
+  }
+}
+
+Engine::Impl::Staging& Engine::Impl::take_staging() {
+  std::unique_lock lock(staging_mutex_);
+  while (true) {
+    for (auto& s : staging_) {
+      if (!s.busy) {
+        s.busy = true;
+        return s;
+      }
+    }
+    staging_free_.wait(lock);  // one staging buffer per worker: never waits long
+  }
+}
+
+std::span<std::byte> Engine::Impl::read_block(std::uint32_t block, std::span<std::byte> dest,
+                                              bool demand) {
+  const auto& info = store_.blocks()[block];
+  const std::int64_t start = now_ns();
+  io::SubmitOptions submit;
+  submit.priority = demand ? io::Priority::kHigh : io::Priority::kNormal;
+  auto ticket = backend_->submit(file_, info.offset, info.stored_size, dest, std::move(submit));
+  if (!ticket.wait_for(options_.wait_timeout)) {
+    ticket.cancel();
+    throw Error(detail::concat("read of block '", info.name, "' (", info.stored_size,
+                               " bytes at offset ", info.offset, " of '", store_.path().string(),
+                               "') did not finish within ", options_.wait_timeout.count(),
+                               " ms"));
+  }
+  const auto bytes = ticket.wait();
+  const auto end = now_ns();
+  trace_.record({SpanKind::kRead, block, info.stored_size, start, end});
+  if (options_.verify_checksums) {
+    const auto actual = checksum64(bytes);
+    TS_EXPECT(actual == info.checksum, ChecksumError, "checksum mismatch in '",
+              store_.path().string(), "', block '", info.name, "' (", info.stored_size,
+              " bytes at offset ", info.offset, "): stored ", std::hex, info.checksum,
+              ", computed ", actual);
+  }
+  std::lock_guard lock(mutex_);
+  stats_.bytes_from_storage += info.stored_size;
+  stats_.io_seconds += static_cast<double>(end - start) / 1e9;
+  return bytes;
+}
+
+void Engine::Impl::run_fill(const Job& job) {
+  const auto& info = store_.blocks()[job.block];
+  const std::int64_t start = now_ns();
+  std::optional<FillError> error;
+  std::optional<cache::BlockHandle> source_pin;
+  Staging* staging = nullptr;
+  Buffer& buffer = buffers_[job.buffer];  // stable: buffers_ never resizes after construction
+  try {
+    if (buffer.source_pin) {
+      // The previous fill's copy may still read from this pinned source: let it finish.
+      buffer.ready->synchronize();
+      buffer.source_pin.reset();
+    }
+    const cache::BlockKey key{0, job.block};
+    const std::byte* source = nullptr;
+    if (cache_) source_pin = cache_->lookup(key);
+    if (source_pin) {
+      source = source_pin->data();
+      std::lock_guard lock(mutex_);
+      stats_.bytes_from_ram_tier += info.raw_size;
+    } else {
+      std::span<std::byte> dest;
+      std::optional<cache::BlockHandle> filler;
+      if (cache_) filler = cache_->insert(key, align_4k(std::max<std::uint64_t>(info.raw_size, 1)));
+      if (filler) {
+        dest = filler->mutable_bytes();
+      } else if (cuda_device_) {
+        staging = &take_staging();
+        if (staging->copied) staging->copied->synchronize();  // its last copy has finished
+        dest = staging->host.span();
+      } else {
+        dest = buffer.host.span();
+      }
+      const auto bytes = read_block(job.block, dest, job.demand);
+      source = bytes.data();
+      if (filler) {
+        filler->publish();
+        source_pin = std::move(filler);
+      }
+    }
+    const std::int64_t copy_start = now_ns();
+    if (cuda_device_) {
+      if (job.wait_for_release) {
+        cuda::stream_wait_event(*cuda_device_, copy_stream_->handle(), *buffer.done);
+      }
+      cuda::memcpy_htod_async(*cuda_device_, buffer.dev_ptr, source, info.raw_size,
+                              copy_stream_->handle());
+      buffer.ready->record(copy_stream_->handle());
+      if (staging) staging->copied->record(copy_stream_->handle());
+    } else if (source != buffer.host.data()) {
+      std::memcpy(buffer.host.data(), source, info.raw_size);
+    }
+    trace_.record({SpanKind::kCopy, job.block, info.raw_size, copy_start, now_ns()});
+  } catch (...) {
+    error = FillError::capture();
+  }
+  if (staging) {
+    std::lock_guard lock(staging_mutex_);
+    staging->busy = false;
+    staging_free_.notify_one();
+  }
+  std::lock_guard lock(mutex_);
+  const double seconds = seconds_since(start);
+  if (buffer.generation != job.generation) return;  // reassigned meanwhile
+  if (error) {
+    buffer.state = State::kFailed;
+    buffer.error = error;
+    ++stats_.failures;
+  } else {
+    buffer.state = State::kReady;
+    // On a GPU the copy may still run: keep its source alive until the slot's next fill.
+    if (cuda_device_) buffer.source_pin = std::move(source_pin);
+    ++stats_.fills;
+    stats_.bytes_to_device += info.raw_size;
+    stats_.fill_seconds += seconds;
+    stats_.block_load_seconds[job.block] = seconds;
+    if (!buffer.resident) fill_ema_ = fill_ema_ == 0 ? seconds : 0.8 * fill_ema_ + 0.2 * seconds;
+  }
+  changed_.notify_all();
+}
+
+void Engine::Impl::close() {
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_) return;
+    closed_ = true;
+    for (const auto& job : demand_jobs_) {
+      buffers_[job.buffer].state = State::kFailed;
+      buffers_[job.buffer].error = FillError{FillError::Kind::kError, "engine closed", 0};
+    }
+    for (const auto& job : prefetch_jobs_) {
+      buffers_[job.buffer].state = State::kFailed;
+      buffers_[job.buffer].error = FillError{FillError::Kind::kError, "engine closed", 0};
+    }
+    demand_jobs_.clear();
+    prefetch_jobs_.clear();
+  }
+  jobs_ready_.notify_all();
+  changed_.notify_all();
+  for (auto& w : workers_) w.join();
+  workers_.clear();
+  if (copy_stream_) {
+    try {
+      copy_stream_->synchronize();
+    } catch (const std::exception&) {
+    }
+  }
+  std::lock_guard lock(mutex_);
+  for (auto& b : buffers_) b.source_pin.reset();
+  buffers_.clear();
+  staging_.clear();
+  stats_.device_bytes_in_use = 0;
+  cache_.reset();
+  backend_.reset();
+}
+
+EngineStats Engine::Impl::stats() const {
+  std::lock_guard lock(mutex_);
+  EngineStats out = stats_;
+  if (cache_) out.ram_tier = cache_->stats();
+  if (backend_) out.io = backend_->stats();
+  out.order_learned = order_learned_;
+  out.prefetch_depth = current_depth();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+Engine::Engine(const std::filesystem::path& store_path, EngineOptions options)
+    : impl_(std::make_unique<Impl>(store_path, std::move(options))) {}
+Engine::~Engine() = default;
+BlockView Engine::acquire(std::uint32_t block, cuda::StreamHandle stream) {
+  return impl_->acquire(block, stream);
+}
+void Engine::release(std::uint32_t block, cuda::StreamHandle stream) {
+  impl_->release(block, stream);
+}
+void Engine::prefetch(std::uint32_t block) { impl_->prefetch(block); }
+void Engine::close() { impl_->close(); }
+std::size_t Engine::block_count() const noexcept { return impl_->store_.blocks().size(); }
+const ResidencyPlan& Engine::plan() const noexcept { return impl_->plan_; }
+EngineStats Engine::stats() const { return impl_->stats(); }
+std::string Engine::trace_json() const { return impl_->trace_json(); }
+
+}  // namespace tensorstream::engine

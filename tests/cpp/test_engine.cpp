@@ -1,0 +1,452 @@
+// The streaming engine on the CPU device: exact bytes under every strategy and tier, hard
+// budgets, a randomised multi-threaded schedule, adaptive prefetching, and failures that
+// reach the waiter with context.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <cerrno>
+#include <random>
+#include <thread>
+
+#include "tensorstream/checksum.hpp"
+#include "tensorstream/engine/engine.hpp"
+#include "tensorstream/errors.hpp"
+#include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/store.hpp"
+#include "test_helpers.hpp"
+
+namespace ts = tensorstream;
+namespace eng = tensorstream::engine;
+using ts::testing::TempDir;
+
+namespace {
+
+constexpr std::uint64_t KiB = 1024;
+
+// A store of `blocks` blocks with sizes drawn from [min_size, max_size].
+std::filesystem::path make_store(const TempDir& dir, int blocks, std::uint64_t min_size,
+                                 std::uint64_t max_size, std::uint64_t seed) {
+  const auto path = dir / "model.tstore";
+  std::mt19937_64 rng(seed);
+  ts::StoreWriter writer(path, ts::WriterOptions{4096, 256, false});
+  for (int b = 0; b < blocks; ++b) {
+    writer.begin_block("layers." + std::to_string(b));
+    const auto size = min_size + rng() % (max_size - min_size + 1);
+    const auto data = ts::testing::random_bytes(size, rng());
+    writer.add_tensor("layers." + std::to_string(b) + ".w", ts::DType::kUInt8,
+                      std::vector<std::int64_t>{static_cast<std::int64_t>(size)}, data);
+    writer.end_block();
+  }
+  writer.commit();
+  return path;
+}
+
+// Acquires `block`, checks its bytes against the store's checksum, releases it.
+void check_block(eng::Engine& engine, const ts::Store& store, std::uint32_t block) {
+  const auto view = engine.acquire(block);
+  const auto& info = store.blocks()[block];
+  ASSERT_EQ(view.size, info.raw_size);
+  ASSERT_NE(view.host, nullptr);
+  EXPECT_EQ(ts::checksum64({view.host, view.size}), info.checksum) << info.name;
+  engine.release(block);
+}
+
+struct Variant {
+  eng::PrefetchStrategy prefetch;
+  std::uint64_t ram_cache;
+  ts::cache::Policy policy;
+};
+
+}  // namespace
+
+TEST(Engine, ExactBytesForEveryStrategyTierAndPolicy) {
+  TempDir dir;
+  const auto path = make_store(dir, 12, 20 * KiB, 300 * KiB, 1);
+  const auto store = ts::Store::open(path);
+  const std::uint64_t total = [&] {
+    std::uint64_t t = 0;
+    for (const auto& b : store.blocks()) t += b.raw_size;
+    return t;
+  }();
+  std::vector<Variant> variants;
+  for (const auto prefetch : {eng::PrefetchStrategy::kNone, eng::PrefetchStrategy::kNextLayer,
+                              eng::PrefetchStrategy::kAdaptive}) {
+    variants.push_back({prefetch, 0, ts::cache::Policy::kAuto});
+    for (const auto policy : {ts::cache::Policy::kLru, ts::cache::Policy::kLfu,
+                              ts::cache::Policy::kFifo, ts::cache::Policy::kAuto}) {
+      variants.push_back({prefetch, total / 2, policy});
+    }
+  }
+  for (const auto& v : variants) {
+    SCOPED_TRACE(std::string(eng::prefetch_strategy_name(v.prefetch)) + " cache=" +
+                 std::to_string(v.ram_cache) + " " + std::string(ts::cache::policy_name(v.policy)));
+    eng::EngineOptions options;
+    options.device_budget = eng::minimum_budget({store.max_block_size()}, 3) + 600 * KiB;
+    options.slots = 3;
+    options.prefetch = v.prefetch;
+    options.ram_cache_bytes = v.ram_cache;
+    options.cache_policy = v.policy;
+    options.verify_checksums = true;
+    eng::Engine engine(path, options);
+    EXPECT_LT(engine.plan().resident_bytes, total) << "the budget must force streaming";
+    for (int pass = 0; pass < 3; ++pass) {
+      for (std::uint32_t b = 0; b < store.blocks().size(); ++b) check_block(engine, store, b);
+    }
+    const auto stats = engine.stats();
+    EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+    EXPECT_LE(stats.ram_tier.peak_bytes_in_use, v.ram_cache);
+    EXPECT_EQ(stats.acquires, 3 * store.blocks().size());
+    EXPECT_EQ(stats.failures, 0u);
+    if (v.prefetch != eng::PrefetchStrategy::kNone) {
+      EXPECT_GT(stats.prefetches_used, 0u);
+    }
+    // The loop of 12 blocks is twice the RAM tier: LRU evicts exactly the block needed next
+    // and never hits; the cyclic-aware default keeps a fixed subset and does.
+    if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kAuto) {
+      EXPECT_GT(stats.ram_tier.hits, 0u);
+      EXPECT_GT(stats.bytes_from_ram_tier, 0u);
+    }
+    if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kLru) {
+      EXPECT_EQ(stats.ram_tier.hits, 0u);
+    }
+  }
+}
+
+TEST(Engine, BudgetBelowMinimumIsRefusedWithTheFigure) {
+  TempDir dir;
+  const auto path = make_store(dir, 4, 100 * KiB, 100 * KiB, 2);
+  eng::EngineOptions options;
+  options.device_budget = 150 * KiB;
+  try {
+    eng::Engine engine(path, options);
+    FAIL() << "engine accepted a budget below two slots";
+  } catch (const eng::BudgetTooSmall& e) {
+    EXPECT_EQ(e.minimum_budget(), 2 * 100 * KiB);  // two slots of the largest block
+    EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
+  }
+}
+
+TEST(Engine, EverythingResidentWhenItFits) {
+  TempDir dir;
+  const auto path = make_store(dir, 5, 10 * KiB, 50 * KiB, 3);
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  eng::Engine engine(path, options);
+  EXPECT_EQ(engine.plan().slots, 0u);
+  for (int pass = 0; pass < 3; ++pass) {
+    for (std::uint32_t b = 0; b < 5; ++b) check_block(engine, store, b);
+  }
+  EXPECT_EQ(engine.stats().fills, 5u) << "resident blocks are loaded once";
+}
+
+TEST(Engine, AdaptiveLearnsTheOrderAndHidesIo) {
+  TempDir dir;
+  const auto path = make_store(dir, 10, 64 * KiB, 64 * KiB, 4);
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.device_budget = 4 * 68 * KiB;  // four slots, nothing resident
+  options.slots = 4;
+  options.prefetch = eng::PrefetchStrategy::kAdaptive;
+  eng::Engine engine(path, options);
+  // A non-monotonic execution order (as with encoder-decoder models).
+  const std::vector<std::uint32_t> order{0, 5, 1, 6, 2, 7, 3, 8, 4, 9};
+  for (int pass = 0; pass < 6; ++pass) {
+    for (const auto b : order) {
+      const auto view = engine.acquire(b);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // "compute"
+      EXPECT_EQ(ts::checksum64({view.host, view.size}), store.blocks()[b].checksum);
+      engine.release(b);
+    }
+  }
+  const auto stats = engine.stats();
+  EXPECT_TRUE(stats.order_learned);
+  EXPECT_GT(stats.prefetches_used, 40u) << "prefetching followed the learned order";
+  EXPECT_GT(stats.device_hits, 40u) << "most acquires found their block ready";
+  EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+}
+
+TEST(Engine, RandomisedConcurrentScheduleKeepsBudgetsAndBytes) {
+  std::mt19937_64 rng(99);
+  for (int round = 0; round < 4; ++round) {
+    TempDir dir;
+    const int blocks = 6 + static_cast<int>(rng() % 10);
+    const auto path = make_store(dir, blocks, 4 * KiB, 200 * KiB, rng());
+    const auto store = ts::Store::open(path);
+    std::vector<std::uint64_t> sizes;
+    for (const auto& b : store.blocks()) sizes.push_back(b.raw_size);
+    eng::EngineOptions options;
+    options.slots = 4 + static_cast<unsigned>(rng() % 3);
+    const auto minimum = eng::minimum_budget(sizes, options.slots);
+    options.device_budget = minimum + rng() % (minimum + 1);
+    options.ram_cache_bytes = rng() % 2 ? rng() % (1 << 20) : 0;
+    options.prefetch = static_cast<eng::PrefetchStrategy>(rng() % 3);
+    options.verify_checksums = rng() % 2;
+    options.wait_timeout = std::chrono::seconds(30);
+    eng::Engine engine(path, options);
+    std::atomic<int> errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t) {  // fewer threads than slots: no thread can starve another
+      threads.emplace_back([&, seed = rng()] {
+        std::mt19937_64 local(seed);
+        for (int op = 0; op < 400; ++op) {
+          const auto b = static_cast<std::uint32_t>(local() % store.blocks().size());
+          if (local() % 4 == 0) {
+            engine.prefetch(b);
+            continue;
+          }
+          const auto view = engine.acquire(b);
+          if (ts::checksum64({view.host, view.size}) != store.blocks()[b].checksum) ++errors;
+          engine.release(b);
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    const auto stats = engine.stats();
+    EXPECT_EQ(errors.load(), 0);
+    EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+    EXPECT_LE(stats.ram_tier.peak_bytes_in_use, options.ram_cache_bytes);
+    EXPECT_EQ(stats.failures, 0u);
+  }
+}
+
+TEST(Engine, IoErrorReachesTheWaiterAndTheBlockCanBeRetried) {
+  TempDir dir;
+  const auto path = make_store(dir, 4, 64 * KiB, 64 * KiB, 5);
+  const auto store = ts::Store::open(path);
+  std::atomic<bool> fail{true};
+  eng::EngineOptions options;
+  options.device_budget = 2 * 68 * KiB;
+  options.prefetch = eng::PrefetchStrategy::kNone;
+  options.backend = ts::io::BackendType::kPread;
+  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
+    ts::io::Fault fault;
+    if (ctx.point == ts::io::FaultPoint::kRead && fail.load() &&
+        ctx.offset == store.blocks()[2].offset) {
+      fault.error = EIO;
+    }
+    return fault;
+  };
+  eng::Engine engine(path, options);
+  check_block(engine, store, 0);
+  try {
+    (void)engine.acquire(2);
+    FAIL() << "EIO was not reported";
+  } catch (const ts::IoError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(e.code(), EIO);
+    EXPECT_NE(what.find(path.string()), std::string::npos) << what;
+    EXPECT_NE(what.find(std::to_string(store.blocks()[2].offset)), std::string::npos) << what;
+  }
+  fail = false;
+  check_block(engine, store, 2);
+  check_block(engine, store, 3);
+  EXPECT_EQ(engine.stats().failures, 1u);
+  engine.close();
+}
+
+TEST(Engine, CorruptBlockIsCaughtWhenVerifying) {
+  TempDir dir;
+  const auto path = make_store(dir, 3, 64 * KiB, 64 * KiB, 6);
+  const auto offset = ts::Store::open(path).blocks()[1].offset;
+  auto bytes = ts::testing::read_file(path);
+  bytes[offset + 100] ^= std::byte{1};
+  ts::testing::write_file(path, bytes);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  options.verify_checksums = true;
+  eng::Engine engine(path, options);
+  try {
+    (void)engine.acquire(1);
+    FAIL() << "corruption not detected";
+  } catch (const ts::ChecksumError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Engine, SlowIoTimesOutWithinTheBoundAndClosesCleanly) {
+  TempDir dir;
+  const auto path = make_store(dir, 3, 64 * KiB, 64 * KiB, 7);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  options.backend = ts::io::BackendType::kPread;
+  options.wait_timeout = std::chrono::milliseconds(200);
+  options.io.fault_injector = [](const ts::io::FaultContext& ctx) {
+    ts::io::Fault fault;
+    if (ctx.point == ts::io::FaultPoint::kRead) fault.delay = std::chrono::seconds(5);
+    return fault;
+  };
+  eng::Engine engine(path, options);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_THROW((void)engine.acquire(0), ts::Error);
+  const auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_LT(waited, std::chrono::seconds(3)) << "the wait was not bounded";
+  engine.close();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(4))
+      << "close() waited for the slow read";
+  EXPECT_THROW((void)engine.acquire(0), ts::Error);
+}
+
+TEST(Engine, MisuseIsRejected) {
+  TempDir dir;
+  const auto path = make_store(dir, 3, 8 * KiB, 8 * KiB, 8);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  eng::Engine engine(path, options);
+  EXPECT_THROW((void)engine.acquire(3), std::out_of_range);
+  EXPECT_THROW(engine.release(0), std::logic_error);
+  options.device = "tpu:0";
+  EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
+  options.device = "cpu";
+  options.slots = 1;
+  EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
+}
+
+TEST(Engine, TraceShowsReadsAndStalls) {
+  TempDir dir;
+  const auto path = make_store(dir, 4, 32 * KiB, 32 * KiB, 9);
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.device_budget = 2 * 36 * KiB;
+  eng::Engine engine(path, options);
+  for (std::uint32_t b = 0; b < 4; ++b) check_block(engine, store, b);
+  const auto trace = engine.trace_json();
+  EXPECT_NE(trace.find("\"cat\":\"read\""), std::string::npos);
+  EXPECT_NE(trace.find("\"name\":\"layers.3\""), std::string::npos);
+}
+
+TEST(Engine, CallerProvidedMemoryIsUsedAndGivenBack) {
+  TempDir dir;
+  const auto path = make_store(dir, 6, 40 * KiB, 60 * KiB, 10);
+  const auto store = ts::Store::open(path);
+  std::mutex mutex;
+  std::map<std::uint64_t, std::size_t> outstanding;
+  std::size_t allocated = 0;
+  eng::EngineOptions options;
+  options.device_budget = 200 * KiB;
+  options.device_memory = eng::MemoryProvider{
+      [&](std::size_t bytes) {
+        void* p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+        std::lock_guard lock(mutex);
+        outstanding[reinterpret_cast<std::uint64_t>(p)] = bytes;
+        allocated += bytes;
+        return reinterpret_cast<std::uint64_t>(p);
+      },
+      [&](std::uint64_t address, std::size_t bytes) {
+        std::lock_guard lock(mutex);
+        EXPECT_EQ(outstanding.at(address), bytes);
+        outstanding.erase(address);
+        std::free(reinterpret_cast<void*>(address));
+      }};
+  {
+    eng::Engine engine(path, options);
+    EXPECT_EQ(allocated, engine.plan().device_bytes());
+    EXPECT_LE(allocated, options.device_budget);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (std::uint32_t b = 0; b < 6; ++b) {
+        const auto view = engine.acquire(b);
+        {
+          std::lock_guard lock(mutex);
+          bool inside = false;
+          for (const auto& [address, bytes] : outstanding) {
+            const auto p = reinterpret_cast<std::uint64_t>(view.host);
+            inside |= p >= address && p + view.size <= address + bytes;
+          }
+          EXPECT_TRUE(inside) << "block " << b << " is not in provided memory";
+        }
+        EXPECT_EQ(ts::checksum64({view.host, view.size}), store.blocks()[b].checksum);
+        engine.release(b);
+      }
+    }
+  }
+  EXPECT_TRUE(outstanding.empty()) << "memory not given back";
+}
+
+TEST(Engine, ShortReadIsReportedNotHidden) {
+  TempDir dir;
+  const auto path = make_store(dir, 3, 64 * KiB, 64 * KiB, 11);
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  options.prefetch = eng::PrefetchStrategy::kNone;
+  options.backend = ts::io::BackendType::kPread;
+  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
+    ts::io::Fault fault;
+    if (ctx.point == ts::io::FaultPoint::kRead && ctx.offset == store.blocks()[1].offset) {
+      fault.eof_after = 1000;  // the file "ends" inside the block
+    }
+    return fault;
+  };
+  eng::Engine engine(path, options);
+  check_block(engine, store, 0);
+  try {
+    (void)engine.acquire(1);
+    FAIL() << "a short read was not reported";
+  } catch (const ts::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
+  }
+  check_block(engine, store, 2);
+}
+
+TEST(Engine, DemandCancelsQueuedPrefetches) {
+  TempDir dir;
+  const auto path = make_store(dir, 8, 64 * KiB, 64 * KiB, 12);
+  const auto store = ts::Store::open(path);
+  std::atomic<bool> slow{true};
+  eng::EngineOptions options;
+  options.device_budget = 3 * 64 * KiB;
+  options.slots = 3;
+  options.prefetch = eng::PrefetchStrategy::kNone;
+  options.backend = ts::io::BackendType::kPread;
+  options.io.num_threads = 1;
+  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
+    ts::io::Fault fault;
+    if (ctx.point == ts::io::FaultPoint::kRead && slow.load()) {
+      fault.delay = std::chrono::milliseconds(100);
+    }
+    return fault;
+  };
+  eng::Engine engine(path, options);
+  // Three prefetches fill every slot's queue; the demand for another block must not wait
+  // for all of them.
+  engine.prefetch(1);
+  engine.prefetch(2);
+  engine.prefetch(3);
+  slow = false;
+  check_block(engine, store, 6);
+  const auto stats = engine.stats();
+  EXPECT_GE(stats.prefetches_cancelled, 1u) << "the queued prefetch of block 3 was not dropped";
+}
+
+TEST(Engine, StreamsToTheGpu) {
+  if (!ts::cuda::available()) GTEST_SKIP() << ts::cuda::driver_status().reason;
+  TempDir dir;
+  const auto path = make_store(dir, 10, 1 << 20, 4 << 20, 13);
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.device = "cuda:0";
+  options.device_budget = 3 * (4 << 20);
+  options.slots = 3;
+  options.ram_cache_bytes = 16 << 20;
+  options.verify_checksums = true;
+  eng::Engine engine(path, options);
+  ts::cuda::Device device(0);
+  ts::cuda::Stream stream(device);
+  ts::cuda::PinnedHostBuffer back(device, 4 << 20);
+  for (int pass = 0; pass < 3; ++pass) {
+    for (std::uint32_t b = 0; b < store.blocks().size(); ++b) {
+      const auto view = engine.acquire(b, stream.handle());
+      ASSERT_NE(view.device, 0u);
+      ts::cuda::memcpy_dtoh_async(device, back.data(), view.device, view.size, stream.handle());
+      engine.release(b, stream.handle());
+      stream.synchronize();
+      EXPECT_EQ(ts::checksum64({back.data(), view.size}), store.blocks()[b].checksum);
+    }
+  }
+  const auto stats = engine.stats();
+  EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+  EXPECT_EQ(stats.failures, 0u);
+}
