@@ -1,5 +1,7 @@
 #include "cli.hpp"
 
+#include "commands.hpp"
+
 #include <chrono>
 #include <iomanip>
 #include <iostream>
@@ -25,7 +27,10 @@ constexpr const char* kUsage =
     "                       or a directory (then STORE/model.tstore)\n"
     "  inspect STORE        list blocks and tensors (--json for machine-readable output)\n"
     "  verify STORE         check every checksum; exit code 0 only if all are good\n"
-    "  doctor               report what this machine offers (CUDA driver, cuFile)\n"
+    "  bench-io STORE       stream every block with each I/O backend and report GB/s beside\n"
+    "                       a plain O_DIRECT read (and fio, where installed); --json\n"
+    "  doctor               report which backends work here and why not (CUDA driver,\n"
+    "                       cuFile, O_DIRECT, io_uring, locked-memory limit)\n"
     "  version              print the version\n";
 
 std::string human_bytes(std::uint64_t n) {
@@ -207,29 +212,11 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
   return kExitFailure;
 }
 
-int cmd_doctor(std::ostream& out) {
-  const auto driver = cuda::driver_status();
-  out << "tensorstream " << kVersion << "\n"
-      << "CUDA support compiled in: " << (cuda::compiled_with_cuda() ? "yes" : "no") << "\n";
-  if (driver.available) {
-    out << "CUDA driver: yes (version " << driver.driver_version / 1000 << "."
-        << (driver.driver_version % 1000) / 10 << ", " << driver.device_count
-        << " device(s), device 0: " << driver.device0_name << ")\n";
-  } else {
-    out << "CUDA driver: no (" << driver.reason << ")\n";
-  }
-  const auto cufile = cuda::cufile_status();
-  out << "cuFile (GPUDirect Storage): "
-      << (cufile.library_loaded ? std::string("library found") : "no (" + cufile.reason + ")")
-      << "\n";
-  return kExitOk;
-}
-
 }  // namespace
 
 const std::vector<std::string>& native_commands() {
-  static const std::vector<std::string> commands{"convert", "inspect", "verify", "doctor",
-                                                 "version"};
+  static const std::vector<std::string> commands{"convert",  "inspect", "verify",
+                                                 "bench-io", "doctor",  "version"};
   return commands;
 }
 
@@ -245,7 +232,8 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (command == "convert") return cmd_convert(rest, out, err, interactive);
     if (command == "inspect") return cmd_inspect(rest, out, err);
     if (command == "verify") return cmd_verify(rest, out, err, interactive);
-    if (command == "doctor") return cmd_doctor(out);
+    if (command == "doctor") return cmd_doctor(rest, out, err);
+    if (command == "bench-io") return cmd_bench_io(rest, out, err);
     if (command == "version" || command == "--version") {
       out << "tensorstream " << kVersion << "\n";
       return kExitOk;

@@ -10,11 +10,16 @@ namespace tensorstream::engine {
 
 std::string_view span_kind_name(SpanKind kind) noexcept {
   switch (kind) {
-    case SpanKind::kRead: return "read";
-    case SpanKind::kCopy: return "copy";
-    case SpanKind::kStall: return "stall";
-    case SpanKind::kCompute: return "compute";
-    case SpanKind::kEvict: return "evict";
+    case SpanKind::kRead:
+      return "read";
+    case SpanKind::kCopy:
+      return "copy";
+    case SpanKind::kStall:
+      return "stall";
+    case SpanKind::kCompute:
+      return "compute";
+    case SpanKind::kEvict:
+      return "evict";
   }
   return "unknown";
 }

@@ -42,7 +42,8 @@ TEST(Trace, ExportsValidChromeTraceJson) {
   log.record({eng::SpanKind::kRead, 0, 1 << 20, 1'000'000, 3'000'000});
   log.record({eng::SpanKind::kCopy, 0, 1 << 20, 3'000'000, 3'500'000});
   log.record({eng::SpanKind::kStall, 1, 0, 2'000'000, 3'500'000});
-  const auto text = log.to_chrome_json([](std::uint32_t b) { return "layers." + std::to_string(b); });
+  const auto text =
+      log.to_chrome_json([](std::uint32_t b) { return "layers." + std::to_string(b); });
   const auto doc = json::parse(text, "trace");
   const auto* events = doc.find("traceEvents");
   ASSERT_NE(events, nullptr);

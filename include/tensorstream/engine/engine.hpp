@@ -88,8 +88,8 @@ struct EngineOptions {
 /// Where an acquired block lives: a host pointer (device "cpu") or a device address.
 struct BlockView {
   std::uint32_t block = 0;
-  std::byte* host = nullptr;          ///< device "cpu": the block's bytes
-  cuda::DevicePtr device = 0;         ///< device "cuda:N": the block's bytes
+  std::byte* host = nullptr;   ///< device "cpu": the block's bytes
+  cuda::DevicePtr device = 0;  ///< device "cuda:N": the block's bytes
   std::uint64_t size = 0;
   bool resident = false;
 };
@@ -97,27 +97,27 @@ struct BlockView {
 /// Counters since construction. Bytes are of block data.
 struct EngineStats {
   std::uint64_t acquires = 0;
-  std::uint64_t device_hits = 0;      ///< acquires that found the block ready (no wait)
-  std::uint64_t device_misses = 0;    ///< acquires that waited for the block
+  std::uint64_t device_hits = 0;    ///< acquires that found the block ready (no wait)
+  std::uint64_t device_misses = 0;  ///< acquires that waited for the block
   std::uint64_t bytes_from_storage = 0;
   std::uint64_t bytes_from_ram_tier = 0;
   std::uint64_t bytes_to_device = 0;  ///< bytes moved into device slots / resident buffers
   std::uint64_t fills = 0;
   std::uint64_t prefetches_issued = 0;
-  std::uint64_t prefetches_used = 0;     ///< prefetched blocks later acquired
-  std::uint64_t prefetches_wasted = 0;   ///< prefetched blocks evicted before use
+  std::uint64_t prefetches_used = 0;       ///< prefetched blocks later acquired
+  std::uint64_t prefetches_wasted = 0;     ///< prefetched blocks evicted before use
   std::uint64_t prefetches_cancelled = 0;  ///< queued prefetches dropped for a demand
-  std::uint64_t failures = 0;            ///< fills that ended in an error
-  double stall_seconds = 0;              ///< time acquire() waited for blocks
-  double io_seconds = 0;                 ///< summed time of storage reads
-  double fill_seconds = 0;               ///< summed time of fills (read + copy)
-  std::uint64_t device_bytes_in_use = 0; ///< resident buffers + slots allocated
+  std::uint64_t failures = 0;              ///< fills that ended in an error
+  double stall_seconds = 0;                ///< time acquire() waited for blocks
+  double io_seconds = 0;                   ///< summed time of storage reads
+  double fill_seconds = 0;                 ///< summed time of fills (read + copy)
+  std::uint64_t device_bytes_in_use = 0;   ///< resident buffers + slots allocated
   std::uint64_t device_bytes_peak = 0;
   std::uint64_t device_budget = 0;
-  cache::Stats ram_tier;                 ///< zeros when there is no RAM tier
+  cache::Stats ram_tier;  ///< zeros when there is no RAM tier
   io::IoStats io;
-  unsigned prefetch_depth = 0;           ///< depth in use now
-  bool order_learned = false;            ///< kAdaptive: the cyclic order is known
+  unsigned prefetch_depth = 0;             ///< depth in use now
+  bool order_learned = false;              ///< kAdaptive: the cyclic order is known
   std::vector<double> block_load_seconds;  ///< per block: last fill time (0: never filled)
   /// Effective storage bandwidth: bytes_from_storage / io_seconds (0 if nothing was read).
   [[nodiscard]] double storage_gbps() const noexcept {

@@ -28,9 +28,9 @@ class BudgetTooSmall : public std::invalid_argument {
 };
 
 struct ResidencyPlan {
-  std::vector<bool> resident;       ///< per block: kept in device memory
-  std::uint32_t slots = 0;          ///< streaming slots in the ring (0 if nothing streams)
-  std::uint64_t slot_size = 0;      ///< bytes per slot (largest streamed block, aligned)
+  std::vector<bool> resident;   ///< per block: kept in device memory
+  std::uint32_t slots = 0;      ///< streaming slots in the ring (0 if nothing streams)
+  std::uint64_t slot_size = 0;  ///< bytes per slot (largest streamed block, aligned)
   std::uint64_t resident_bytes = 0;
   std::uint64_t streamed_bytes = 0;  ///< bytes streamed per full pass over all blocks
   /// Device bytes the plan uses: resident_bytes + slots × slot_size (≤ the budget).
