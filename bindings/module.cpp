@@ -6,6 +6,7 @@
 // registered below; std::invalid_argument becomes ValueError (nanobind's default).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/filesystem.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -19,6 +20,7 @@
 #include <filesystem>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -34,6 +36,7 @@
 #include "tensorstream/checksum.hpp"
 #include "tensorstream/convert.hpp"
 #include "tensorstream/dtype.hpp"
+#include "tensorstream/engine/engine.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/shim/cuda.hpp"
 #include "tensorstream/store.hpp"
@@ -58,6 +61,7 @@ PyObject* g_checksum_error = nullptr;
 PyObject* g_io_error = nullptr;
 PyObject* g_cuda_error = nullptr;
 PyObject* g_cancelled = nullptr;
+PyObject* g_budget_error = nullptr;
 
 // Text from C++ (paths, tensor names) is not guaranteed to be UTF-8; never let a bad byte
 // turn an error report into a UnicodeDecodeError.
@@ -107,10 +111,27 @@ void register_exceptions(nb::module_& m) {
       new_exception(m, "CudaError", g_error, "The CUDA driver or cuFile failed or is not usable.");
   g_cancelled = new_exception(m, "OperationCancelled", g_error,
                               "A progress callback asked a long operation to stop.");
+  g_budget_error = new_exception(m, "BudgetTooSmallError", PyExc_ValueError,
+                                 "A memory budget below what the model needs; "
+                                 "`minimum_budget` holds the smallest budget that works.");
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
+    } catch (const ts::engine::BudgetTooSmall& e) {
+      set_error(g_budget_error, e.what());
+      // Attach the figure that would work, for callers that adapt their budget.
+      PyObject *type = nullptr, *value = nullptr, *trace = nullptr;
+      PyErr_Fetch(&type, &value, &trace);
+      PyErr_NormalizeException(&type, &value, &trace);
+      if (value != nullptr) {
+        PyObject* minimum = PyLong_FromUnsignedLongLong(e.minimum_budget());
+        if (minimum != nullptr) {
+          PyObject_SetAttrString(value, "minimum_budget", minimum);
+          Py_DECREF(minimum);
+        }
+      }
+      PyErr_Restore(type, value, trace);
     } catch (const ts::OperationCancelled& e) {
       set_error(g_cancelled, e.what());
     } catch (const ts::ChecksumError& e) {
@@ -254,6 +275,237 @@ void flush_native_streams() {
   std::fflush(stderr);
 }
 
+// ---- Engine ------------------------------------------------------------------------------
+
+// Builds EngineOptions from the plain dict of Config.engine_options(); unknown keys are an
+// error (a typo must not silently fall back to a default).
+ts::engine::EngineOptions engine_options_from(const nb::dict& d) {
+  ts::engine::EngineOptions o;
+  for (const auto& [key_obj, value] : d) {
+    const std::string key = nb::cast<std::string>(key_obj);
+    if (key == "device") {
+      o.device = nb::cast<std::string>(value);
+    } else if (key == "device_budget") {
+      o.device_budget = nb::cast<std::uint64_t>(value);
+    } else if (key == "ram_cache_bytes") {
+      o.ram_cache_bytes = nb::cast<std::uint64_t>(value);
+    } else if (key == "cache_policy") {
+      o.cache_policy = ts::cache::parse_policy(nb::cast<std::string>(value));
+    } else if (key == "backend") {
+      const auto name = nb::cast<std::string>(value);
+      const auto type = ts::io::parse_backend_type(name);
+      if (!type)
+        throw std::invalid_argument("backend '" + name +
+                                    "' is not one of auto, pread, io_uring, mmap");
+      o.backend = *type;
+    } else if (key == "prefetch") {
+      o.prefetch = ts::engine::parse_prefetch_strategy(nb::cast<std::string>(value));
+    } else if (key == "prefetch_depth") {
+      if (!value.is_none()) o.prefetch_depth = nb::cast<unsigned>(value);
+    } else if (key == "slots") {
+      o.slots = nb::cast<unsigned>(value);
+    } else if (key == "verify_checksums") {
+      o.verify_checksums = nb::cast<bool>(value);
+    } else if (key == "num_threads") {
+      o.io.num_threads = nb::cast<unsigned>(value);
+    } else if (key == "request_size") {
+      o.io.request_size = nb::cast<std::size_t>(value);
+    } else if (key == "queue_depth") {
+      o.io.queue_depth = nb::cast<unsigned>(value);
+    } else if (key == "direct") {
+      o.io.direct = nb::cast<bool>(value);
+    } else if (key == "wait_timeout_ms") {
+      o.wait_timeout = std::chrono::milliseconds(nb::cast<std::int64_t>(value));
+    } else if (key == "trace_capacity") {
+      o.trace_capacity = nb::cast<std::size_t>(value);
+    } else {
+      throw std::invalid_argument("unknown engine option '" + key + "'");
+    }
+  }
+  return o;
+}
+
+nb::dict engine_stats_dict(const ts::engine::EngineStats& s) {
+  nb::dict d;
+  d["acquires"] = s.acquires;
+  d["device_hits"] = s.device_hits;
+  d["device_misses"] = s.device_misses;
+  d["bytes_from_storage"] = s.bytes_from_storage;
+  d["bytes_from_ram_tier"] = s.bytes_from_ram_tier;
+  d["bytes_to_device"] = s.bytes_to_device;
+  d["fills"] = s.fills;
+  d["prefetches_issued"] = s.prefetches_issued;
+  d["prefetches_used"] = s.prefetches_used;
+  d["prefetches_wasted"] = s.prefetches_wasted;
+  d["prefetches_cancelled"] = s.prefetches_cancelled;
+  d["failures"] = s.failures;
+  d["stall_seconds"] = s.stall_seconds;
+  d["io_seconds"] = s.io_seconds;
+  d["fill_seconds"] = s.fill_seconds;
+  d["storage_gbps"] = s.storage_gbps();
+  d["device_bytes_in_use"] = s.device_bytes_in_use;
+  d["device_bytes_peak"] = s.device_bytes_peak;
+  d["device_budget"] = s.device_budget;
+  d["prefetch_depth"] = s.prefetch_depth;
+  d["order_learned"] = s.order_learned;
+  d["block_load_seconds"] = s.block_load_seconds;
+  nb::dict ram;
+  ram["capacity"] = s.ram_tier.capacity;
+  ram["bytes_in_use"] = s.ram_tier.bytes_in_use;
+  ram["peak_bytes_in_use"] = s.ram_tier.peak_bytes_in_use;
+  ram["entries"] = s.ram_tier.entries;
+  ram["hits"] = s.ram_tier.hits;
+  ram["misses"] = s.ram_tier.misses;
+  ram["evictions"] = s.ram_tier.evictions;
+  ram["rejections"] = s.ram_tier.rejections;
+  ram["hit_rate"] = s.ram_tier.hit_rate();
+  d["ram_tier"] = ram;
+  nb::dict io;
+  io["bytes_read"] = s.io.bytes_read;
+  io["requests"] = s.io.requests;
+  io["reads_direct"] = s.io.reads_direct;
+  io["reads_buffered"] = s.io.reads_buffered;
+  io["busy_seconds"] = s.io.busy_seconds;
+  d["io"] = io;
+  return d;
+}
+
+// The engine plus the Python callables that provide its device memory (kept alive here).
+// Each call holds its own reference, so close() from one thread never destroys the engine
+// under a call still running in another (that call fails with "closed" instead).
+struct PyEngine {
+  std::shared_ptr<ts::engine::Engine> engine;
+  std::mutex mutex;
+
+  std::shared_ptr<ts::engine::Engine> get() {
+    std::lock_guard lock(mutex);
+    if (!engine) throw ts::Error("engine is closed");
+    return engine;
+  }
+};
+
+void bind_engine(nb::module_& m) {
+  nb::class_<PyEngine>(m, "Engine",
+                       "Streams the blocks of a store into device memory within a budget "
+                       "(thread-safe).")
+      .def(
+          "__init__",
+          [](PyEngine* self, const fs::path& path, const nb::dict& options, nb::object allocate,
+             nb::object release) {
+            auto o = engine_options_from(options);
+            if (!allocate.is_none() || !release.is_none()) {
+              if (allocate.is_none() || release.is_none()) {
+                throw std::invalid_argument("give both allocate and release, or neither");
+              }
+              // The engine copies and calls these without the GIL: hold the callables in
+              // shared_ptrs whose deleter takes the GIL, and take it around each call.
+              auto hold = [](nb::object fn) {
+                return std::shared_ptr<nb::object>(new nb::object(std::move(fn)),
+                                                   [](nb::object* p) {
+                                                     nb::gil_scoped_acquire gil;
+                                                     delete p;
+                                                   });
+              };
+              auto py_allocate = hold(std::move(allocate));
+              auto py_release = hold(std::move(release));
+              o.device_memory = ts::engine::MemoryProvider{
+                  [py_allocate](std::size_t bytes) {
+                    nb::gil_scoped_acquire gil;
+                    return nb::cast<std::uint64_t>((*py_allocate)(bytes));
+                  },
+                  [py_release](std::uint64_t address, std::size_t bytes) {
+                    nb::gil_scoped_acquire gil;
+                    try {
+                      (*py_release)(address, bytes);
+                    } catch (const std::exception& e) {
+                      std::fprintf(stderr, "tensorstream: device memory release failed: %s\n",
+                                   e.what());
+                    }
+                  }};
+            }
+            new (self) PyEngine();
+            nb::gil_scoped_release no_gil;
+            self->engine = std::make_shared<ts::engine::Engine>(path, std::move(o));
+            // `o` (moved from) is destroyed after the GIL is taken back.
+          },
+          "path"_a, "options"_a, "allocate"_a = nb::none(), "release"_a = nb::none())
+      .def(
+          "acquire",
+          [](PyEngine& self, std::uint32_t block, std::uintptr_t stream) {
+            ts::engine::BlockView view;
+            {
+              nb::gil_scoped_release no_gil;
+              view = self.get()->acquire(block, reinterpret_cast<ts::cuda::StreamHandle>(stream));
+            }
+            const std::uint64_t address =
+                view.host != nullptr ? reinterpret_cast<std::uintptr_t>(view.host) : view.device;
+            return nb::make_tuple(address, view.size, view.resident);
+          },
+          "block"_a, "stream"_a = 0,
+          "Makes `block` available; returns (address, size, resident). On a GPU, `stream` "
+          "(a CUstream as int) waits on the device for the block's copy.")
+      .def(
+          "release",
+          [](PyEngine& self, std::uint32_t block, std::uintptr_t stream) {
+            self.get()->release(block, reinterpret_cast<ts::cuda::StreamHandle>(stream));
+          },
+          "block"_a, "stream"_a = 0, ReleaseGil())
+      .def(
+          "prefetch", [](PyEngine& self, std::uint32_t block) { self.get()->prefetch(block); },
+          "block"_a, ReleaseGil())
+      .def("stats",
+           [](PyEngine& self) {
+             ts::engine::EngineStats s;
+             {
+               nb::gil_scoped_release no_gil;
+               s = self.get()->stats();
+             }
+             return engine_stats_dict(s);
+           })
+      .def(
+          "trace_json", [](PyEngine& self) { return self.get()->trace_json(); }, ReleaseGil())
+      .def_prop_ro("block_count", [](PyEngine& self) { return self.get()->block_count(); })
+      .def_prop_ro("plan",
+                   [](PyEngine& self) {
+                     const auto engine = self.get();
+                     const auto& plan = engine->plan();
+                     nb::dict d;
+                     d["resident"] = plan.resident;
+                     d["slots"] = plan.slots;
+                     d["slot_size"] = plan.slot_size;
+                     d["resident_bytes"] = plan.resident_bytes;
+                     d["streamed_bytes"] = plan.streamed_bytes;
+                     d["device_bytes"] = plan.device_bytes();
+                     return d;
+                   })
+      .def(
+          "close",
+          [](PyEngine& self) {
+            std::shared_ptr<ts::engine::Engine> engine;
+            {
+              std::lock_guard lock(self.mutex);
+              engine = std::move(self.engine);
+            }
+            if (engine) {
+              nb::gil_scoped_release no_gil;
+              engine->close();
+              engine.reset();  // callables it holds take the GIL themselves when dropped
+            }
+          },
+          "Cancels pending work and frees every buffer; idempotent.")
+      .def_prop_ro("closed", [](PyEngine& self) {
+        std::lock_guard lock(self.mutex);
+        return self.engine == nullptr;
+      });
+
+  m.def(
+      "minimum_budget",
+      [](const std::vector<std::uint64_t>& sizes, std::uint32_t slots) {
+        return ts::engine::minimum_budget(sizes, slots);
+      },
+      "sizes"_a, "slots"_a = 2, "Smallest device budget under which blocks of `sizes` stream.");
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -266,6 +518,7 @@ NB_MODULE(_core, m) {
   m.attr("DEFAULT_STORE_FILE_NAME") = ts::kDefaultStoreFileName;
 
   register_exceptions(m);
+  bind_engine(m);
 
   // ---- dtypes ----
   m.def(

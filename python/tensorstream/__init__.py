@@ -11,6 +11,7 @@ import logging
 
 from . import _core
 from ._core import (
+    BudgetTooSmallError,
     ChecksumError,
     CudaError,
     FormatError,
@@ -28,24 +29,39 @@ from ._store import (
     verify_storage_integrity,
 )
 from .cli import native_executable
+from .config import (
+    BackendType,
+    Config,
+    MemoryPressureMode,
+    PrefetchStrategy,
+    create_default_config,
+    parse_size,
+)
 
 __version__: str = _core.__version__
 
 logging.getLogger("tensorstream").addHandler(logging.NullHandler())
 
 __all__ = [
+    "BackendType",
+    "BudgetTooSmallError",
     "ChecksumError",
+    "Config",
     "CudaError",
     "FormatError",
     "IntegrityReport",
+    "MemoryPressureMode",
     "OperationCancelled",
+    "PrefetchStrategy",
     "StoreIOError",
     "TensorStreamError",
     "__version__",
     "cleanup_orphaned_files",
     "convert_checkpoint",
+    "create_default_config",
     "load_from_ts",
     "native_executable",
+    "parse_size",
     "read_ts_header",
     "save_to_ts",
     "verify_storage_integrity",
