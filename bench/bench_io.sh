@@ -26,17 +26,14 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n $store ]] || store="$root/build/bench-data/bench_${size_gb}g.tstore"
 
+# Build (or bring up to date) the native tool, so the figures always come from the sources
+# in this tree; TENSORSTREAM_BIN overrides.
 bin=${TENSORSTREAM_BIN:-}
 if [[ -z $bin ]]; then
-  for candidate in "$root/build/bench/tensorstream" "$root"/build/*/tensorstream; do
-    if [[ -x $candidate && -f $candidate ]]; then bin=$candidate; break; fi
-  done
-fi
-if [[ -z $bin ]] && command -v tensorstream >/dev/null; then bin=$(command -v tensorstream); fi
-if [[ -z $bin ]]; then
-  echo "bench_io.sh: no tensorstream binary; build it first:" >&2
-  echo "  cmake -S . -B build/bench -G Ninja && cmake --build build/bench" >&2
-  exit 1
+  cmake -S "$root" -B "$root/build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DTS_BUILD_TESTS=OFF >/dev/null
+  cmake --build "$root/build/bench" --target tensorstream_tool >/dev/null
+  bin="$root/build/bench/tensorstream"
 fi
 
 if [[ ! -f $store ]]; then

@@ -24,8 +24,10 @@ current stream wait for the copy); they are exercised only where a GPU is presen
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,6 +117,21 @@ class _Block:
 # ---- device memory from torch ----------------------------------------------------------------
 
 
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """Asks for transparent huge pages: O_DIRECT reads into physically contiguous memory
+    reach the disk's full speed (docs/benchmarks.md). Advice only; failures are ignored."""
+    if nbytes < (2 << 20) or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+
+
 class _TorchMemory:
     """Gives the engine memory allocated by torch on the target device and maps the addresses
     the engine returns back to tensors."""
@@ -130,6 +147,8 @@ class _TorchMemory:
             raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
             start = (-raw.data_ptr()) % 4096
             tensor = raw[start : start + nbytes]
+            _advise_huge_pages(tensor.data_ptr(), nbytes)
+            tensor.zero_()  # fault the pages in now, not during the first fill
         else:
             tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         with self._lock:

@@ -13,6 +13,7 @@ def test_demo(run_cli, tmp_path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MATCH: all" in result.stdout
     assert "bitwise identical" in result.stdout
+    assert "STREAMED: greedy tokens identical" in result.stdout
     assert (tmp_path / "store" / "model.tstore").is_file()
     assert len(list((tmp_path / "checkpoint").glob("*.safetensors"))) >= 2
 
