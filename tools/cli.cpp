@@ -1,5 +1,6 @@
 #include "cli.hpp"
 
+#include "cli_util.hpp"
 #include "commands.hpp"
 
 #include <chrono>
@@ -33,18 +34,7 @@ constexpr const char* kUsage =
     "                       cuFile, O_DIRECT, io_uring, locked-memory limit)\n"
     "  version              print the version\n";
 
-std::string human_bytes(std::uint64_t n) {
-  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(n);
-  int unit = 0;
-  while (v >= 1024.0 && unit < 4) {
-    v /= 1024.0;
-    ++unit;
-  }
-  std::ostringstream s;
-  s << std::fixed << std::setprecision(unit == 0 ? 0 : 1) << v << " " << kUnits[unit];
-  return s.str();
-}
+using util::human_bytes;
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
