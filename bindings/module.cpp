@@ -384,51 +384,113 @@ struct PyEngine {
   }
 };
 
+// Memory for the engine's buffers from Python callables (both or neither).
+void set_device_memory(ts::engine::EngineOptions& o, nb::object allocate, nb::object release) {
+  if (allocate.is_none() && release.is_none()) return;
+  if (allocate.is_none() || release.is_none()) {
+    throw std::invalid_argument("give both allocate and release, or neither");
+  }
+  // The engine copies and calls these without the GIL: hold the callables in shared_ptrs
+  // whose deleter takes the GIL, and take it around each call.
+  auto hold = [](nb::object fn) {
+    return std::shared_ptr<nb::object>(new nb::object(std::move(fn)), [](nb::object* p) {
+      nb::gil_scoped_acquire gil;
+      delete p;
+    });
+  };
+  auto py_allocate = hold(std::move(allocate));
+  auto py_release = hold(std::move(release));
+  o.device_memory = ts::engine::MemoryProvider{
+      [py_allocate](std::size_t bytes) {
+        nb::gil_scoped_acquire gil;
+        return nb::cast<std::uint64_t>((*py_allocate)(bytes));
+      },
+      [py_release](std::uint64_t address, std::size_t bytes) {
+        nb::gil_scoped_acquire gil;
+        try {
+          (*py_release)(address, bytes);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "tensorstream: device memory release failed: %s\n", e.what());
+        }
+      }};
+}
+
+// Blocks given from Python: a dict {block: [tensor, ...]} or a sequence of (block, [tensor]).
+ts::engine::TensorGroups tensor_groups_from(const nb::handle& groups) {
+  ts::engine::TensorGroups out;
+  if (groups.is_none()) return out;
+  if (nb::isinstance<nb::dict>(groups)) {
+    for (const auto& [name, tensors] : nb::borrow<nb::dict>(groups)) {
+      out.emplace_back(nb::cast<std::string>(name), nb::cast<std::vector<std::string>>(tensors));
+    }
+    return out;
+  }
+  for (const auto item : groups) {
+    out.push_back(nb::cast<std::pair<std::string, std::vector<std::string>>>(item));
+  }
+  return out;
+}
+
 void bind_engine(nb::module_& m) {
   nb::class_<PyEngine>(m, "Engine",
-                       "Streams the blocks of a store into device memory within a budget "
+                       "Streams the blocks of a store or safetensors checkpoint into device memory "
+                       "within a budget "
                        "(thread-safe).")
       .def(
           "__init__",
           [](PyEngine* self, const fs::path& path, const nb::dict& options, nb::object allocate,
              nb::object release) {
             auto o = engine_options_from(options);
-            if (!allocate.is_none() || !release.is_none()) {
-              if (allocate.is_none() || release.is_none()) {
-                throw std::invalid_argument("give both allocate and release, or neither");
-              }
-              // The engine copies and calls these without the GIL: hold the callables in
-              // shared_ptrs whose deleter takes the GIL, and take it around each call.
-              auto hold = [](nb::object fn) {
-                return std::shared_ptr<nb::object>(new nb::object(std::move(fn)),
-                                                   [](nb::object* p) {
-                                                     nb::gil_scoped_acquire gil;
-                                                     delete p;
-                                                   });
-              };
-              auto py_allocate = hold(std::move(allocate));
-              auto py_release = hold(std::move(release));
-              o.device_memory = ts::engine::MemoryProvider{
-                  [py_allocate](std::size_t bytes) {
-                    nb::gil_scoped_acquire gil;
-                    return nb::cast<std::uint64_t>((*py_allocate)(bytes));
-                  },
-                  [py_release](std::uint64_t address, std::size_t bytes) {
-                    nb::gil_scoped_acquire gil;
-                    try {
-                      (*py_release)(address, bytes);
-                    } catch (const std::exception& e) {
-                      std::fprintf(stderr, "tensorstream: device memory release failed: %s\n",
-                                   e.what());
-                    }
-                  }};
-            }
+            set_device_memory(o, std::move(allocate), std::move(release));
             new (self) PyEngine();
             nb::gil_scoped_release no_gil;
             self->engine = std::make_shared<ts::engine::Engine>(path, std::move(o));
             // `o` (moved from) is destroyed after the GIL is taken back.
           },
           "path"_a, "options"_a, "allocate"_a = nb::none(), "release"_a = nb::none())
+      .def_static(
+          "from_safetensors",
+          [](const fs::path& path, const nb::dict& options, nb::object allocate, nb::object release,
+             nb::handle groups) {
+            auto o = engine_options_from(options);
+            set_device_memory(o, std::move(allocate), std::move(release));
+            auto g = tensor_groups_from(groups);
+            auto self = std::make_unique<PyEngine>();
+            {
+              nb::gil_scoped_release no_gil;
+              self->engine = std::make_shared<ts::engine::Engine>(
+                  ts::engine::Engine::from_safetensors(path, std::move(o), g));
+            }
+            return self.release();
+          },
+          "path"_a, "options"_a, "allocate"_a = nb::none(), "release"_a = nb::none(),
+          "groups"_a = nb::none(), nb::rv_policy::take_ownership,
+          "Streams a safetensors checkpoint (a .safetensors file, a Hugging Face checkpoint "
+          "directory or an index file) in place. `groups`: {block: [tensor, ...]} or a list of "
+          "(block, [tensor, ...]) in run order; default: grouped by layer from the names.")
+      .def(
+          "tensors",
+          [](PyEngine& self, std::uint32_t block) {
+            const auto placements = self.get()->tensors(block);
+            nb::list out;
+            for (const auto& t : placements) {
+              nb::dict d;
+              d["name"] = t.name;
+              d["dtype"] = std::string(ts::dtype_name(t.dtype));
+              d["shape"] = t.shape;
+              d["offset"] = t.offset;
+              d["nbytes"] = t.nbytes;
+              out.append(d);
+            }
+            return out;
+          },
+          "block"_a,
+          "The tensors of `block`: dicts of name, dtype (torch name), shape, offset (in the "
+          "block's buffer, from the address acquire() returns) and nbytes.")
+      .def(
+          "block_name",
+          [](PyEngine& self, std::uint32_t block) { return self.get()->block_name(block); },
+          "block"_a)
       .def(
           "acquire",
           [](PyEngine& self, std::uint32_t block, std::uintptr_t stream) {

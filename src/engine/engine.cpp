@@ -9,9 +9,13 @@
 #include <mutex>
 #include <thread>
 
+#include <set>
+
+#include "tensorstream/block_naming.hpp"
 #include "tensorstream/checksum.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/errors.hpp"
+#include "tensorstream/safetensors.hpp"
 #include "tensorstream/store.hpp"
 
 namespace tensorstream::engine {
@@ -110,6 +114,136 @@ struct FillError {
   }
 };
 
+// ---- layout: what the engine streams, independent of the source's format ----------------
+
+// One read of a block: `length` bytes at `file_offset` of files[file], landing at
+// `buffer_offset` + skip of the block's buffer (buffer_offset is 4096-aligned).
+struct Extent {
+  std::uint32_t file = 0;
+  std::uint64_t file_offset = 0;
+  std::uint64_t length = 0;
+  std::uint64_t buffer_offset = 0;        // start of the aligned read region
+  std::uint64_t skip = 0;                 // where the bytes start inside the region
+  std::string label;                      // tensor(s) read, for messages; empty for a store block
+  std::optional<std::uint64_t> checksum;  // stored checksum (store), else none
+};
+
+struct BlockLayout {
+  std::string name;
+  std::uint64_t size = 0;  // bytes in memory (view size, slot size)
+  std::vector<Extent> extents;
+  std::vector<TensorPlacement> tensors;
+};
+
+struct Layout {
+  std::filesystem::path source;  // for messages
+  std::string kind;              // "store", "checkpoint"
+  std::vector<std::filesystem::path> files;
+  std::vector<BlockLayout> blocks;
+};
+
+Layout layout_of_store(const std::filesystem::path& path) {
+  const auto store = Store::open(path);
+  Layout layout;
+  layout.source = store.path();
+  layout.kind = "store";
+  layout.files.push_back(store.path());
+  for (std::size_t i = 0; i < store.blocks().size(); ++i) {
+    const auto& info = store.blocks()[i];
+    BlockLayout block;
+    block.name = info.name;
+    block.size = info.raw_size;
+    block.extents.push_back(Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum});
+    for (const auto& t : store.block_tensors(i)) {
+      block.tensors.push_back(
+          TensorPlacement{t.name, t.dtype, t.shape, t.offset_in_block, t.nbytes});
+    }
+    layout.blocks.push_back(std::move(block));
+  }
+  return layout;
+}
+
+Layout layout_of_safetensors(const std::filesystem::path& path, const TensorGroups& given) {
+  const auto checkpoint = SafetensorsCheckpoint::open(path);
+  Layout layout;
+  layout.source = path;
+  layout.kind = "checkpoint";
+  for (const auto& f : checkpoint.files()) layout.files.push_back(f.path());
+  TS_EXPECT(!checkpoint.entries().empty(), FormatError, "safetensors checkpoint '", path.string(),
+            "' holds no tensor");
+  TensorGroups groups = given;
+  if (groups.empty()) {
+    std::vector<std::string> names;
+    for (const auto& e : checkpoint.entries()) names.push_back(e.tensor->name);
+    for (auto& g : group_into_blocks(names)) groups.emplace_back(g.name, std::move(g.tensors));
+  }
+  std::set<std::string, std::less<>> block_names;
+  std::set<std::string, std::less<>> seen;
+  for (const auto& [name, tensor_names] : groups) {
+    TS_EXPECT(!tensor_names.empty(), std::invalid_argument, "block '", name, "' lists no tensor");
+    TS_EXPECT(block_names.insert(name).second, std::invalid_argument, "block '", name,
+              "' is given twice");
+    std::vector<const SafetensorsCheckpoint::Entry*> entries;
+    for (const auto& t : tensor_names) {
+      const auto* entry = checkpoint.find(t);
+      TS_EXPECT(entry != nullptr, std::invalid_argument, "block '", name, "' lists tensor '", t,
+                "', which checkpoint '", path.string(), "' does not hold");
+      TS_EXPECT(seen.insert(t).second, std::invalid_argument, "tensor '", t,
+                "' is listed in two blocks (the second: '", name, "')");
+      entries.push_back(entry);
+    }
+    // Read order: file, then offset; tensors contiguous in a file share one extent.
+    std::vector<std::size_t> order(entries.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return std::pair(entries[a]->file, entries[a]->tensor->offset) <
+             std::pair(entries[b]->file, entries[b]->tensor->offset);
+    });
+    BlockLayout block;
+    block.name = name;
+    std::vector<std::uint64_t> offset_of(entries.size(), 0);
+    std::vector<std::size_t> run;  // indices into entries of the current extent
+    auto flush = [&] {
+      if (run.empty()) return;
+      const auto* first = entries[run.front()];
+      const auto* last = entries[run.back()];
+      Extent extent;
+      extent.file = static_cast<std::uint32_t>(first->file);
+      extent.file_offset = first->tensor->offset;
+      extent.length = last->tensor->offset + last->tensor->nbytes - extent.file_offset;
+      const auto read = io::plan_read(extent.file_offset, extent.length);
+      extent.buffer_offset = block.size;  // a multiple of 4096: the sum of aligned sizes
+      extent.skip = read.skip;
+      extent.label = first->tensor->name;
+      if (run.size() > 1) extent.label += detail::concat(" .. ", last->tensor->name);
+      for (const auto i : run) {
+        offset_of[i] =
+            extent.buffer_offset + extent.skip + entries[i]->tensor->offset - extent.file_offset;
+      }
+      block.size += read.aligned_size;
+      if (extent.length > 0) block.extents.push_back(std::move(extent));
+      run.clear();
+    };
+    for (const auto i : order) {
+      if (!run.empty()) {
+        const auto* prev = entries[run.back()];
+        const bool contiguous =
+            prev->file == entries[i]->file &&
+            prev->tensor->offset + prev->tensor->nbytes == entries[i]->tensor->offset;
+        if (!contiguous) flush();
+      }
+      run.push_back(i);
+    }
+    flush();
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const auto& t = *entries[i]->tensor;
+      block.tensors.push_back(TensorPlacement{t.name, t.dtype, t.shape, offset_of[i], t.nbytes});
+    }
+    layout.blocks.push_back(std::move(block));
+  }
+  return layout;
+}
+
 }  // namespace
 
 std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept {
@@ -136,7 +270,7 @@ PrefetchStrategy parse_prefetch_strategy(std::string_view name) {
 // ---------------------------------------------------------------------------------------
 class Engine::Impl {
  public:
-  Impl(const std::filesystem::path& store_path, EngineOptions options);
+  Impl(Layout layout, EngineOptions options);
   ~Impl() { close(); }
 
   BlockView acquire(std::uint32_t block, cuda::StreamHandle stream);
@@ -146,11 +280,11 @@ class Engine::Impl {
   EngineStats stats() const;
   std::string trace_json() const {
     return trace_.to_chrome_json([this](std::uint32_t b) {
-      return b < store_.blocks().size() ? store_.blocks()[b].name : std::to_string(b);
+      return b < layout_.blocks.size() ? layout_.blocks[b].name : std::to_string(b);
     });
   }
 
-  Store store_;
+  Layout layout_;
   ResidencyPlan plan_;
 
  private:
@@ -203,7 +337,7 @@ class Engine::Impl {
   unsigned current_depth() const;
   void worker_loop();
   void run_fill(const Job& job);
-  std::span<std::byte> read_block(std::uint32_t block, std::span<std::byte> dest, bool demand);
+  void read_block(std::uint32_t block, std::span<std::byte> dest, bool demand);
   BlockView view_of(const Buffer& buffer, std::uint32_t block) const;
   Staging& take_staging();
 
@@ -212,7 +346,10 @@ class Engine::Impl {
   std::optional<cuda::Device> cuda_device_;
   std::optional<cuda::Stream> copy_stream_;
   std::unique_ptr<io::Backend> backend_;
-  io::FileId file_{};
+  std::vector<io::FileId> files_;
+  // verify_checksums without stored checksums: per block, per extent, the first read's.
+  std::mutex checksum_mutex_;
+  std::vector<std::vector<std::optional<std::uint64_t>>> first_checksums_;
   std::shared_ptr<cache::HostAllocator> host_allocator_;
   std::unique_ptr<cache::BlockCache> cache_;
   TraceLog trace_;
@@ -243,21 +380,23 @@ class Engine::Impl {
   EngineStats stats_;
 };
 
-Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions options)
-    : store_(Store::open(store_path)),
-      options_(std::move(options)),
-      trace_(options_.trace_capacity) {
+Engine::Impl::Impl(Layout layout, EngineOptions options)
+    : layout_(std::move(layout)), options_(std::move(options)), trace_(options_.trace_capacity) {
   TS_EXPECT(options_.slots >= 2, std::invalid_argument, "slots must be at least 2, got ",
             options_.slots);
   device_ordinal_ = parse_device(options_.device);
   std::vector<std::uint64_t> sizes;
-  for (const auto& b : store_.blocks()) sizes.push_back(b.raw_size);
+  std::uint64_t largest_block = 0;
+  for (const auto& b : layout_.blocks) {
+    sizes.push_back(b.size);
+    largest_block = std::max(largest_block, b.size);
+  }
   try {
     plan_ = plan_residency(sizes, options_.device_budget, options_.slots);
   } catch (const BudgetTooSmall& e) {
-    throw BudgetTooSmall(
-        detail::concat("store '", store_path.string(), "' on ", options_.device, ": ", e.what()),
-        e.minimum_budget());
+    throw BudgetTooSmall(detail::concat(layout_.kind, " '", layout_.source.string(), "' on ",
+                                        options_.device, ": ", e.what()),
+                         e.minimum_budget());
   }
 
   if (device_ordinal_ >= 0) {
@@ -268,13 +407,17 @@ Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions option
     host_allocator_ = cache::default_host_allocator();
   }
   backend_ = io::make_backend(options_.backend, options_.io);
-  file_ = backend_->open(store_.path());
+  for (const auto& f : layout_.files) files_.push_back(backend_->open(f));
+  first_checksums_.resize(layout_.blocks.size());
+  for (std::size_t i = 0; i < layout_.blocks.size(); ++i) {
+    first_checksums_[i].resize(layout_.blocks[i].extents.size());
+  }
   if (options_.ram_cache_bytes > 0) {
     cache_ = std::make_unique<cache::BlockCache>(options_.ram_cache_bytes, options_.cache_policy,
                                                  host_allocator_);
   }
 
-  const auto n = store_.blocks().size();
+  const auto n = layout_.blocks.size();
   buffer_of_block_.assign(n, -1);
   resident_buffer_.assign(n, -1);
   order_position_.assign(n, -1);
@@ -324,7 +467,7 @@ Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions option
   for (std::size_t i = 0; i < n; ++i) {
     if (plan_.resident[i]) {
       resident_buffer_[i] = static_cast<std::int64_t>(buffers_.size());
-      make_buffer(align_4k(std::max<std::uint64_t>(store_.blocks()[i].raw_size, 1)), true);
+      make_buffer(align_4k(std::max<std::uint64_t>(layout_.blocks[i].size, 1)), true);
     }
   }
   for (unsigned s = 0; s < plan_.slots; ++s) {
@@ -335,7 +478,7 @@ Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions option
   stats_.device_budget = options_.device_budget;
   if (cuda_device_) {
     // Staging for reads that do not go into a RAM-tier entry: one per fill worker.
-    const auto largest = align_4k(std::max<std::uint64_t>(store_.max_block_size(), 1));
+    const auto largest = align_4k(std::max<std::uint64_t>(largest_block, 1));
     for (unsigned w = 0; w < kFillWorkers; ++w) {
       Staging s;
       void* p = host_allocator_->allocate(largest);
@@ -351,13 +494,15 @@ Engine::Impl::Impl(const std::filesystem::path& store_path, EngineOptions option
 }
 
 void Engine::Impl::check_open() const {
-  if (closed_) throw Error(detail::concat("engine for '", store_.path().string(), "' is closed"));
+  if (closed_) {
+    throw Error(detail::concat("engine for '", layout_.source.string(), "' is closed"));
+  }
 }
 
 BlockView Engine::Impl::view_of(const Buffer& buffer, std::uint32_t block) const {
   BlockView view;
   view.block = block;
-  view.size = store_.blocks()[block].raw_size;
+  view.size = layout_.blocks[block].size;
   view.resident = buffer.resident;
   if (cuda_device_) {
     view.device = buffer.dev_ptr;
@@ -462,7 +607,7 @@ void Engine::Impl::prefetch_locked(std::uint32_t block) {
 
 void Engine::Impl::prefetch_after(std::uint32_t block) {
   if (options_.prefetch == PrefetchStrategy::kNone) return;
-  const auto n = static_cast<std::uint32_t>(store_.blocks().size());
+  const auto n = static_cast<std::uint32_t>(layout_.blocks.size());
   const unsigned depth = current_depth();
   stats_.prefetch_depth = depth;
   const bool along_order = options_.prefetch == PrefetchStrategy::kAdaptive && order_learned_ &&
@@ -487,8 +632,8 @@ void Engine::Impl::prefetch_after(std::uint32_t block) {
 BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) {
   std::unique_lock lock(mutex_);
   check_open();
-  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block, " out of range (",
-            store_.blocks().size(), " blocks in '", store_.path().string(), "')");
+  TS_EXPECT(block < layout_.blocks.size(), std::out_of_range, "block ", block, " out of range (",
+            layout_.blocks.size(), " blocks in '", layout_.source.string(), "')");
   ++stats_.acquires;
   if (!order_learned_ && options_.prefetch == PrefetchStrategy::kAdaptive) {
     if (order_position_[block] >= 0) {
@@ -514,7 +659,7 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
       if (!target) {
         waited = true;
         if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
-          throw Error(detail::concat("acquire of block '", store_.blocks()[block].name,
+          throw Error(detail::concat("acquire of block '", layout_.blocks[block].name,
                                      "' timed out: all ", plan_.slots,
                                      " streaming slots stay held; release blocks first"));
         }
@@ -543,8 +688,8 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
       if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
         --b.pins;
         changed_.notify_all();
-        throw Error(detail::concat("block '", store_.blocks()[block].name, "' of '",
-                                   store_.path().string(), "' was not loaded within ",
+        throw Error(detail::concat("block '", layout_.blocks[block].name, "' of '",
+                                   layout_.source.string(), "' was not loaded within ",
                                    options_.wait_timeout.count(), " ms"));
       }
     }
@@ -592,10 +737,10 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
 
 void Engine::Impl::release(std::uint32_t block, cuda::StreamHandle stream) {
   std::lock_guard lock(mutex_);
-  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block, " out of range");
+  TS_EXPECT(block < layout_.blocks.size(), std::out_of_range, "block ", block, " out of range");
   const auto index = buffer_of_block_[block];
   TS_EXPECT(index >= 0 && buffers_[static_cast<std::size_t>(index)].pins > 0, std::logic_error,
-            "release of block '", store_.blocks()[block].name, "' that is not acquired");
+            "release of block '", layout_.blocks[block].name, "' that is not acquired");
   Buffer& b = buffers_[static_cast<std::size_t>(index)];
   --b.pins;
   const auto now = now_ns();
@@ -615,7 +760,7 @@ void Engine::Impl::release(std::uint32_t block, cuda::StreamHandle stream) {
 void Engine::Impl::prefetch(std::uint32_t block) {
   std::lock_guard lock(mutex_);
   check_open();
-  TS_EXPECT(block < store_.blocks().size(), std::out_of_range, "block ", block, " out of range");
+  TS_EXPECT(block < layout_.blocks.size(), std::out_of_range, "block ", block, " out of range");
   prefetch_locked(block);
 }
 
@@ -652,37 +797,73 @@ Engine::Impl::Staging& Engine::Impl::take_staging() {
   }
 }
 
-std::span<std::byte> Engine::Impl::read_block(std::uint32_t block, std::span<std::byte> dest,
-                                              bool demand) {
-  const auto& info = store_.blocks()[block];
+// Reads every extent of `block` into `dest` (all submitted, then all waited for; the first
+// error wins and the other reads are cancelled when their tickets go).
+void Engine::Impl::read_block(std::uint32_t block, std::span<std::byte> dest, bool demand) {
+  const auto& info = layout_.blocks[block];
   const std::int64_t start = now_ns();
-  io::SubmitOptions submit;
-  submit.priority = demand ? io::Priority::kHigh : io::Priority::kNormal;
-  auto ticket = backend_->submit(file_, info.offset, info.stored_size, dest, std::move(submit));
-  if (!ticket.wait_for(options_.wait_timeout)) {
-    ticket.cancel();
-    throw Error(detail::concat("read of block '", info.name, "' (", info.stored_size,
-                               " bytes at offset ", info.offset, " of '", store_.path().string(),
-                               "') did not finish within ", options_.wait_timeout.count(), " ms"));
+  const auto deadline = Clock::now() + options_.wait_timeout;
+  std::vector<io::ReadTicket> tickets;
+  tickets.reserve(info.extents.size());
+  std::uint64_t bytes = 0;
+  for (const auto& e : info.extents) {
+    io::SubmitOptions submit;
+    submit.priority = demand ? io::Priority::kHigh : io::Priority::kNormal;
+    tickets.push_back(backend_->submit(files_[e.file], e.file_offset, e.length,
+                                       dest.subspan(e.buffer_offset), std::move(submit)));
+    bytes += e.length;
   }
-  const auto bytes = ticket.wait();
+  for (std::size_t i = 0; i < tickets.size(); ++i) {
+    const auto& e = info.extents[i];
+    const auto& file = layout_.files[e.file];
+    // What a failure names: the block, the tensor(s), the file and the offset.
+    const auto where = [&] {
+      return e.label.empty()
+                 ? detail::concat("block '", info.name, "' (", e.length, " bytes at offset ",
+                                  e.file_offset, " of '", file.string(), "')")
+                 : detail::concat("block '", info.name, "', tensor '", e.label, "' (", e.length,
+                                  " bytes at offset ", e.file_offset, " of '", file.string(), "')");
+    };
+    std::span<std::byte> data;
+    try {
+      const auto left = deadline - Clock::now();
+      if (!tickets[i].wait_for(std::max<Clock::duration>(left, Clock::duration::zero()))) {
+        tickets[i].cancel();
+        throw Error(detail::concat("read of ", where(), " did not finish within ",
+                                   options_.wait_timeout.count(), " ms"));
+      }
+      data = tickets[i].wait();
+    } catch (const IoError& err) {
+      if (e.label.empty()) throw;
+      throw IoError(detail::concat("read of ", where(), " failed: ", err.what()), err.code());
+    } catch (const FormatError& err) {
+      if (e.label.empty()) throw;
+      throw FormatError(detail::concat("read of ", where(), " failed: ", err.what()));
+    } catch (const io::Cancelled& err) {
+      if (e.label.empty()) throw;
+      throw Error(detail::concat("read of ", where(), " failed: ", err.what()));
+    }
+    if (!options_.verify_checksums) continue;
+    const auto actual = checksum64(data);
+    std::optional<std::uint64_t> expected = e.checksum;
+    if (!expected) {
+      std::lock_guard lock(checksum_mutex_);
+      auto& first = first_checksums_[block][i];
+      if (!first) first = actual;
+      expected = first;
+    }
+    TS_EXPECT(actual == *expected, ChecksumError, "checksum mismatch in ", where(), ": ",
+              e.checksum ? "stored " : "first read ", std::hex, *expected, ", computed ", actual);
+  }
   const auto end = now_ns();
-  trace_.record({SpanKind::kRead, block, info.stored_size, start, end});
-  if (options_.verify_checksums) {
-    const auto actual = checksum64(bytes);
-    TS_EXPECT(actual == info.checksum, ChecksumError, "checksum mismatch in '",
-              store_.path().string(), "', block '", info.name, "' (", info.stored_size,
-              " bytes at offset ", info.offset, "): stored ", std::hex, info.checksum,
-              ", computed ", actual);
-  }
+  trace_.record({SpanKind::kRead, block, bytes, start, end});
   std::lock_guard lock(mutex_);
-  stats_.bytes_from_storage += info.stored_size;
+  stats_.bytes_from_storage += bytes;
   stats_.io_seconds += static_cast<double>(end - start) / 1e9;
-  return bytes;
 }
 
 void Engine::Impl::run_fill(const Job& job) {
-  const auto& info = store_.blocks()[job.block];
+  const auto& info = layout_.blocks[job.block];
   const std::int64_t start = now_ns();
   std::optional<FillError> error;
   std::optional<cache::BlockHandle> source_pin;
@@ -700,11 +881,11 @@ void Engine::Impl::run_fill(const Job& job) {
     if (source_pin) {
       source = source_pin->data();
       std::lock_guard lock(mutex_);
-      stats_.bytes_from_ram_tier += info.raw_size;
+      stats_.bytes_from_ram_tier += info.size;
     } else {
       std::span<std::byte> dest;
       std::optional<cache::BlockHandle> filler;
-      if (cache_) filler = cache_->insert(key, align_4k(std::max<std::uint64_t>(info.raw_size, 1)));
+      if (cache_) filler = cache_->insert(key, align_4k(std::max<std::uint64_t>(info.size, 1)));
       if (filler) {
         dest = filler->mutable_bytes();
       } else if (cuda_device_) {
@@ -714,8 +895,8 @@ void Engine::Impl::run_fill(const Job& job) {
       } else {
         dest = buffer.host.span();
       }
-      const auto bytes = read_block(job.block, dest, job.demand);
-      source = bytes.data();
+      read_block(job.block, dest, job.demand);
+      source = dest.data();
       if (filler) {
         filler->publish();
         source_pin = std::move(filler);
@@ -726,14 +907,14 @@ void Engine::Impl::run_fill(const Job& job) {
       if (job.wait_for_release) {
         cuda::stream_wait_event(*cuda_device_, copy_stream_->handle(), *buffer.done);
       }
-      cuda::memcpy_htod_async(*cuda_device_, buffer.dev_ptr, source, info.raw_size,
+      cuda::memcpy_htod_async(*cuda_device_, buffer.dev_ptr, source, info.size,
                               copy_stream_->handle());
       buffer.ready->record(copy_stream_->handle());
       if (staging) staging->copied->record(copy_stream_->handle());
     } else if (source != buffer.host.data()) {
-      std::memcpy(buffer.host.data(), source, info.raw_size);
+      std::memcpy(buffer.host.data(), source, info.size);
     }
-    trace_.record({SpanKind::kCopy, job.block, info.raw_size, copy_start, now_ns()});
+    trace_.record({SpanKind::kCopy, job.block, info.size, copy_start, now_ns()});
   } catch (...) {
     error = FillError::capture();
   }
@@ -754,7 +935,7 @@ void Engine::Impl::run_fill(const Job& job) {
     // On a GPU the copy may still run: keep its source alive until the slot's next fill.
     if (cuda_device_) buffer.source_pin = std::move(source_pin);
     ++stats_.fills;
-    stats_.bytes_to_device += info.raw_size;
+    stats_.bytes_to_device += info.size;
     stats_.fill_seconds += seconds;
     stats_.block_load_seconds[job.block] = seconds;
     if (!buffer.resident) fill_ema_ = fill_ema_ == 0 ? seconds : 0.8 * fill_ema_ + 0.2 * seconds;
@@ -809,8 +990,15 @@ EngineStats Engine::Impl::stats() const {
 
 // ---------------------------------------------------------------------------------------
 Engine::Engine(const std::filesystem::path& store_path, EngineOptions options)
-    : impl_(std::make_unique<Impl>(store_path, std::move(options))) {}
+    : impl_(std::make_unique<Impl>(layout_of_store(store_path), std::move(options))) {}
+Engine::Engine(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+Engine Engine::from_safetensors(const std::filesystem::path& path, EngineOptions options,
+                                const TensorGroups& groups) {
+  return Engine(std::make_unique<Impl>(layout_of_safetensors(path, groups), std::move(options)));
+}
 Engine::~Engine() = default;
+Engine::Engine(Engine&&) noexcept = default;
+Engine& Engine::operator=(Engine&&) noexcept = default;
 BlockView Engine::acquire(std::uint32_t block, cuda::StreamHandle stream) {
   return impl_->acquire(block, stream);
 }
@@ -819,7 +1007,17 @@ void Engine::release(std::uint32_t block, cuda::StreamHandle stream) {
 }
 void Engine::prefetch(std::uint32_t block) { impl_->prefetch(block); }
 void Engine::close() { impl_->close(); }
-std::size_t Engine::block_count() const noexcept { return impl_->store_.blocks().size(); }
+std::size_t Engine::block_count() const noexcept { return impl_->layout_.blocks.size(); }
+const std::string& Engine::block_name(std::uint32_t block) const {
+  TS_EXPECT(block < impl_->layout_.blocks.size(), std::out_of_range, "block ", block,
+            " out of range");
+  return impl_->layout_.blocks[block].name;
+}
+std::vector<TensorPlacement> Engine::tensors(std::uint32_t block) const {
+  TS_EXPECT(block < impl_->layout_.blocks.size(), std::out_of_range, "block ", block,
+            " out of range");
+  return impl_->layout_.blocks[block].tensors;
+}
 const ResidencyPlan& Engine::plan() const noexcept { return impl_->plan_; }
 EngineStats Engine::stats() const { return impl_->stats(); }
 std::string Engine::trace_json() const { return impl_->trace_json(); }

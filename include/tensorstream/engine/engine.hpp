@@ -24,6 +24,25 @@
 // block, offset and cause; the failed block can be acquired again (it is re-read). No wait
 // is unbounded: `wait_timeout` bounds every wait, and close() cancels pending work.
 //
+// Sources. An engine streams either a TensorStream store (Engine(store_path, options)) or a
+// Hugging Face safetensors checkpoint read in place, without conversion
+// (Engine::from_safetensors): a `.safetensors` file, a checkpoint directory (shards + index)
+// or an index file. Inside the engine both are a list of files and a list of blocks, each
+// block a list of extents {file, file offset, length, offset in the block's buffer}; tensors()
+// says where each tensor of a block lies in its buffer, whatever the source.
+//
+// Safetensors layout. The tensors of a block are taken in file order; runs of tensors that
+// are contiguous in one file form one extent (one read). Each extent is read with O_DIRECT
+// straight into the block's buffer: its aligned read region [start, start + aligned_size)
+// (io::plan_read) starts at a 4096-aligned offset of the buffer just past the previous
+// extent's region — regions never overlap, so the concurrent reads of a block never clobber
+// each other — and its bytes land at start + skip, where skip = file offset % 4096. So a
+// tensor is aligned in memory exactly as it is in its file, and a block's size in memory
+// (what the residency plan, slots and BlockView::size count) is the sum of its extents'
+// aligned regions. verify_checksums: a safetensors file stores no checksum; the engine then
+// takes the XXH3-64 of each extent on its first read and checks later reads against it
+// (it catches a file changed or corrupted between reads, not a bad first read).
+//
 // Thread-safety: every public member is thread-safe. Several threads may hold different (or
 // the same) blocks at once, up to the number of slots for streamed blocks.
 #pragma once
@@ -38,6 +57,7 @@
 #include <vector>
 
 #include "tensorstream/cache/block_cache.hpp"
+#include "tensorstream/dtype.hpp"
 #include "tensorstream/engine/residency.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/shim/cuda.hpp"
@@ -125,14 +145,37 @@ struct EngineStats {
   }
 };
 
+/// Where one tensor of a block lies in the block's buffer (BlockView::host / device).
+struct TensorPlacement {
+  std::string name;
+  DType dtype{};
+  std::vector<std::int64_t> shape;
+  std::uint64_t offset = 0;  ///< byte offset in the block's buffer
+  std::uint64_t nbytes = 0;
+};
+
+/// Blocks given by the caller: block name -> names of its tensors, in the order blocks run.
+using TensorGroups = std::vector<std::pair<std::string, std::vector<std::string>>>;
+
 class Engine {
  public:
   /// Opens `store_path`, plans residency under `options.device_budget` (throws
   /// BudgetTooSmall naming the minimum) and allocates the slots (never more than the plan).
   Engine(const std::filesystem::path& store_path, EngineOptions options);
+  /// Streams the safetensors checkpoint at `path` (a `.safetensors` file, a Hugging Face
+  /// checkpoint directory or an index file; see SafetensorsCheckpoint) in place. Blocks:
+  /// `groups` (block name -> tensor names; tensors listed in no group are not streamed), or,
+  /// when empty, group_into_blocks over every tensor's name. Throws FormatError / IoError for
+  /// a bad checkpoint, std::invalid_argument for bad groups (unknown or repeated tensor,
+  /// repeated or empty block), BudgetTooSmall as the constructor does.
+  static Engine from_safetensors(const std::filesystem::path& path, EngineOptions options,
+                                 const TensorGroups& groups = {});
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
+  /// A moved-from Engine may only be destroyed or assigned to.
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
 
   /// Makes `block` available and pins it until release(). On a GPU, `stream` (a CUstream;
   /// nullptr = legacy default stream) waits on the device for the block's copy. Blocks the
@@ -148,6 +191,11 @@ class Engine {
   void close();
 
   [[nodiscard]] std::size_t block_count() const noexcept;
+  /// Name of `block` (std::out_of_range if there is no such block).
+  [[nodiscard]] const std::string& block_name(std::uint32_t block) const;
+  /// The tensors of `block` and where each lies in its buffer (std::out_of_range if there is
+  /// no such block). For a store: its tensors at their offset_in_block.
+  [[nodiscard]] std::vector<TensorPlacement> tensors(std::uint32_t block) const;
   [[nodiscard]] const ResidencyPlan& plan() const noexcept;
   [[nodiscard]] EngineStats stats() const;
   /// Chrome/Perfetto trace JSON of reads, copies and stalls.
@@ -155,6 +203,7 @@ class Engine {
 
  private:
   class Impl;
+  explicit Engine(std::unique_ptr<Impl> impl) noexcept;
   std::unique_ptr<Impl> impl_;
 };
 
