@@ -28,6 +28,14 @@ from ._store import (
     save_to_ts,
     verify_storage_integrity,
 )
+from .api import (
+    defragment_storage,
+    estimate_model_memory,
+    get_model_statistics,
+    offload,
+    optimize_memory_usage,
+    set_memory_pressure_callback,
+)
 from .cli import native_executable
 from .config import (
     BackendType,
@@ -59,10 +67,16 @@ __all__ = [
     "cleanup_orphaned_files",
     "convert_checkpoint",
     "create_default_config",
+    "defragment_storage",
+    "estimate_model_memory",
+    "get_model_statistics",
     "load_from_ts",
     "native_executable",
+    "offload",
+    "optimize_memory_usage",
     "parse_size",
     "read_ts_header",
     "save_to_ts",
+    "set_memory_pressure_callback",
     "verify_storage_integrity",
 ]

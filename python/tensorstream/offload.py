@@ -18,17 +18,30 @@ What happens (torch-facing; everything that moves bytes runs in the C++ engine):
    (right shape and dtype, no memory) and the slot is released. The host copies of the
    streamed weights are dropped, so the process holds no second copy.
 
+6. **dtype.** With ``config.dtype`` (float16/bfloat16), floating-point parameters and buffers
+   are converted in place first, one tensor at a time, as ``model.to(dtype)`` would: the store
+   holds the converted weights and the whole model runs in that dtype.
+7. **Devices.** The model runs on the device it was offloaded to (``config.device``, else
+   where its parameters are). ``model.to()`` / ``.cpu()`` that keep that device and dtype are
+   no-ops for the streamed weights; moving or converting an offloaded model to anything else
+   raises RuntimeError (offload a fresh model with ``Config(device=...)`` instead), and inputs
+   on another device are refused by the hooks with both devices named.
+8. **Memory pressure.** :func:`set_memory_pressure_callback` sets a function called when the
+   engine refuses a budget or torch runs out of memory inside a streamed block.
+
 This slice runs on the CPU device. CUDA devices use the same engine path (acquire makes the
 current stream wait for the copy); they are exercised only where a GPU is present.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +54,12 @@ from . import _core
 from ._dtypes import dtype_to_name
 from ._store import _host_contiguous, store_writer
 
-__all__ = ["OffloadedModel", "get_model_statistics", "offload"]
+__all__ = [
+    "OffloadedModel",
+    "get_model_statistics",
+    "offload",
+    "set_memory_pressure_callback",
+]
 
 logger = logging.getLogger("tensorstream")
 
@@ -183,15 +201,20 @@ class OffloadedModel:
         store_path: Path,
         device: torch.device,
         resident_bytes: int,
+        options: dict[str, Any] | None = None,
+        budget: int = 0,
     ) -> None:
         self._model = model
         self._engine = engine
         self._blocks = blocks
         self._memory = memory
         self._hooks: list[Any] = []
+        self._guarded: list[nn.Module] = []  # modules whose _apply refuses device/dtype moves
         self.store_path = store_path
         self.device = device
         self.resident_param_bytes = resident_bytes
+        self.options = dict(options or {})  # the engine's options; device_budget excludes
+        self.budget = budget  # the whole weight budget: resident parameters + engine
         self.closed = False
 
     # statistics
@@ -206,6 +229,7 @@ class OffloadedModel:
             store=str(self.store_path),
             device=str(self.device),
             resident_param_bytes=self.resident_param_bytes,
+            budget=self.budget,
             vram_in_use=stats["device_bytes_in_use"] + self.resident_param_bytes,
             cache_hit_rate=stats["ram_tier"]["hit_rate"],
             io_throughput_gbps=stats["storage_gbps"],
@@ -253,6 +277,9 @@ class OffloadedModel:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for module in self._guarded:
+            module.__dict__.pop("_apply", None)
+        self._guarded.clear()
         for block in self._blocks:
             for slot in block.slots:
                 slot.param.data = _placeholder(slot.dtype, slot.shape, self.device)
@@ -331,6 +358,21 @@ def _write_store(path: Path, blocks: list[_Block]) -> None:
         writer.commit()
 
 
+def _convert_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Converts the floating-point parameters and buffers to ``dtype`` in place, one tensor at
+    a time (the memory peak is one tensor, not a second model), exactly as
+    ``model.to(dtype)`` would: the store then holds the converted weights, and the resident
+    parameters compute in the same dtype."""
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                if id(tensor) in done or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                done.add(id(tensor))
+                tensor.data = tensor.data.to(dtype)
+
+
 def _resolve_device(model: nn.Module, config: Any) -> torch.device:
     if getattr(config, "device", None) is not None:
         return torch.device(config.device)
@@ -351,6 +393,8 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensorstream: device '{device}' is not supported (cpu or cuda)")
     model.eval()
+    if config.torch_dtype is not None:
+        _convert_dtype(model, config.torch_dtype)
 
     shared = _shared_parameters(model)
     blocks = [
@@ -397,26 +441,8 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     options = dict(config.engine_options(device=target))
     options["device"] = target
     budget = options["device_budget"]
-    options["device_budget"] = budget - resident_bytes
-    if options["device_budget"] <= 0:
-        raise _core.BudgetTooSmallError(
-            f"tensorstream: vram budget of {budget:,} bytes does not even hold the "
-            f"{resident_bytes:,} bytes of resident (non-streamed) parameters"
-        )
-    memory = _TorchMemory(device)
+    engine, memory = _start_engine(store_path, options, budget, resident_bytes, device)
     store = _core.Store(str(store_path))
-    try:
-        engine = _core.Engine(str(store_path), options, memory.allocate, memory.release)
-    except _core.BudgetTooSmallError as e:
-        minimum = e.minimum_budget + resident_bytes
-        error = _core.BudgetTooSmallError(
-            f"tensorstream: vram budget of {budget:,} bytes is too small for this model: at "
-            f"least {minimum:,} bytes are needed ({resident_bytes:,} resident + "
-            f"{e.minimum_budget:,} for streaming)"
-        )
-        error.minimum_budget = minimum
-        raise error from e
-
     # Map each parameter to its bytes in the block, then drop the host copies.
     tensors = {t["name"]: t for t in store.tensors}
     for block in blocks:
@@ -434,18 +460,164 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
         for b in model.buffers():
             b.data = b.data.to(device)
 
-    runtime = OffloadedModel(model, engine, blocks, memory, store_path, device, resident_bytes)
+    runtime = OffloadedModel(
+        model, engine, blocks, memory, store_path, device, resident_bytes, options, budget
+    )
     for block in blocks:
         runtime._hooks.append(
-            block.module.register_forward_pre_hook(_make_pre_hook(runtime, block))
+            block.module.register_forward_pre_hook(_make_pre_hook(runtime, block), with_kwargs=True)
         )
         runtime._hooks.append(
             block.module.register_forward_hook(_make_post_hook(runtime, block), always_call=True)
         )
+    for module in {id(m): m for m in (model, *(b.module for b in blocks))}.values():
+        module._apply = _make_guarded_apply(runtime, module)  # type: ignore[method-assign]
+        runtime._guarded.append(module)
+    _trim_host_heap()
     setattr(model, _ATTRIBUTE, runtime)
     model.tensorstream = runtime
     model.cleanup_tensorstream = runtime.close
     return model
+
+
+def _start_engine(
+    store_path: Path,
+    options: dict[str, Any],
+    budget: int,
+    resident_bytes: int,
+    device: torch.device,
+) -> tuple[Any, _TorchMemory]:
+    """An engine for ``store_path`` whose budget is ``budget`` less the resident parameters.
+    A refused budget reaches the memory-pressure callback, then the caller, as a
+    BudgetTooSmallError naming the whole budget that would work."""
+    options = dict(options)
+    options["device_budget"] = budget - resident_bytes
+    if options["device_budget"] <= 0:
+        error = _core.BudgetTooSmallError(
+            f"tensorstream: vram budget of {budget:,} bytes does not even hold the "
+            f"{resident_bytes:,} bytes of resident (non-streamed) parameters"
+        )
+        # The smallest budget for the streamed blocks alone, read from the store.
+        sizes = [b["raw_size"] for b in _core.Store(str(store_path)).blocks]
+        error.minimum_budget = resident_bytes + _core.minimum_budget(sizes, options["slots"])
+        _notify_pressure("budget_too_small", device, budget, error, resident_bytes)
+        raise error
+    memory = _TorchMemory(device)
+    try:
+        engine = _core.Engine(str(store_path), options, memory.allocate, memory.release)
+    except _core.BudgetTooSmallError as e:
+        minimum = e.minimum_budget + resident_bytes
+        error = _core.BudgetTooSmallError(
+            f"tensorstream: vram budget of {budget:,} bytes is too small for this model: at "
+            f"least {minimum:,} bytes are needed ({resident_bytes:,} resident + "
+            f"{e.minimum_budget:,} for streaming)"
+        )
+        error.minimum_budget = minimum
+        _notify_pressure("budget_too_small", device, budget, error, resident_bytes)
+        raise error from e
+    return engine, memory
+
+
+# ---- memory pressure ---------------------------------------------------------------------------
+
+_pressure_callback: Any = None
+_pressure_lock = threading.Lock()
+
+
+def set_memory_pressure_callback(fn: Any) -> Any:
+    """Sets the module-level function the runtime calls on memory pressure; returns the
+    previous one. ``None`` removes it.
+
+    ``fn(event)`` receives a dict: ``kind`` ("budget_too_small" when the engine refuses a
+    budget — in :func:`offload` or :func:`optimize_memory_usage` — or "out_of_memory" when
+    torch raises an out-of-memory error while a streamed block runs), ``device``, ``budget``
+    (the whole weight budget in bytes), ``minimum_budget`` (the budget that would work, for
+    "budget_too_small"; else None), ``resident_bytes``, ``block`` (the streamed block's name,
+    for "out_of_memory"; else None) and ``error`` (the exception). It is called before the
+    error reaches the caller; the error is raised whatever the callback does. An exception
+    raised by the callback is logged and ignored.
+    """
+    global _pressure_callback
+    if fn is not None and not callable(fn):
+        raise TypeError(f"set_memory_pressure_callback: {fn!r} is not callable")
+    with _pressure_lock:
+        previous, _pressure_callback = _pressure_callback, fn
+    return previous
+
+
+def _notify_pressure(
+    kind: str,
+    device: torch.device,
+    budget: int | None,
+    error: BaseException,
+    resident_bytes: int | None = None,
+    block: str | None = None,
+) -> None:
+    callback = _pressure_callback
+    if callback is None:
+        return
+    event = {
+        "kind": kind,
+        "device": str(device),
+        "budget": budget,
+        "minimum_budget": getattr(error, "minimum_budget", None),
+        "resident_bytes": resident_bytes,
+        "block": block,
+        "error": error,
+    }
+    try:
+        callback(event)
+    except Exception:  # noqa: BLE001 - a broken callback must not mask the real error
+        logger.exception("tensorstream: the memory pressure callback raised")
+
+
+def _is_out_of_memory(error: BaseException | None) -> bool:
+    if error is None:
+        return False
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text
+    )
+
+
+def _make_guarded_apply(runtime: OffloadedModel, module: nn.Module):
+    """``module._apply`` (behind ``.to()``, ``.cpu()``, ``.cuda()``, ``.half()``, ...) that lets
+    conversions which keep the runtime's device and the weights' dtype through (``.to("cpu")``
+    after a CPU offload: a no-op for the streamed placeholders) and refuses any other with a
+    clear error: the streamed weights live in the engine's store and slots on one device, so a
+    placeholder must never be moved or converted (that would allocate the full tensor and
+    break the swap)."""
+    original = type(module)._apply
+
+    def _apply(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        if not runtime.closed:
+            dtype = runtime._blocks[0].slots[0].dtype if runtime._blocks[0].slots else None
+            probe = torch.zeros((), dtype=dtype or torch.float32, device=runtime.device)
+            moved = fn(probe)
+            if isinstance(moved, torch.Tensor) and (
+                moved.device != probe.device or moved.dtype != probe.dtype
+            ):
+                raise RuntimeError(
+                    f"tensorstream: this model is offloaded to {runtime.device} with "
+                    f"{probe.dtype} weights; it cannot be moved or converted to "
+                    f"{moved.device} / {moved.dtype} afterwards. Offload a fresh model with "
+                    "tensorstream.offload(model, Config(device=..., dtype=...)) instead"
+                )
+        return original(module, fn, *args, **kwargs)
+
+    return _apply
+
+
+def _trim_host_heap() -> None:
+    """Returns the freed host copies to the OS now (glibc keeps freed heap memory otherwise)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _current_stream(device: torch.device) -> int:
@@ -455,11 +627,12 @@ def _current_stream(device: torch.device) -> int:
 
 
 def _make_pre_hook(runtime: OffloadedModel, block: _Block):
-    def pre_hook(module: nn.Module, args: Any) -> None:
+    def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if module.training:
             raise RuntimeError(
                 "tensorstream: streamed models run in inference mode only; call model.eval()"
             )
+        _check_input_device(runtime, block, args, kwargs)
         with block.lock:
             if block.active == 0:
                 address, size, _ = runtime._engine.acquire(
@@ -475,8 +648,53 @@ def _make_pre_hook(runtime: OffloadedModel, block: _Block):
     return pre_hook
 
 
+def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if depth < 2 and isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_input_device(
+    runtime: OffloadedModel, block: _Block, args: Any, kwargs: dict[str, Any]
+) -> None:
+    """Streamed weights live on the runtime's device: inputs elsewhere (the model was moved
+    with ``.to()`` after offload) are refused with both devices named."""
+    tensor = _first_tensor(args)
+    if tensor is None:
+        tensor = _first_tensor(tuple(kwargs.values()))
+    if tensor is None or tensor.device.type == runtime.device.type:
+        if tensor is None or tensor.device.type != "cuda":
+            return
+        if (tensor.device.index or 0) == (runtime.device.index or 0):
+            return
+    raise RuntimeError(
+        f"tensorstream: {block.name} ({type(block.module).__name__}) streams its weights to "
+        f"{runtime.device} but received inputs on {tensor.device}; an offloaded model runs on "
+        "the device it was offloaded to. To use another device, load a fresh model and call "
+        "tensorstream.offload(model, Config(device=...)) for that device"
+    )
+
+
 def _make_post_hook(runtime: OffloadedModel, block: _Block):
     def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        # Torch calls this hook also while an exception leaves the block (always_call).
+        error = sys.exc_info()[1]
+        if _is_out_of_memory(error) and not getattr(error, "_tensorstream_notified", False):
+            with contextlib.suppress(AttributeError, TypeError):
+                error._tensorstream_notified = True  # type: ignore[union-attr]
+            _notify_pressure(
+                "out_of_memory",
+                runtime.device,
+                runtime.budget,
+                error,
+                runtime.resident_param_bytes,
+                block.name,
+            )
         with block.lock:
             if getattr(block.entered, "count", 0) == 0:
                 return  # the pre-hook failed before making the weights available
@@ -498,3 +716,16 @@ def get_model_statistics(model: nn.Module) -> dict[str, Any]:
     if runtime is None:
         raise ValueError("tensorstream: this model is not offloaded (call tensorstream.offload)")
     return runtime.statistics()
+
+
+class _CallableModule(types.ModuleType):
+    """``import tensorstream.offload`` makes the package attribute ``tensorstream.offload``
+    this module (Python binds submodules on their package), shadowing the ``offload``
+    function exported there: calling the module calls the function, so ``ts.offload(model,
+    config)`` works either way."""
+
+    def __call__(self, model: nn.Module, config: Any = None) -> nn.Module:
+        return offload(model, config)
+
+
+sys.modules[__name__].__class__ = _CallableModule

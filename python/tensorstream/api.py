@@ -1,0 +1,264 @@
+"""Planning and maintenance functions of the public surface: ``estimate_model_memory``,
+``optimize_memory_usage`` and ``defragment_storage`` (``offload``, ``get_model_statistics``
+and ``set_memory_pressure_callback`` live in :mod:`tensorstream.offload`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from ._store import cleanup_orphaned_files, store_writer
+
+__all__ = [
+    "defragment_storage",
+    "estimate_model_memory",
+    "get_model_statistics",
+    "offload",
+    "optimize_memory_usage",
+    "set_memory_pressure_callback",
+]
+
+logger = logging.getLogger("tensorstream")
+
+PathLike = str | os.PathLike[str]
+
+# The engine's residency planner counts each block rounded up to this (kSlotAlignment).
+_SLOT_ALIGNMENT = 4096
+
+
+# ``import tensorstream`` does not import torch (the store tools work without it): these
+# forward to :mod:`tensorstream.offload`, imported on first call.
+
+
+def offload(model: Any, config: Any = None) -> Any:
+    """Streams ``model``'s large layers from a store under ``config``'s budgets; returns the
+    same model object. See :func:`tensorstream.offload.offload`."""
+    from .offload import offload as _offload
+
+    return _offload(model, config)
+
+
+def get_model_statistics(model: Any) -> dict[str, Any]:
+    """Statistics of a streamed model. See :func:`tensorstream.offload.get_model_statistics`."""
+    from .offload import get_model_statistics as _statistics
+
+    return _statistics(model)
+
+
+def set_memory_pressure_callback(fn: Any) -> Any:
+    """Sets the memory-pressure callback; returns the previous one. See
+    :func:`tensorstream.offload.set_memory_pressure_callback`."""
+    from .offload import set_memory_pressure_callback as _set
+
+    return _set(fn)
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
+    """What :func:`tensorstream.offload` would do with ``model`` under ``config`` (default
+    ``Config()``), without writing or loading anything. Sizes in bytes (after ``config.dtype``
+    conversion, when set):
+
+    * ``total_parameter_bytes``: every parameter, tied ones counted once;
+    * ``resident_bytes``: the parameters that stay on the device (small modules, tied weights);
+    * ``streamed_bytes``: the parameters of the blocks that would stream;
+    * ``block_bytes``: ``{block name: bytes}`` for each block that would stream (as laid out
+      in a store);
+    * ``largest_block_bytes``, ``slots`` (streaming slots of this config);
+    * ``minimum_budget``: the smallest ``vram_budget`` that works: the resident bytes plus
+      ``_core.minimum_budget`` of the blocks for these slots;
+    * ``all_resident_budget``: the budget under which nothing streams;
+    * ``suggested_budget``: ``all_resident_budget`` when the device's automatic budget holds
+      it, else the automatic budget, but never less than ``minimum_budget``.
+    """
+    import torch
+
+    from .config import Config, default_vram_budget
+    from .offload import _named_block_params, _shared_parameters, find_blocks
+
+    config = config if config is not None else Config()
+    target = config.torch_dtype
+
+    def size_of(p: torch.Tensor) -> int:
+        if target is not None and p.is_floating_point():
+            return p.numel() * torch.empty((), dtype=target).element_size()
+        return p.numel() * p.element_size()
+
+    shared = _shared_parameters(model)
+    block_bytes: dict[str, int] = {}
+    streamed_ids: set[int] = set()
+    for _, name, _module, params in _named_block_params(
+        model, find_blocks(model, config.min_layer_size), shared
+    ):
+        end = 0
+        for _, p in params:
+            end = _align(end, _core.TENSOR_ALIGNMENT) + size_of(p)
+            streamed_ids.add(id(p))
+        block_bytes[name] = end
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(size_of(p) for p in unique.values())
+    resident = sum(size_of(p) for pid, p in unique.items() if pid not in streamed_ids)
+    slots = config.engine_options(device="cpu")["slots"]
+    sizes = list(block_bytes.values())
+    minimum = resident + (_core.minimum_budget(sizes, slots) if sizes else 0)
+    all_resident = resident + sum(_align(size, _SLOT_ALIGNMENT) for size in sizes)
+    device = config.device
+    if device is None:
+        first = next(iter(unique.values()), None)
+        device = str(first.device) if first is not None else "cpu"
+    if config.vram_budget_bytes is not None:
+        available = config.vram_budget_bytes
+    else:
+        try:
+            available = default_vram_budget(device)
+        except RuntimeError:
+            available = default_vram_budget("cpu")
+    suggested = max(minimum, all_resident if all_resident <= available else available)
+    return {
+        "total_parameter_bytes": total,
+        "resident_bytes": resident,
+        "streamed_bytes": sum(sizes),
+        "block_bytes": block_bytes,
+        "largest_block_bytes": max(sizes, default=0),
+        "slots": slots,
+        "minimum_budget": minimum,
+        "all_resident_budget": all_resident,
+        "suggested_budget": suggested,
+        "device": device,
+    }
+
+
+def optimize_memory_usage(model: Any, target_utilization: float = 0.9) -> dict[str, Any]:
+    """Re-plans a streamed model for a new budget: ``target_utilization`` (in (0, 1] for a
+    CUDA device's free memory; any positive factor of the current budget otherwise) × the
+    current weight budget — or, on a CUDA device, × the device's free memory plus what the
+    model's weights already hold. The engine is closed and a new one started on the same store
+    (nothing is rewritten); the outputs stay the same. Returns the new statistics.
+
+    A budget the engine refuses raises BudgetTooSmallError (after the memory-pressure
+    callback); the model then keeps running under its previous budget. Call it between
+    forwards, not while one runs."""
+    from .offload import _ATTRIBUTE, _start_engine
+
+    runtime = getattr(model, _ATTRIBUTE, None)
+    if runtime is None:
+        raise ValueError("tensorstream: this model is not offloaded (call tensorstream.offload)")
+    runtime._check_open()
+    if not isinstance(target_utilization, (int, float)) or not target_utilization > 0:
+        raise ValueError(
+            f"optimize_memory_usage: target_utilization must be > 0, got {target_utilization!r}"
+        )
+    for block in runtime._blocks:
+        if block.active:
+            raise RuntimeError(
+                "tensorstream: optimize_memory_usage() called while a forward is running"
+            )
+    if runtime.device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        held = runtime._engine.stats()["device_bytes_in_use"] + runtime.resident_param_bytes
+        base = free + held
+    else:
+        base = runtime.budget
+    budget = int(base * target_utilization)
+    old_budget = runtime.budget
+    runtime._engine.close()
+    try:
+        engine, memory = _start_engine(
+            runtime.store_path,
+            runtime.options,
+            budget,
+            runtime.resident_param_bytes,
+            runtime.device,
+        )
+    except BaseException:
+        # Keep the model usable under its previous budget.
+        runtime._engine, runtime._memory = _start_engine(
+            runtime.store_path,
+            runtime.options,
+            old_budget,
+            runtime.resident_param_bytes,
+            runtime.device,
+        )
+        raise
+    runtime._engine, runtime._memory = engine, memory
+    runtime.budget = budget
+    logger.info("tensorstream: re-planned for a budget of %d bytes", budget)
+    return runtime.statistics()
+
+
+def _store_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.tstore") if p.is_file())
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"defragment_storage: '{path}' does not exist")
+
+
+def _rewrite_store(store_file: Path) -> tuple[int, int]:
+    """Rewrites ``store_file`` into a fresh compact file, block by block, and replaces it once
+    the new file's fingerprint is verified equal. Returns (bytes before, bytes after)."""
+    import torch
+
+    store = _core.Store(str(store_file))
+    info = store.info
+    before = store_file.stat().st_size
+    temp = store_file.with_name(f".{store_file.stem}.defrag-{os.getpid()}.tstore")
+    tensors = store.tensors
+    with store_writer(temp) as writer:
+        if info.get("user_metadata"):
+            writer.set_user_metadata(info["user_metadata"])
+        for index, block in enumerate(store.blocks):
+            buffer = torch.empty(max(block["raw_size"], 1), dtype=torch.uint8)
+            store.read_block_into(index, buffer.data_ptr(), block["raw_size"], True)
+            writer.begin_block(block["name"])
+            first = block["first_tensor"]
+            for t in tensors[first : first + block["tensor_count"]]:
+                address = buffer.data_ptr() + t["offset_in_block"]
+                writer.add_tensor(t["name"], t["dtype"], list(t["shape"]), address, t["nbytes"])
+            writer.end_block()
+            del buffer
+        summary = writer.commit()
+    try:
+        if summary["fingerprint"] != info["fingerprint"]:
+            raise _core.FormatError(
+                f"defragment_storage: rewriting '{store_file}' changed its fingerprint "
+                f"({info['fingerprint']} -> {summary['fingerprint']}); the original is kept"
+            )
+        os.replace(temp, store_file)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return before, store_file.stat().st_size
+
+
+def defragment_storage(path: PathLike) -> dict[str, Any]:
+    """Compacts the stores in the directory ``path`` (or the one store file ``path``): each is
+    rewritten block by block (one block in memory at a time, checksums verified on read) into
+    a fresh file by the native writer, its fingerprint checked unchanged, then renamed over the
+    original (crash-safe: an interruption leaves the original). Orphaned temporaries of
+    interrupted writes are removed first (:func:`cleanup_orphaned_files`). A runtime that has
+    a store open keeps reading its old file until it closes.
+
+    Returns ``bytes_before``, ``bytes_after`` (sums over the stores), ``stores`` (per file:
+    path, bytes before/after) and ``removed_temporaries``."""
+    root = Path(path)
+    removed = cleanup_orphaned_files(root)
+    report: list[dict[str, Any]] = []
+    for store_file in _store_files(root):
+        before, after = _rewrite_store(store_file)
+        report.append({"path": str(store_file), "bytes_before": before, "bytes_after": after})
+        logger.info("defragmented %s: %d -> %d bytes", store_file, before, after)
+    return {
+        "bytes_before": sum(r["bytes_before"] for r in report),
+        "bytes_after": sum(r["bytes_after"] for r in report),
+        "stores": report,
+        "removed_temporaries": removed,
+    }
