@@ -48,6 +48,15 @@ from .config import (
 
 __version__: str = _core.__version__
 
+
+def from_pretrained(path, config=None, **kwargs):  # type: ignore[no-untyped-def]
+    """Streams the Hugging Face checkpoint directory ``path`` without loading it into RAM
+    (see :func:`tensorstream.pretrained.from_pretrained`; imports torch when called)."""
+    from .pretrained import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, config, **kwargs)
+
+
 logging.getLogger("tensorstream").addHandler(logging.NullHandler())
 
 __all__ = [
@@ -69,6 +78,7 @@ __all__ = [
     "create_default_config",
     "defragment_storage",
     "estimate_model_memory",
+    "from_pretrained",
     "get_model_statistics",
     "load_from_ts",
     "native_executable",

@@ -2,7 +2,7 @@
 
 The store tools are native (``_core.native_commands()``: convert, inspect, verify, doctor,
 version) and run in the C++ engine without torch; this front forwards them and adds the
-commands written in Python (``demo``).
+commands written in Python (``demo``, ``run``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ _PYTHON_USAGE = (
     "python commands:\n"
     "  demo [--size-mb N] [--keep DIR]\n"
     "                       build a small Llama-style model, convert, verify and reload it\n"
+    "  run MODEL_DIR (--prompt TEXT | --prompt-ids 1,2,3) --vram-budget SIZE\n"
+    "      [--max-new-tokens N] [--device cpu|cuda:N] [--ram-cache SIZE] [--storage-path DIR]\n"
+    "                       stream a Hugging Face checkpoint and generate greedily\n"
 )
 
 
@@ -37,7 +40,16 @@ def _run_demo(args: list[str]) -> int:
     return demo_main(args)
 
 
-_PYTHON_COMMANDS: dict[str, Callable[[list[str]], int]] = {"demo": _run_demo}
+def _run_pretrained(args: list[str]) -> int:
+    from .pretrained import main as run_main
+
+    return run_main(args)
+
+
+_PYTHON_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _run_demo,
+    "run": _run_pretrained,
+}
 
 
 def _interactive() -> bool:

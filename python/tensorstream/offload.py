@@ -463,6 +463,14 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     runtime = OffloadedModel(
         model, engine, blocks, memory, store_path, device, resident_bytes, options, budget
     )
+    _install_runtime(model, runtime)
+    return model
+
+
+def _install_runtime(model: nn.Module, runtime: OffloadedModel) -> None:
+    """Hooks every block of ``runtime`` (its slots filled, its parameters placeholders), guards
+    ``.to()``/``.cpu()`` moves and attaches the runtime handle to ``model``."""
+    blocks = runtime._blocks
     for block in blocks:
         runtime._hooks.append(
             block.module.register_forward_pre_hook(_make_pre_hook(runtime, block), with_kwargs=True)
@@ -477,7 +485,6 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     setattr(model, _ATTRIBUTE, runtime)
     model.tensorstream = runtime
     model.cleanup_tensorstream = runtime.close
-    return model
 
 
 def _start_engine(
@@ -486,10 +493,18 @@ def _start_engine(
     budget: int,
     resident_bytes: int,
     device: torch.device,
+    open_engine: Any = None,
+    streaming_minimum: Any = None,
 ) -> tuple[Any, _TorchMemory]:
     """An engine for ``store_path`` whose budget is ``budget`` less the resident parameters.
     A refused budget reaches the memory-pressure callback, then the caller, as a
-    BudgetTooSmallError naming the whole budget that would work."""
+    BudgetTooSmallError naming the whole budget that would work.
+
+    ``open_engine(options, allocate, release)`` opens another kind of engine (default: a
+    store's); ``streaming_minimum(options)`` is then the smallest budget of its streamed blocks."""
+    # A source that is not a store (from_pretrained's checkpoint) says how to open its engine.
+    open_engine = open_engine or getattr(store_path, "open_engine", None)
+    streaming_minimum = streaming_minimum or getattr(store_path, "streaming_minimum", None)
     options = dict(options)
     options["device_budget"] = budget - resident_bytes
     if options["device_budget"] <= 0:
@@ -498,13 +513,19 @@ def _start_engine(
             f"{resident_bytes:,} bytes of resident (non-streamed) parameters"
         )
         # The smallest budget for the streamed blocks alone, read from the store.
-        sizes = [b["raw_size"] for b in _core.Store(str(store_path)).blocks]
-        error.minimum_budget = resident_bytes + _core.minimum_budget(sizes, options["slots"])
+        if streaming_minimum is not None:
+            error.minimum_budget = resident_bytes + streaming_minimum(options)
+        else:
+            sizes = [b["raw_size"] for b in _core.Store(str(store_path)).blocks]
+            error.minimum_budget = resident_bytes + _core.minimum_budget(sizes, options["slots"])
         _notify_pressure("budget_too_small", device, budget, error, resident_bytes)
         raise error
     memory = _TorchMemory(device)
     try:
-        engine = _core.Engine(str(store_path), options, memory.allocate, memory.release)
+        if open_engine is not None:
+            engine = open_engine(options, memory.allocate, memory.release)
+        else:
+            engine = _core.Engine(str(store_path), options, memory.allocate, memory.release)
     except _core.BudgetTooSmallError as e:
         minimum = e.minimum_budget + resident_bytes
         error = _core.BudgetTooSmallError(

@@ -1,0 +1,335 @@
+"""ts.from_pretrained: a Hugging Face checkpoint streamed in place, bitwise; `tensorstream run`."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tensorstream as ts
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+VOCAB = 96
+
+
+def _llama_config(**overrides):
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return transformers.LlamaConfig(**values)
+
+
+def _configs():
+    return {
+        "llama": _llama_config(),
+        "gpt2": transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=48,
+            n_layer=4,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "qwen2": transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{kind: (in-memory model, sharded checkpoint dir)}."""
+    out = {}
+    for kind, config in _configs().items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        path = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(path, max_shard_size="60KB")
+        assert (path / "model.safetensors.index.json").exists()
+        assert len(list(path.glob("*.safetensors"))) >= 3, "the checkpoint must be sharded"
+        out[kind] = (model, path)
+    return out
+
+
+def _minimum_budget(path, **config) -> int:
+    with pytest.raises(ts.BudgetTooSmallError) as info:
+        ts.from_pretrained(path, ts.Config(vram_budget_gb="1KB", **config))
+    return info.value.minimum_budget
+
+
+def _streamed(path, storage, extra: int = 4096, **config):
+    budget = _minimum_budget(path, storage_path=storage, **config) + extra
+    model = ts.from_pretrained(
+        path, ts.Config(vram_budget_gb=f"{budget}B", storage_path=storage, **config)
+    )
+    return model, budget
+
+
+def _inputs():
+    torch.manual_seed(1)
+    return torch.randint(1, VOCAB, (2, 7))
+
+
+def _assert_same(reference, streamed, max_new_tokens: int = 6):
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(reference(x).logits, streamed(x).logits)
+    prompt = x[:1]
+    expected = reference.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    got = streamed.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_bitwise_logits_and_generate(checkpoints, tmp_path, kind):
+    reference, path = checkpoints[kind]
+    storage = tmp_path / "storage"
+    model, budget = _streamed(path, storage)
+    try:
+        _assert_same(reference, model)
+        stats = ts.get_model_statistics(model)
+        assert stats["blocks"] >= 4
+        assert stats["layers_offloaded"] >= stats["blocks"] // 2, stats
+        assert stats["device_bytes_peak"] <= stats["device_budget"]
+        assert stats["device_bytes_peak"] + stats["resident_param_bytes"] <= budget
+        assert stats["bytes_from_storage"] > 0
+        assert model.tensorstream.statistics()["store"] == str(path)
+        # No store was written: the engine read the checkpoint in place.
+        assert not list(tmp_path.glob("**/*.tstore"))
+    finally:
+        model.cleanup_tensorstream()
+    assert model.tensorstream.closed
+
+
+def test_tied_weights_stay_shared_and_lm_head_absent(checkpoints, tmp_path):
+    _, path = checkpoints["gpt2"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"], "GPT-2 saves its tied head once"
+    model, _ = _streamed(path, tmp_path)
+    try:
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert model.lm_head.weight.device.type == "cpu"
+        assert all(p.device.type != "meta" for p in model.parameters())
+        assert all(b.device.type != "meta" for b in model.buffers())
+    finally:
+        model.cleanup_tensorstream()
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next_layer", "adaptive"])
+@pytest.mark.parametrize("ram_cache", [0, "256KB"])
+def test_llama_prefetch_and_ram_tier(checkpoints, tmp_path, prefetch, ram_cache):
+    reference, path = checkpoints["llama"]
+    model, _ = _streamed(
+        path, tmp_path, prefetch_strategy=prefetch, ram_cache_gb=ram_cache, verify_checksums=True
+    )
+    try:
+        _assert_same(reference, model)
+        stats = model.tensorstream.statistics()
+        assert stats["device_bytes_peak"] <= stats["device_budget"]
+        assert (
+            stats["ram_tier"]["peak_bytes_in_use"]
+            <= ts.Config(ram_cache_gb=ram_cache).ram_cache_bytes
+        )
+        assert stats["failures"] == 0
+        if ram_cache:
+            assert stats["bytes_from_ram_tier"] > 0
+    finally:
+        model.cleanup_tensorstream()
+    assert not list(tmp_path.glob("**/*.tstore"))
+
+
+def test_rotary_buffers_are_recomputed(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]
+    model, _ = _streamed(path, tmp_path)
+    try:
+        assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    finally:
+        model.cleanup_tensorstream()
+
+
+def test_optimize_memory_usage_restarts_the_checkpoint_engine(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]
+    model, budget = _streamed(path, tmp_path)
+    try:
+        stats = ts.optimize_memory_usage(model, 4.0)
+        assert stats["budget"] == budget * 4
+        _assert_same(reference, model, max_new_tokens=3)
+    finally:
+        model.cleanup_tensorstream()
+
+
+def test_budget_too_small_names_the_minimum(checkpoints, tmp_path):
+    _, path = checkpoints["llama"]
+    minimum = _minimum_budget(path, storage_path=tmp_path)
+    model = ts.from_pretrained(path, ts.Config(vram_budget_gb=f"{minimum}B", storage_path=tmp_path))
+    model.cleanup_tensorstream()
+
+
+def test_bad_inputs_are_named(checkpoints, tmp_path):
+    _, path = checkpoints["llama"]
+    config = ts.Config(vram_budget_gb="1MB", storage_path=tmp_path / "s")
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ts.from_pretrained(missing, config)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ts.from_pretrained(empty, config)
+    (empty / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        ts.from_pretrained(empty, config)
+
+    # A checkpoint lacking one parameter: the error names the directory and the tensor.
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    tensors = {}
+    for file in path.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    for name in ("model.layers.2.mlp.up_proj.weight", "model.norm.weight"):
+        partial = {k: v for k, v in tensors.items() if k != name}
+        save_file(partial, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"{broken}.*{name}|{name}.*{broken}") as info:
+            ts.from_pretrained(broken, config)
+        assert str(broken) in str(info.value) and name in str(info.value)
+
+
+def test_cli_run_prints_the_greedy_tokens(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]
+    prompt = [5, 17, 42, 8]
+    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
+    expected_ids = expected[0, len(prompt) :].tolist()
+    budget = _minimum_budget(path, storage_path=tmp_path) + 4096
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorstream",
+            "run",
+            str(path),
+            "--prompt-ids",
+            ",".join(map(str, prompt)),
+            "--max-new-tokens",
+            "5",
+            "--vram-budget",
+            f"{budget}B",
+            "--ram-cache",
+            "128KB",
+            "--storage-path",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("generated token ids:"))
+    assert [int(t) for t in line.split(":", 1)[1].split(",")] == expected_ids
+    assert "blocks streamed / resident" in result.stdout
+    assert not list(tmp_path.glob("**/*.tstore"))
+
+
+def test_cli_run_refuses_text_without_tokenizer(checkpoints):
+    _, path = checkpoints["llama"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorstream", "run", str(path), "--prompt", "hi"]
+        + ["--vram-budget", "1MB"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "tokenizer" in result.stderr
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import gc, json, sys
+    import torch, transformers
+    import tensorstream as ts
+    from tensorstream import pretrained  # noqa: F401 - imports counted before the baseline
+
+    path, budget = sys.argv[1], sys.argv[2]
+    # Warm the imports of the architecture (code, not weights) before the baseline.
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(cfg)
+    gc.collect()
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    baseline = status("VmRSS")
+    model = ts.from_pretrained(path, ts.Config(vram_budget_gb=budget, storage_path=sys.argv[3]))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    stats = model.tensorstream.statistics()
+    growth = status("VmHWM") - baseline
+    print(json.dumps({"growth": growth, "offloaded": stats["layers_offloaded"]}))
+    model.cleanup_tensorstream()
+    """
+)
+
+
+def test_memory_peak_stays_far_below_the_model_size(tmp_path):
+    config = _llama_config(
+        vocab_size=1000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=10,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    )
+    path = tmp_path / "big"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(path, max_shard_size="100MB")
+    del model
+    gc.collect()
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert size >= 200e6
+    minimum = _minimum_budget(path, storage_path=tmp_path / "s")
+    budget = minimum + (1 << 20)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path), f"{budget}B", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["offloaded"] >= 8
+    print(f"peak RSS growth {measured['growth']:,} bytes for a {size:,}-byte checkpoint")
+    assert measured["growth"] < size / 3, (measured, size, budget)
