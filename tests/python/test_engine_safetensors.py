@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from engine_helpers import TorchMemory
 
 import tensorstream as ts
 from tensorstream import _core
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
-
-
-class TorchMemory:
-    """Device memory for the engine taken from torch (as in test_engine.py)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def allocate(self, nbytes: int) -> int:
-        raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
-        offset = (-raw.data_ptr()) % 4096
-        tensor = raw[offset : offset + nbytes]
-        self.buffers[tensor.data_ptr()] = tensor
-        return tensor.data_ptr()
-
-    def release(self, address: int, nbytes: int) -> None:
-        assert self.buffers[address].numel() == nbytes
-        del self.buffers[address]
-
-    def view(self, address: int, size: int) -> torch.Tensor:
-        for base, tensor in self.buffers.items():
-            if base <= address and address + size <= base + tensor.numel():
-                return tensor[address - base : address - base + size]
-        raise AssertionError(f"address {address:#x} is not in provided memory")
 
 
 def load_checkpoint(path) -> dict[str, torch.Tensor]:
