@@ -459,6 +459,8 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
                 p.data = p.data.to(device)
         for b in model.buffers():
             b.data = b.data.to(device)
+    else:
+        _own_resident_memory(model, streamed_ids)
 
     runtime = OffloadedModel(
         model, engine, blocks, memory, store_path, device, resident_bytes, options, budget
@@ -629,6 +631,19 @@ def _make_guarded_apply(runtime: OffloadedModel, module: nn.Module):
         return original(module, fn, *args, **kwargs)
 
     return _apply
+
+
+def _own_resident_memory(model: nn.Module, streamed_ids: set[int]) -> None:
+    """Gives resident parameters and buffers memory of their own. A model loaded from
+    safetensors shares one file mapping among all its tensors, so a single resident norm
+    would keep every page of the checkpoint that was ever read (the fingerprint reads all of
+    them) in the process's RSS (measured: +355 MB RssFile for a 400 MB checkpoint)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in streamed_ids and p.numel() > 0:
+                p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
 
 
 def _trim_host_heap() -> None:
