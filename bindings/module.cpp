@@ -349,6 +349,10 @@ nb::dict engine_stats_dict(const ts::engine::EngineStats& s) {
   d["prefetch_depth"] = s.prefetch_depth;
   d["order_learned"] = s.order_learned;
   d["block_load_seconds"] = s.block_load_seconds;
+  d["backend"] = s.backend;
+  d["in_place"] = s.in_place;
+  d["backend_note"] = s.backend_note;
+  d["bytes_from_page_cache"] = s.bytes_from_page_cache;
   nb::dict ram;
   ram["capacity"] = s.ram_tier.capacity;
   ram["bytes_in_use"] = s.ram_tier.bytes_in_use;

@@ -566,6 +566,9 @@ void measure_engine(const Context& c, Measurement& m) {
   eo.ram_cache_bytes = 0;
   eo.prefetch = engine::PrefetchStrategy::kAdaptive;
   eo.io = c.options.io;
+  // The streaming path (O_DIRECT into slots) with the backend AUTO picks for it; on the CPU,
+  // AUTO would read a store this small in place through the page cache instead.
+  eo.backend = io::make_backend(io::BackendType::kAuto, eo.io)->type();
   std::optional<cuda::Device> device;
   std::optional<cuda::Stream> stream;
   if (c.options.device != "cpu") {

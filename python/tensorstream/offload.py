@@ -157,6 +157,10 @@ class _TorchMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[int, torch.Tensor] = {}
+        # A CPU engine reading in place returns addresses inside its block windows (the
+        # store's pages, mapped): tensors over them, made once per window.
+        self.in_place = False
+        self._windows: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def allocate(self, nbytes: int) -> int:
@@ -180,9 +184,20 @@ class _TorchMemory:
     def view(self, address: int, size: int) -> torch.Tensor:
         with self._lock:
             tensor = self._buffers.get(address)
+            if tensor is None and self.in_place:
+                tensor = self._windows.get(address)
+                if tensor is None or tensor.numel() < size:
+                    window = (ctypes.c_uint8 * size).from_address(address)
+                    tensor = torch.frombuffer(window, dtype=torch.uint8)
+                    self._windows[address] = tensor
         if tensor is None or tensor.numel() < size:
             raise RuntimeError(f"tensorstream: engine returned unknown memory {address:#x}")
         return tensor[:size]
+
+    def forget_windows(self) -> None:
+        """Drops the tensors over block windows (call when the engine closes them)."""
+        with self._lock:
+            self._windows.clear()
 
 
 # ---- the runtime handle ------------------------------------------------------------------------
@@ -250,7 +265,9 @@ class OffloadedModel:
                 f"{s['device_bytes_peak']:,} / {s['device_budget']:,}",
             ),
             ("acquires (ready / waited)", f"{s['device_hits']} / {s['device_misses']}"),
+            ("read path", s["backend"] + (" (in place)" if s["in_place"] else "")),
             ("bytes from storage", f"{s['bytes_from_storage']:,}"),
+            ("bytes from page cache", f"{s['bytes_from_page_cache']:,}"),
             ("bytes from RAM tier", f"{s['bytes_from_ram_tier']:,}"),
             ("RAM tier hit rate", f"{s['cache_hit_rate']:.1%}"),
             ("storage throughput", f"{s['io_throughput_gbps']:.2f} GB/s"),
@@ -285,6 +302,7 @@ class OffloadedModel:
                 slot.param.data = _placeholder(slot.dtype, slot.shape, self.device)
             block.module.register_forward_pre_hook(_closed_hook)
         self._engine.close()
+        self._memory.forget_windows()
 
     def __enter__(self) -> OffloadedModel:
         return self
@@ -528,6 +546,7 @@ def _start_engine(
             engine = open_engine(options, memory.allocate, memory.release)
         else:
             engine = _core.Engine(str(store_path), options, memory.allocate, memory.release)
+        memory.in_place = bool(engine.stats()["in_place"])
     except _core.BudgetTooSmallError as e:
         minimum = e.minimum_budget + resident_bytes
         error = _core.BudgetTooSmallError(

@@ -1,10 +1,13 @@
 #include "tensorstream/engine/engine.hpp"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -13,8 +16,10 @@
 
 #include "tensorstream/block_naming.hpp"
 #include "tensorstream/checksum.hpp"
+#include "tensorstream/detail/file.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/errors.hpp"
+#include "tensorstream/io/block_window.hpp"
 #include "tensorstream/safetensors.hpp"
 #include "tensorstream/store.hpp"
 
@@ -43,6 +48,20 @@ int parse_device(const std::string& device) {
   }
   throw std::invalid_argument(
       detail::concat("device '", device, "' is not 'cpu', 'cuda' or 'cuda:N'"));
+}
+
+// MemAvailable of /proc/meminfo: what the kernel estimates can be allocated without
+// swapping, page cache that can be dropped included.
+std::optional<std::uint64_t> mem_available_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib) {
+    std::getline(meminfo, unit);
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return std::nullopt;
 }
 
 // Pinned host memory for the RAM tier and staging when the device is a GPU, so that every
@@ -244,6 +263,38 @@ Layout layout_of_safetensors(const std::filesystem::path& path, const TensorGrou
   return layout;
 }
 
+// How a CPU engine reads its blocks: in place through the page cache, or with a backend.
+struct ReadPath {
+  bool in_place = false;
+  std::string note;  // why (for kAuto), or why kMmap could not read in place
+};
+
+ReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout) {
+  using io::BackendType;
+  if (options.backend != BackendType::kAuto && options.backend != BackendType::kMmap) return {};
+  const auto unsupported = io::block_windows_unsupported_reason();
+  if (!unsupported.empty()) return {false, unsupported};
+  if (options.ram_cache_bytes > 0) {
+    // The page cache would duplicate the tier: read into the tier instead.
+    return {false, "a RAM tier is configured: blocks are copied into it"};
+  }
+  if (options.backend == BackendType::kMmap) return {true, ""};
+  if (options.io.fault_injector) return {false, "auto: fault injection needs a backend"};
+  std::uint64_t source_bytes = 0;
+  for (const auto& b : layout.blocks) source_bytes += b.size;
+  const auto available = mem_available_bytes();
+  if (!available) return {false, "auto: available memory unknown (no /proc/meminfo)"};
+  if (source_bytes > *available / 2) {
+    return {false, detail::concat("auto: the ", layout.kind, " (", source_bytes,
+                                  " bytes) is more than half of the available memory (", *available,
+                                  " bytes): reading with O_DIRECT, not through the "
+                                  "page cache")};
+  }
+  return {true, detail::concat("auto: the ", layout.kind, " (", source_bytes,
+                               " bytes) fits in the page cache (", *available,
+                               " bytes available): reading in place")};
+}
+
 }  // namespace
 
 std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept {
@@ -338,6 +389,10 @@ class Engine::Impl {
   void worker_loop();
   void run_fill(const Job& job);
   void read_block(std::uint32_t block, std::span<std::byte> dest, bool demand);
+  void read_block_in_place(std::uint32_t block);
+  std::string describe_extent(std::uint32_t block, std::size_t extent) const;
+  void verify_extent(std::uint32_t block, std::size_t extent, std::span<const std::byte> data);
+  void open_windows();
   BlockView view_of(const Buffer& buffer, std::uint32_t block) const;
   Staging& take_staging();
 
@@ -347,6 +402,12 @@ class Engine::Impl {
   std::optional<cuda::Stream> copy_stream_;
   std::unique_ptr<io::Backend> backend_;
   std::vector<io::FileId> files_;
+  // Reading in place (device "cpu"): one window per block over descriptors of our own.
+  bool in_place_ = false;
+  std::string backend_name_;  // kept after close()
+  std::string backend_note_;
+  std::vector<tensorstream::detail::FileDescriptor> window_files_;
+  std::vector<io::BlockWindow> windows_;
   // verify_checksums without stored checksums: per block, per extent, the first read's.
   std::mutex checksum_mutex_;
   std::vector<std::vector<std::optional<std::uint64_t>>> first_checksums_;
@@ -406,8 +467,24 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
   } else {
     host_allocator_ = cache::default_host_allocator();
   }
-  backend_ = io::make_backend(options_.backend, options_.io);
-  for (const auto& f : layout_.files) files_.push_back(backend_->open(f));
+  if (!cuda_device_) {
+    auto path = choose_cpu_read_path(options_, layout_);
+    in_place_ = path.in_place;
+    backend_note_ = std::move(path.note);
+  }
+  if (in_place_) {
+    open_windows();
+    backend_name_ = "mmap";
+  } else {
+    // kMmap on a CPU that cannot read in place still reads (copies) through the mapping.
+    backend_ = io::make_backend(options_.backend, options_.io);
+    for (const auto& f : layout_.files) files_.push_back(backend_->open(f));
+    backend_name_ = backend_->name();
+    if (backend_note_.empty())
+      backend_note_ = backend_->selection_note();
+    else if (!backend_->selection_note().empty())
+      backend_note_ += "; " + backend_->selection_note();
+  }
   first_checksums_.resize(layout_.blocks.size());
   for (std::size_t i = 0; i < layout_.blocks.size(); ++i) {
     first_checksums_[i].resize(layout_.blocks[i].extents.size());
@@ -430,6 +507,12 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
     Buffer b;
     b.resident = resident;
     std::uint64_t address = 0;
+    if (in_place_) {
+      // The block's window is its memory; the budget still counts the slot.
+      stats_.device_bytes_in_use += bytes;
+      buffers_.push_back(std::move(b));
+      return;
+    }
     if (provider) {
       address = provider->allocate(bytes);
       TS_EXPECT(address != 0, Error, "device_memory.allocate(", bytes, ") returned null");
@@ -506,6 +589,8 @@ BlockView Engine::Impl::view_of(const Buffer& buffer, std::uint32_t block) const
   view.resident = buffer.resident;
   if (cuda_device_) {
     view.device = buffer.dev_ptr;
+  } else if (in_place_) {
+    view.host = windows_[block].data();
   } else {
     view.host = buffer.host.data();
   }
@@ -519,6 +604,10 @@ void Engine::Impl::assign(std::size_t buffer, std::uint32_t block) {
     buffer_of_block_[static_cast<std::size_t>(b.block)] = -1;
   }
   if (b.prefetched_unused) ++stats_.prefetches_wasted;
+  if (in_place_ && !b.resident && b.block >= 0 && b.block != static_cast<std::int64_t>(block)) {
+    // The slot's old block leaves the process's memory (the page cache keeps it).
+    windows_[static_cast<std::size_t>(b.block)].drop();
+  }
   b.block = block;
   b.state = State::kEmpty;
   b.error.reset();
@@ -701,6 +790,7 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
       const FillError error = *b.error;
       --b.pins;
       // Forget the failed fill so that the next acquire reads the block again.
+      if (in_place_ && !b.resident) windows_[block].drop();
       buffer_of_block_[block] = -1;
       b.block = -1;
       b.state = State::kEmpty;
@@ -815,15 +905,7 @@ void Engine::Impl::read_block(std::uint32_t block, std::span<std::byte> dest, bo
   }
   for (std::size_t i = 0; i < tickets.size(); ++i) {
     const auto& e = info.extents[i];
-    const auto& file = layout_.files[e.file];
-    // What a failure names: the block, the tensor(s), the file and the offset.
-    const auto where = [&] {
-      return e.label.empty()
-                 ? detail::concat("block '", info.name, "' (", e.length, " bytes at offset ",
-                                  e.file_offset, " of '", file.string(), "')")
-                 : detail::concat("block '", info.name, "', tensor '", e.label, "' (", e.length,
-                                  " bytes at offset ", e.file_offset, " of '", file.string(), "')");
-    };
+    const auto where = [&] { return describe_extent(block, i); };
     std::span<std::byte> data;
     try {
       const auto left = deadline - Clock::now();
@@ -843,22 +925,92 @@ void Engine::Impl::read_block(std::uint32_t block, std::span<std::byte> dest, bo
       if (e.label.empty()) throw;
       throw Error(detail::concat("read of ", where(), " failed: ", err.what()));
     }
-    if (!options_.verify_checksums) continue;
-    const auto actual = checksum64(data);
-    std::optional<std::uint64_t> expected = e.checksum;
-    if (!expected) {
-      std::lock_guard lock(checksum_mutex_);
-      auto& first = first_checksums_[block][i];
-      if (!first) first = actual;
-      expected = first;
-    }
-    TS_EXPECT(actual == *expected, ChecksumError, "checksum mismatch in ", where(), ": ",
-              e.checksum ? "stored " : "first read ", std::hex, *expected, ", computed ", actual);
+    if (options_.verify_checksums) verify_extent(block, i, data);
   }
   const auto end = now_ns();
   trace_.record({SpanKind::kRead, block, bytes, start, end});
   std::lock_guard lock(mutex_);
   stats_.bytes_from_storage += bytes;
+  stats_.io_seconds += static_cast<double>(end - start) / 1e9;
+}
+
+// What a failure names: the block, the tensor(s), the file and the offset.
+std::string Engine::Impl::describe_extent(std::uint32_t block, std::size_t extent) const {
+  const auto& info = layout_.blocks[block];
+  const auto& e = info.extents[extent];
+  const auto& file = layout_.files[e.file];
+  return e.label.empty()
+             ? detail::concat("block '", info.name, "' (", e.length, " bytes at offset ",
+                              e.file_offset, " of '", file.string(), "')")
+             : detail::concat("block '", info.name, "', tensor '", e.label, "' (", e.length,
+                              " bytes at offset ", e.file_offset, " of '", file.string(), "')");
+}
+
+void Engine::Impl::verify_extent(std::uint32_t block, std::size_t extent,
+                                 std::span<const std::byte> data) {
+  const auto& e = layout_.blocks[block].extents[extent];
+  const auto actual = checksum64(data);
+  std::optional<std::uint64_t> expected = e.checksum;
+  if (!expected) {
+    std::lock_guard lock(checksum_mutex_);
+    auto& first = first_checksums_[block][extent];
+    if (!first) first = actual;
+    expected = first;
+  }
+  TS_EXPECT(actual == *expected, ChecksumError, "checksum mismatch in ",
+            describe_extent(block, extent), ": ", e.checksum ? "stored " : "first read ", std::hex,
+            *expected, ", computed ", actual);
+}
+
+// One window per block, each extent's aligned read region mapped where the copying paths
+// would have read it (see Layout), so placements are the same on every path.
+void Engine::Impl::open_windows() {
+  std::vector<std::uint64_t> sizes;
+  for (const auto& f : layout_.files) {
+    window_files_.emplace_back(f, O_RDONLY | O_CLOEXEC);
+    sizes.push_back(window_files_.back().size());
+  }
+  windows_.reserve(layout_.blocks.size());
+  for (const auto& info : layout_.blocks) {
+    std::vector<io::WindowRegion> regions;
+    for (const auto& e : info.extents) {
+      const auto plan = io::plan_read(e.file_offset, e.length);
+      regions.push_back(io::WindowRegion{window_files_[e.file].get(), &layout_.files[e.file],
+                                         sizes[e.file], plan.aligned_offset, plan.aligned_size,
+                                         e.buffer_offset});
+    }
+    windows_.emplace_back(std::max<std::uint64_t>(info.size, 1), regions);
+  }
+}
+
+// A fill in place: fault the block's pages in (storage → page cache → this process), then
+// check them like a read.
+void Engine::Impl::read_block_in_place(std::uint32_t block) {
+  const auto& info = layout_.blocks[block];
+  const auto& window = windows_[block];
+  const std::int64_t start = now_ns();
+  std::uint64_t from_storage = 0;
+  try {
+    from_storage = window.populate();
+  } catch (const IoError& err) {
+    throw IoError(detail::concat("block '", info.name, "': ", err.what()), err.code());
+  } catch (const FormatError& err) {
+    throw FormatError(detail::concat("block '", info.name, "': ", err.what()));
+  }
+  std::uint64_t bytes = 0;
+  for (std::size_t i = 0; i < info.extents.size(); ++i) {
+    const auto& e = info.extents[i];
+    bytes += e.length;
+    if (options_.verify_checksums) {
+      verify_extent(block, i, {window.data() + e.buffer_offset + e.skip, e.length});
+    }
+  }
+  from_storage = std::min(from_storage, bytes);
+  const auto end = now_ns();
+  trace_.record({SpanKind::kRead, block, bytes, start, end});
+  std::lock_guard lock(mutex_);
+  stats_.bytes_from_storage += from_storage;
+  stats_.bytes_from_page_cache += bytes - from_storage;
   stats_.io_seconds += static_cast<double>(end - start) / 1e9;
 }
 
@@ -878,7 +1030,10 @@ void Engine::Impl::run_fill(const Job& job) {
     const cache::BlockKey key{0, job.block};
     const std::byte* source = nullptr;
     if (cache_) source_pin = cache_->lookup(key);
-    if (source_pin) {
+    if (in_place_) {
+      read_block_in_place(job.block);
+      source = windows_[job.block].data();
+    } else if (source_pin) {
       source = source_pin->data();
       std::lock_guard lock(mutex_);
       stats_.bytes_from_ram_tier += info.size;
@@ -911,7 +1066,7 @@ void Engine::Impl::run_fill(const Job& job) {
                               copy_stream_->handle());
       buffer.ready->record(copy_stream_->handle());
       if (staging) staging->copied->record(copy_stream_->handle());
-    } else if (source != buffer.host.data()) {
+    } else if (!in_place_ && source != buffer.host.data()) {
       std::memcpy(buffer.host.data(), source, info.size);
     }
     trace_.record({SpanKind::kCopy, job.block, info.size, copy_start, now_ns()});
@@ -976,6 +1131,8 @@ void Engine::Impl::close() {
   stats_.device_bytes_in_use = 0;
   cache_.reset();
   backend_.reset();
+  windows_.clear();
+  window_files_.clear();
 }
 
 EngineStats Engine::Impl::stats() const {
@@ -983,6 +1140,9 @@ EngineStats Engine::Impl::stats() const {
   EngineStats out = stats_;
   if (cache_) out.ram_tier = cache_->stats();
   if (backend_) out.io = backend_->stats();
+  out.backend = backend_name_;
+  out.in_place = in_place_;
+  out.backend_note = backend_note_;
   out.order_learned = order_learned_;
   out.prefetch_depth = current_depth();
   return out;

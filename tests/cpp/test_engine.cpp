@@ -81,36 +81,43 @@ TEST(Engine, ExactBytesForEveryStrategyTierAndPolicy) {
     }
   }
   for (const auto& v : variants) {
-    SCOPED_TRACE(std::string(eng::prefetch_strategy_name(v.prefetch)) + " cache=" +
-                 std::to_string(v.ram_cache) + " " + std::string(ts::cache::policy_name(v.policy)));
-    eng::EngineOptions options;
-    options.device_budget = eng::minimum_budget({store.max_block_size()}, 3) + 600 * KiB;
-    options.slots = 3;
-    options.prefetch = v.prefetch;
-    options.ram_cache_bytes = v.ram_cache;
-    options.cache_policy = v.policy;
-    options.verify_checksums = true;
-    eng::Engine engine(path, options);
-    EXPECT_LT(engine.plan().resident_bytes, total) << "the budget must force streaming";
-    for (int pass = 0; pass < 3; ++pass) {
-      for (std::uint32_t b = 0; b < store.blocks().size(); ++b) check_block(engine, store, b);
-    }
-    const auto stats = engine.stats();
-    EXPECT_LE(stats.device_bytes_peak, options.device_budget);
-    EXPECT_LE(stats.ram_tier.peak_bytes_in_use, v.ram_cache);
-    EXPECT_EQ(stats.acquires, 3 * store.blocks().size());
-    EXPECT_EQ(stats.failures, 0u);
-    if (v.prefetch != eng::PrefetchStrategy::kNone) {
-      EXPECT_GT(stats.prefetches_used, 0u);
-    }
-    // The loop of 12 blocks is twice the RAM tier: LRU evicts exactly the block needed next
-    // and never hits; the cyclic-aware default keeps a fixed subset and does.
-    if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kAuto) {
-      EXPECT_GT(stats.ram_tier.hits, 0u);
-      EXPECT_GT(stats.bytes_from_ram_tier, 0u);
-    }
-    if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kLru) {
-      EXPECT_EQ(stats.ram_tier.hits, 0u);
+    for (const auto backend : {ts::io::BackendType::kPread, ts::io::BackendType::kMmap}) {
+      SCOPED_TRACE(std::string(eng::prefetch_strategy_name(v.prefetch)) +
+                   " cache=" + std::to_string(v.ram_cache) + " " +
+                   std::string(ts::cache::policy_name(v.policy)) + " " +
+                   std::string(ts::io::backend_name(backend)));
+      eng::EngineOptions options;
+      options.backend = backend;
+      options.device_budget = eng::minimum_budget({store.max_block_size()}, 3) + 600 * KiB;
+      options.slots = 3;
+      options.prefetch = v.prefetch;
+      options.ram_cache_bytes = v.ram_cache;
+      options.cache_policy = v.policy;
+      options.verify_checksums = true;
+      eng::Engine engine(path, options);
+      EXPECT_LT(engine.plan().resident_bytes, total) << "the budget must force streaming";
+      for (int pass = 0; pass < 3; ++pass) {
+        for (std::uint32_t b = 0; b < store.blocks().size(); ++b) check_block(engine, store, b);
+      }
+      const auto stats = engine.stats();
+      EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+      EXPECT_LE(stats.ram_tier.peak_bytes_in_use, v.ram_cache);
+      EXPECT_EQ(stats.acquires, 3 * store.blocks().size());
+      EXPECT_EQ(stats.failures, 0u);
+      if (v.prefetch != eng::PrefetchStrategy::kNone) {
+        EXPECT_GT(stats.prefetches_used, 0u);
+      }
+      // The loop of 12 blocks is twice the RAM tier: LRU evicts exactly the block needed next
+      // and never hits; the cyclic-aware default keeps a fixed subset and does.
+      if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kAuto) {
+        EXPECT_GT(stats.ram_tier.hits, 0u);
+        EXPECT_GT(stats.bytes_from_ram_tier, 0u);
+      }
+      if (v.ram_cache > 0 && v.policy == ts::cache::Policy::kLru) {
+        EXPECT_EQ(stats.ram_tier.hits, 0u);
+      }
+      // kMmap reads in place exactly when there is no RAM tier.
+      EXPECT_EQ(stats.in_place, backend == ts::io::BackendType::kMmap && v.ram_cache == 0);
     }
   }
 }
@@ -172,7 +179,7 @@ TEST(Engine, AdaptiveLearnsTheOrderAndHidesIo) {
 
 TEST(Engine, RandomisedConcurrentScheduleKeepsBudgetsAndBytes) {
   std::mt19937_64 rng(99);
-  for (int round = 0; round < 4; ++round) {
+  for (int round = 0; round < 6; ++round) {
     TempDir dir;
     const int blocks = 6 + static_cast<int>(rng() % 10);
     const auto path = make_store(dir, blocks, 4 * KiB, 200 * KiB, rng());
@@ -180,6 +187,8 @@ TEST(Engine, RandomisedConcurrentScheduleKeepsBudgetsAndBytes) {
     std::vector<std::uint64_t> sizes;
     for (const auto& b : store.blocks()) sizes.push_back(b.raw_size);
     eng::EngineOptions options;
+    // Rounds alternate between the copying path and reading in place.
+    options.backend = round % 2 ? ts::io::BackendType::kMmap : ts::io::BackendType::kPread;
     options.slots = 4 + static_cast<unsigned>(rng() % 3);
     const auto minimum = eng::minimum_budget(sizes, options.slots);
     options.device_budget = minimum + rng() % (minimum + 1);
@@ -328,6 +337,7 @@ TEST(Engine, CallerProvidedMemoryIsUsedAndGivenBack) {
   std::size_t allocated = 0;
   eng::EngineOptions options;
   options.device_budget = 200 * KiB;
+  options.backend = ts::io::BackendType::kPread;  // reading in place would need no memory
   options.device_memory =
       eng::MemoryProvider{[&](std::size_t bytes) {
                             void* p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);

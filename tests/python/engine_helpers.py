@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 
@@ -12,6 +14,9 @@ class TorchMemory:
     def __init__(self) -> None:
         self.buffers: dict[int, torch.Tensor] = {}
         self.released: list[int] = []
+        # Set from engine.stats()["in_place"]: a CPU engine reading in place returns
+        # addresses in its block windows, not in provided memory.
+        self.in_place = False
 
     def allocate(self, nbytes: int) -> int:
         # 4096-aligned: over-allocate and slice (the engine reads with O_DIRECT into it).
@@ -30,4 +35,11 @@ class TorchMemory:
         for base, tensor in self.buffers.items():
             if base <= address and address + size <= base + tensor.numel():
                 return tensor[address - base : address - base + size]
+        if self.in_place:
+            window = (ctypes.c_uint8 * size).from_address(address)
+            return torch.frombuffer(window, dtype=torch.uint8)
         raise AssertionError(f"address {address:#x} is not in provided memory")
+
+    def attach(self, engine) -> None:
+        """Follows `engine`'s read path (call once the engine is open)."""
+        self.in_place = bool(engine.stats()["in_place"])

@@ -35,9 +35,10 @@ def tensors_of_block(header: dict, block: int, raw: torch.Tensor) -> dict[str, t
     return out
 
 
+@pytest.mark.parametrize("backend", ["pread", "auto"])
 @pytest.mark.parametrize("prefetch", ["none", "next_layer", "adaptive"])
 @pytest.mark.parametrize("ram_cache", [0, 64 << 10])
-def test_blocks_arrive_bitwise_in_torch_memory(layered_store, prefetch, ram_cache):
+def test_blocks_arrive_bitwise_in_torch_memory(layered_store, prefetch, ram_cache, backend):
     path, state = layered_store
     header = ts.read_ts_header(path)
     sizes = [b["size"] for b in header["blocks"]]
@@ -51,10 +52,15 @@ def test_blocks_arrive_bitwise_in_torch_memory(layered_store, prefetch, ram_cach
             "ram_cache_bytes": ram_cache,
             "prefetch": prefetch,
             "verify_checksums": True,
+            "backend": backend,
         },
         memory.allocate,
         memory.release,
     )
+    memory.attach(engine)
+    # auto on the CPU reads a small store in place, through the page cache, unless a RAM
+    # tier is configured; pread copies into the provided memory.
+    assert engine.stats()["in_place"] == (backend == "auto" and ram_cache == 0)
     assert engine.plan["device_bytes"] <= budget
     for _ in range(3):
         for block in range(engine.block_count):
@@ -101,6 +107,7 @@ def test_threads_share_one_engine(layered_store):
         memory.allocate,
         memory.release,
     )
+    memory.attach(engine)
     errors: list[str] = []
 
     def worker(seed: int) -> None:

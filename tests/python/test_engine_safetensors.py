@@ -68,9 +68,10 @@ def llama_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("backend", ["pread", "auto"])
 @pytest.mark.parametrize("prefetch", ["none", "next_layer", "adaptive"])
 @pytest.mark.parametrize("ram_cache", [0, 256 << 10])
-def test_sharded_llama_streams_bitwise(llama_checkpoint, prefetch, ram_cache):
+def test_sharded_llama_streams_bitwise(llama_checkpoint, prefetch, ram_cache, backend):
     expected = load_checkpoint(llama_checkpoint)
     memory = TorchMemory()
     budget = minimum_budget(llama_checkpoint, 2) + (32 << 10)
@@ -81,10 +82,13 @@ def test_sharded_llama_streams_bitwise(llama_checkpoint, prefetch, ram_cache):
             "ram_cache_bytes": ram_cache,
             "prefetch": prefetch,
             "verify_checksums": True,
+            "backend": backend,
         },
         memory.allocate,
         memory.release,
     )
+    memory.attach(engine)
+    assert engine.stats()["in_place"] == (backend == "auto" and ram_cache == 0)
     names = [engine.block_name(b) for b in range(engine.block_count)]
     assert names[0] == "model.embed_tokens" and names[1] == "model.layers.0"
     assert names[-1] == "lm_head"
@@ -119,6 +123,7 @@ def test_single_file_odd_dtypes_and_caller_groups(tmp_path):
         memory.release,
         groups=groups,
     )
+    memory.attach(engine)
     assert [engine.block_name(b) for b in range(engine.block_count)] == ["second", "first"]
     assert [t["name"] for t in engine.tensors(1)] == ["b.table", "a.weight"]
     assert engine.tensors(1)[0]["dtype"] == "int64"

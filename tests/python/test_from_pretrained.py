@@ -113,7 +113,7 @@ def test_bitwise_logits_and_generate(checkpoints, tmp_path, kind):
         assert stats["layers_offloaded"] >= stats["blocks"] // 2, stats
         assert stats["device_bytes_peak"] <= stats["device_budget"]
         assert stats["device_bytes_peak"] + stats["resident_param_bytes"] <= budget
-        assert stats["bytes_from_storage"] > 0
+        assert stats["bytes_from_storage"] + stats["bytes_from_page_cache"] > 0
         assert model.tensorstream.statistics()["store"] == str(path)
         # No store was written: the engine read the checkpoint in place.
         assert not list(tmp_path.glob("**/*.tstore"))

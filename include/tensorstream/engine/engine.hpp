@@ -7,6 +7,18 @@
 // Blocks the residency plan (residency.hpp) keeps resident are loaded once and stay; the
 // others share a ring of slots.
 //
+// In place (device "cpu" only). With backend kMmap — or kAuto when there is no RAM tier and
+// the source fits twice over in the memory the kernel reports available — a block is not
+// copied at all: its file ranges are mapped into a window laid out like its buffer
+// (io/block_window.hpp), a fill faults the window's pages in from the page cache (reading
+// from storage what is not cached), and the view points into the window. A slot then holds
+// no memory of its own: "filling" a slot populates the window of its block, and taking the
+// slot for another block unmaps the old block's pages from the process (MADV_DONTNEED; the
+// page cache keeps them). The budget therefore bounds the weight bytes mapped into the
+// process exactly as it bounds slot memory; the page cache is the kernel's reclaimable
+// memory, shared with every process, and is what serves repeated passes. stats().backend,
+// .in_place and .backend_note say which path was taken and why.
+//
 // Synchronisation. acquire(block, stream) returns once the block's bytes are on their way
 // and, on a GPU, makes `stream` wait (on the device) for the copy's "ready" event: the host
 // does not wait for the copy. release(block, stream) records a "done" event on `stream`; the
@@ -87,6 +99,9 @@ struct EngineOptions {
   /// Pinned-RAM tier between storage and device (0: none).
   std::uint64_t ram_cache_bytes = 0;
   cache::Policy cache_policy = cache::Policy::kAuto;
+  /// Device "cpu": kMmap reads in place (see the top of this file); kAuto reads in place when
+  /// ram_cache_bytes is 0 and the source is at most half of MemAvailable, else as below.
+  /// Elsewhere kAuto is io_uring where usable, else pread (both with O_DIRECT).
   io::BackendType backend = io::BackendType::kAuto;
   io::IoOptions io;
   PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
@@ -135,7 +150,14 @@ struct EngineStats {
   std::uint64_t device_bytes_peak = 0;
   std::uint64_t device_budget = 0;
   cache::Stats ram_tier;  ///< zeros when there is no RAM tier
-  io::IoStats io;
+  io::IoStats io;         ///< zeros when blocks are read in place (no backend)
+  /// How blocks are read: "pread", "io_uring" or "mmap" (with in_place: mapped, no copy).
+  std::string backend;
+  bool in_place = false;
+  /// Why this path was chosen for backend kAuto (or why kMmap could not read in place).
+  std::string backend_note;
+  /// In place: bytes of fills found in the page cache (the rest is in bytes_from_storage).
+  std::uint64_t bytes_from_page_cache = 0;
   unsigned prefetch_depth = 0;             ///< depth in use now
   bool order_learned = false;              ///< kAdaptive: the cyclic order is known
   std::vector<double> block_load_seconds;  ///< per block: last fill time (0: never filled)

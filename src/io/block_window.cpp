@@ -1,0 +1,174 @@
+#include "tensorstream/io/block_window.hpp"
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "tensorstream/errors.hpp"
+
+// Linux 5.14; older headers lack the constant, older kernels answer EINVAL (then pages are
+// touched one by one instead).
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+namespace tensorstream::io {
+namespace {
+
+constexpr std::uint64_t kPage = 4096;
+
+std::uint64_t round_up(std::uint64_t n) { return (n + kPage - 1) / kPage * kPage; }
+
+// Counts the bytes of [addr, addr + length) that are not in the page cache. Where mincore
+// refuses to tell (a file the process may not write, see mincore(2)), it reports pages not
+// mapped here as absent: the count is then an upper bound.
+std::uint64_t absent_bytes(std::byte* addr, std::uint64_t length) {
+  std::vector<unsigned char> resident(length / kPage);
+  if (resident.empty() || ::mincore(addr, length, resident.data()) != 0) return length;
+  std::uint64_t absent = 0;
+  for (const auto r : resident) absent += (r & 1) ? 0 : kPage;
+  return absent;
+}
+
+}  // namespace
+
+std::string block_windows_unsupported_reason() {
+  const long page = ::sysconf(_SC_PAGESIZE);
+  if (page != static_cast<long>(kPage)) {
+    return detail::concat("the system's page size is ", page,
+                          " bytes; reading in place needs 4096-byte pages");
+  }
+  return {};
+}
+
+BlockWindow::BlockWindow(std::uint64_t size, std::span<const WindowRegion> regions)
+    : size_(round_up(std::max<std::uint64_t>(size, 1))) {
+  const auto unsupported = block_windows_unsupported_reason();
+  TS_EXPECT(unsupported.empty(), std::invalid_argument, unsupported);
+  void* base =
+      ::mmap(nullptr, size_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) {
+    const int err = errno;
+    throw IoError(
+        detail::concat("reserving ", size_, " bytes of address space failed: ", std::strerror(err)),
+        err);
+  }
+  base_ = static_cast<std::byte*>(base);
+  try {
+    for (auto region : regions) {
+      TS_EXPECT(region.path != nullptr && region.fd >= 0, std::invalid_argument,
+                "window region without a file");
+      TS_EXPECT(region.file_offset % kPage == 0 && region.window_offset % kPage == 0,
+                std::invalid_argument, "window region of '", region.path->string(),
+                "' is not 4096-aligned (file offset ", region.file_offset, ", window offset ",
+                region.window_offset, ")");
+      TS_EXPECT(region.window_offset <= size_ && region.length <= size_ - region.window_offset,
+                std::invalid_argument, "window region of '", region.path->string(),
+                "' does not fit the window (", region.length, " bytes at ", region.window_offset,
+                " of ", size_, ")");
+      // Map only the pages that hold file bytes: a page wholly past the end raises SIGBUS.
+      if (region.file_offset >= region.file_size) continue;
+      region.length = std::min(region.length, round_up(region.file_size - region.file_offset));
+      if (region.length == 0) continue;
+      // Private and writable: a stray write into a weight (torch allows in-place ops on any
+      // tensor) changes a private copy of that page, never the file, and does not crash.
+      void* at = ::mmap(base_ + region.window_offset, region.length, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_FIXED, region.fd, static_cast<off_t>(region.file_offset));
+      if (at == MAP_FAILED) {
+        const int err = errno;
+        throw IoError(
+            detail::concat("mapping ", region.length, " bytes at offset ", region.file_offset,
+                           " of '", region.path->string(), "' failed: ", std::strerror(err)),
+            err);
+      }
+      regions_.push_back(region);
+    }
+  } catch (...) {
+    reset();
+    throw;
+  }
+}
+
+BlockWindow::~BlockWindow() { reset(); }
+
+BlockWindow::BlockWindow(BlockWindow&& other) noexcept
+    : base_(std::exchange(other.base_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      regions_(std::move(other.regions_)) {}
+
+BlockWindow& BlockWindow::operator=(BlockWindow&& other) noexcept {
+  if (this != &other) {
+    reset();
+    base_ = std::exchange(other.base_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    regions_ = std::move(other.regions_);
+  }
+  return *this;
+}
+
+void BlockWindow::reset() noexcept {
+  if (base_ != nullptr && ::munmap(base_, size_) != 0) {
+    std::fprintf(stderr, "tensorstream: munmap of a block window failed: %s\n",
+                 std::strerror(errno));
+  }
+  base_ = nullptr;
+  size_ = 0;
+  regions_.clear();
+}
+
+std::uint64_t BlockWindow::mapped_bytes() const noexcept {
+  std::uint64_t n = 0;
+  for (const auto& r : regions_) n += r.length;
+  return n;
+}
+
+std::uint64_t BlockWindow::populate() const {
+  std::uint64_t from_storage = 0;
+  for (const auto& r : regions_) {
+    struct stat st {};
+    if (::fstat(r.fd, &st) != 0) {
+      const int err = errno;
+      throw IoError(
+          detail::concat("fstat of '", r.path->string(), "' failed: ", std::strerror(err)), err);
+    }
+    // The region's bytes must all still be in the file (the mapping's last page may be
+    // partial: it ends where the file ended at open).
+    const auto needed = std::min(r.file_size, r.file_offset + r.length);
+    TS_EXPECT(static_cast<std::uint64_t>(st.st_size) >= needed, FormatError, "'", r.path->string(),
+              "' shrank to ", st.st_size, " bytes since it was opened (", r.file_size, " bytes; ",
+              needed, " needed here); it was modified while in use");
+    std::byte* addr = base_ + r.window_offset;
+    from_storage += absent_bytes(addr, r.length);
+    if (::madvise(addr, r.length, MADV_POPULATE_READ) == 0) continue;
+    const int err = errno;
+    if (err != EINVAL) {
+      throw IoError(
+          detail::concat("reading ", r.length, " bytes at offset ", r.file_offset, " of '",
+                         r.path->string(), "' into memory failed: ", std::strerror(err)),
+          err);
+    }
+    // A kernel before 5.14: fault the pages in by reading one byte of each.
+    volatile std::byte sink{};
+    for (std::uint64_t off = 0; off < r.length; off += kPage) sink = addr[off];
+    (void)sink;
+  }
+  return from_storage;
+}
+
+void BlockWindow::advise_willneed() const noexcept {
+  for (const auto& r : regions_) (void)::madvise(base_ + r.window_offset, r.length, MADV_WILLNEED);
+}
+
+void BlockWindow::drop() const noexcept {
+  for (const auto& r : regions_) (void)::madvise(base_ + r.window_offset, r.length, MADV_DONTNEED);
+}
+
+}  // namespace tensorstream::io
