@@ -12,8 +12,11 @@ BUILD         ?= build/cpp
 FUZZ_SECONDS  ?= 60
 # torch is pinned for development and CI; the package itself accepts any torch 2.x.
 TORCH_SPEC    ?= torch==2.13.0
-PY_TEST_DEPS  := pytest transformers accelerate safetensors ruff
+PY_TEST_DEPS  := pytest transformers accelerate safetensors ruff matplotlib
 PY_BUILD_DEPS := "nanobind>=2.0" "scikit-build-core>=0.10" "cmake>=3.24" ninja
+# cufile.h for the GPUDirect Storage code paths (CMake finds it in the venv's
+# nvidia/cu*/include), and the libcufile.so.0 the tests load: no CUDA torch comes with it.
+PY_GDS_DEPS   := nvidia-cufile
 APT_PACKAGES  := build-essential git libgtest-dev libgmock-dev libxxhash-dev libzstd-dev \
                  liburing-dev fio clang clang-format clang-tidy libclang-rt-14-dev python3-venv
 CMAKE         := $(VENV)/bin/cmake
@@ -47,7 +50,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	@[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS)
+	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS) $(PY_GDS_DEPS)
 	@touch $@
 
 venv: $(VENV)/.stamp
@@ -95,8 +98,9 @@ test-tsan: deps
 # The same sources must build and run without CUDA headers (the GPU paths compiled out).
 test-nocuda: deps
 	$(CMAKE) -S . -B build/nocuda -G Ninja -DTS_BUILD_TESTS=ON -DTS_WITH_CUDA=OFF -DTS_WERROR=ON >/dev/null
-	$(CMAKE) --build build/nocuda -j $(JOBS) --target test_cuda_shim tensorstream_tool
+	$(CMAKE) --build build/nocuda -j $(JOBS) --target test_cuda_shim test_gds tensorstream_tool
 	build/nocuda/tests/cpp/test_cuda_shim
+	build/nocuda/tests/cpp/test_gds
 	build/nocuda/tensorstream doctor | grep -q "CUDA support compiled in: no"
 
 fuzz: deps

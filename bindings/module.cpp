@@ -39,6 +39,7 @@
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store.hpp"
 #include "tensorstream/store_maintenance.hpp"
 #include "tensorstream/version.hpp"
@@ -306,6 +307,8 @@ ts::engine::EngineOptions engine_options_from(const nb::dict& d) {
       o.slots = nb::cast<unsigned>(value);
     } else if (key == "verify_checksums") {
       o.verify_checksums = nb::cast<bool>(value);
+    } else if (key == "gds") {
+      o.gds = ts::engine::parse_gds_mode(nb::cast<std::string>(value));
     } else if (key == "num_threads") {
       o.io.num_threads = nb::cast<unsigned>(value);
     } else if (key == "request_size") {
@@ -352,6 +355,19 @@ nb::dict engine_stats_dict(const ts::engine::EngineStats& s) {
   d["backend"] = s.backend;
   d["in_place"] = s.in_place;
   d["backend_note"] = s.backend_note;
+  d["gds_mode"] = std::string(ts::engine::gds_mode_name(s.gds_mode));
+  d["gds_files"] = s.gds_files;
+  d["gds_bytes"] = s.gds_bytes;
+  d["gds_reason"] = to_str(s.gds_reason);
+  nb::list gds;
+  for (const auto& f : s.gds) {
+    nb::dict file;
+    file["path"] = to_str(f.path.string());
+    file["used"] = f.used;
+    file["reason"] = to_str(f.reason);
+    gds.append(file);
+  }
+  d["gds"] = gds;
   d["bytes_from_page_cache"] = s.bytes_from_page_cache;
   nb::dict ram;
   ram["capacity"] = s.ram_tier.capacity;
@@ -900,7 +916,12 @@ NB_MODULE(_core, m) {
           status = ts::cuda::cufile_status();
         }
         nb::dict d;
+        d["compiled"] = status.compiled;
         d["library_loaded"] = status.library_loaded;
+        d["library"] = to_str(status.library);
+        d["version"] = status.version;
+        d["driver_opened"] = status.driver_opened;
+        d["nvidia_fs"] = status.nvidia_fs;
         d["reason"] = to_str(status.reason);
         return d;
       },

@@ -28,6 +28,57 @@ else()
   message(STATUS "TensorStream: no cuda.h found; building without CUDA support")
 endif()
 
+# cuFile (GPUDirect Storage): only <cufile.h> is needed at build time; libcufile.so.0 is
+# loaded at run time with dlopen. The header ships with the CUDA toolkit and in the PyPI wheel
+# `nvidia-cufile` (nvidia/cu*/include inside site-packages). Looked for, in order: the
+# TS_CUFILE_INCLUDE_DIR cache variable or environment variable, the CUDA include directory,
+# the site-packages of the Python the build runs with (Python_EXECUTABLE, as scikit-build-core
+# sets it, else the repository's .venv, else python3 on PATH). -DTS_WITH_CUFILE=OFF skips it.
+option(TS_WITH_CUFILE "Compile GPUDirect Storage (cuFile) support when cufile.h is found" ON)
+set(TS_HAVE_CUFILE_HEADERS OFF)
+if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
+  set(_ts_cufile_hints)
+  set(_ts_python "")
+  if(Python_EXECUTABLE)
+    set(_ts_python "${Python_EXECUTABLE}")
+  elseif(Python3_EXECUTABLE)
+    set(_ts_python "${Python3_EXECUTABLE}")
+  elseif(EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/.venv/bin/python")
+    set(_ts_python "${CMAKE_CURRENT_SOURCE_DIR}/.venv/bin/python")
+  else()
+    find_program(_ts_python_found NAMES python3)
+    if(_ts_python_found)
+      set(_ts_python "${_ts_python_found}")
+    endif()
+  endif()
+  if(_ts_python)
+    execute_process(
+      COMMAND "${_ts_python}" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+      OUTPUT_VARIABLE _ts_purelib
+      OUTPUT_STRIP_TRAILING_WHITESPACE
+      RESULT_VARIABLE _ts_purelib_result
+      ERROR_QUIET)
+    if(_ts_purelib_result EQUAL 0 AND _ts_purelib)
+      file(GLOB _ts_cufile_hints LIST_DIRECTORIES true
+           "${_ts_purelib}/nvidia/cu*/include" "${_ts_purelib}/nvidia/cufile/include")
+    endif()
+  endif()
+  find_path(TS_CUFILE_INCLUDE_DIR cufile.h
+    HINTS ENV TS_CUFILE_INCLUDE_DIR
+    PATHS ${TS_CUDA_INCLUDE_DIR} ${_ts_cufile_hints}
+    NO_DEFAULT_PATH)
+  # A directory given by hand that lacks the header counts as "not found", not as an error.
+  if(TS_CUFILE_INCLUDE_DIR AND EXISTS "${TS_CUFILE_INCLUDE_DIR}/cufile.h")
+    set(TS_HAVE_CUFILE_HEADERS ON)
+    message(STATUS "TensorStream: cuFile header in ${TS_CUFILE_INCLUDE_DIR}")
+  else()
+    message(STATUS "TensorStream: cufile.h not found; building without GPUDirect Storage "
+                   "(pip install nvidia-cufile, or set TS_CUFILE_INCLUDE_DIR)")
+  endif()
+elseif(TS_HAVE_CUDA_HEADERS)
+  message(STATUS "TensorStream: GPUDirect Storage disabled (TS_WITH_CUFILE=OFF)")
+endif()
+
 # io_uring: an optional backend, compiled in when liburing (Debian: liburing-dev) is found.
 # Linked statically when the static archive exists, so the wheel does not need liburing.so.
 find_path(TS_LIBURING_INCLUDE_DIR liburing.h)

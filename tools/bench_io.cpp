@@ -1,6 +1,7 @@
 // `tensorstream bench-io`: how fast each I/O backend streams a store into host memory, next
 // to what the hardware does without TensorStream (a plain O_DIRECT read loop, and fio), and,
-// with a device, how fast the engine fills it.
+// with a device, how fast the engine fills it: on a GPU both through pinned host memory
+// (gds=off) and with GPUDirect Storage (gds=on; when it cannot run, the row says why).
 //
 // Honest numbers: every figure is a measured wall time over bytes that were really read.
 // Runs are cold by default (the store's pages are dropped from the page cache before each
@@ -40,6 +41,7 @@
 #include "tensorstream/io/aligned_buffer.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store.hpp"
 
 extern char** environ;
@@ -64,6 +66,7 @@ constexpr const char* kBenchUsage =
     "  --repeat N           runs per measurement, interleaved; the median is reported (3)\n"
     "  --device DEV         also stream through the Engine to cpu | cuda | cuda:N | none\n"
     "                       (default cpu); on a GPU, also pinned host-to-device bandwidth\n"
+    "                       and the engine with GPUDirect Storage (gds=on) where it works\n"
     "  --threads N          I/O threads of the pread backend (engine default: 4)\n"
     "  --request-size MiB   request size, 4..16 (engine default: 8)\n"
     "  --queue-depth N      requests in flight per backend (engine default: 16)\n"
@@ -556,8 +559,10 @@ void measure_pinned_h2d(const Options& o, Measurement& m) {
   m.extra = {{"chunk_bytes", std::to_string(kH2DChunk)}, {"copies", std::to_string(kH2DCopies)}};
 }
 
-// One pass over every block through a fresh Engine (construction not timed).
-void measure_engine(const Context& c, Measurement& m) {
+// One pass over every block through a fresh Engine (construction not timed). `gds`: kOff
+// measures the host path; kOn reads with cuFile and throws from the engine's constructor
+// when it cannot (the caller records why).
+void measure_engine(const Context& c, Measurement& m, engine::GdsMode gds = engine::GdsMode::kOff) {
   std::vector<std::uint64_t> sizes;
   for (const auto& b : c.store.blocks()) sizes.push_back(b.raw_size);
   engine::EngineOptions eo;
@@ -569,6 +574,7 @@ void measure_engine(const Context& c, Measurement& m) {
   // The streaming path (O_DIRECT into slots) with the backend AUTO picks for it; on the CPU,
   // AUTO would read a store this small in place through the page cache instead.
   eo.backend = io::make_backend(io::BackendType::kAuto, eo.io)->type();
+  eo.gds = gds;
   std::optional<cuda::Device> device;
   std::optional<cuda::Stream> stream;
   if (c.options.device != "cpu") {
@@ -588,8 +594,16 @@ void measure_engine(const Context& c, Measurement& m) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const auto s = eng.stats();
   m.runs.push_back({s.bytes_from_storage, seconds});
-  m.direct = s.io.reads_direct > 0 && s.io.reads_buffered == 0;
+  m.direct = gds == engine::GdsMode::kOn || (s.io.reads_direct > 0 && s.io.reads_buffered == 0);
+  if (gds == engine::GdsMode::kOn) {
+    m.add_note("cuFileRead into device memory");
+    if (!cuda::cufile_status().nvidia_fs) {
+      m.add_note("cuFile in compatibility mode (nvidia-fs not loaded): bounce buffers");
+    }
+  }
   m.extra = {{"device_budget", std::to_string(eo.device_budget)},
+             {"gds", json::quote(engine::gds_mode_name(gds))},
+             {"gds_bytes", std::to_string(s.gds_bytes)},
              {"acquires", std::to_string(s.acquires)},
              {"hits", std::to_string(s.device_hits)},
              {"misses", std::to_string(s.device_misses)},
@@ -725,6 +739,7 @@ int cmd_bench_io(const std::vector<std::string>& args, std::ostream& out, std::o
   for (auto t : o.backends) backends.emplace_back(std::string(io::backend_name(t)));
   Measurement h2d{"pinned H2D"};
   Measurement device{"engine -> " + o.device};
+  Measurement gds{"engine -> " + o.device + " gds"};
   std::string fio_engine;
   if (!o.fio) {
     fio.skipped = true;
@@ -765,6 +780,18 @@ int cmd_bench_io(const std::vector<std::string>& args, std::ostream& out, std::o
     tasks.push_back({&backends[i], [&, i] { measure_backend(c, o.backends[i], backends[i]); }});
   }
   if (o.device != "none") tasks.push_back({&device, [&] { measure_engine(c, device); }});
+  if (gpu) {
+    tasks.push_back({&gds, [&] {
+                       if (gds.skipped) return;
+                       try {
+                         measure_engine(c, gds, engine::GdsMode::kOn);
+                       } catch (const std::exception& e) {
+                         gds.skipped = true;
+                         gds.runs.clear();
+                         gds.note = std::string("GDS not used: ") + e.what();
+                       }
+                     }});
+  }
 
   const std::string blockdev = util::block_device_name(store.path());
   for (unsigned r = 0; r < o.repeat; ++r) {
@@ -849,7 +876,15 @@ int cmd_bench_io(const std::vector<std::string>& args, std::ostream& out, std::o
     j << "{\"name\":" << json::quote(o.device)
       << ",\"engine\":" << measurement_json(device, &odirect, &fio)
       << ",\"bound_gbps\":" << json_number(bound)
-      << ",\"vs_bound\":" << ratio_json(device.median().gbps(), bound) << "}";
+      << ",\"vs_bound\":" << ratio_json(device.median().gbps(), bound);
+    if (gpu) {
+      j << ",\"gds\":{\"used\":" << (gds.measured() ? "true" : "false")
+        << ",\"reason\":" << json::quote(gds.measured() ? "" : gds.note)
+        << ",\"engine\":" << measurement_json(gds, &odirect, &fio)
+        << ",\"vs_bound\":" << (gds.measured() ? ratio_json(gds.median().gbps(), bound) : "null")
+        << "}";
+    }
+    j << "}";
   } else {
     j << "null";
   }
@@ -904,12 +939,14 @@ int cmd_bench_io(const std::vector<std::string>& args, std::ostream& out, std::o
     row(fio);
     if (gpu) row(h2d);
     if (device.measured()) {
-      out << "-- engine (budget 2 slots of the largest block, no RAM tier, adaptive prefetch)\n";
+      out << "-- engine (budget 2 slots of the largest block, no RAM tier, adaptive prefetch"
+          << (gpu ? "; first row gds=off, through pinned host memory" : "") << ")\n";
       row(device);
       out << std::left << std::setw(20) << ""
           << "ratio to min(best storage reference" << (h2d.measured() ? ", pinned H2D" : "")
           << " = " << fixed(bound, 2) << " GB/s): " << ratio_text(device.median().gbps(), bound)
           << "\n";
+      if (gpu) row(gds);  // GPUDirect Storage, or why it was not used
     }
   }
   if (!o.json_out.empty()) {

@@ -2,15 +2,18 @@
 //
 // Reports, for the storage path (--storage-path, else $TENSORSTREAM_STORAGE_PATH, else the
 // current directory): which I/O backends work there (each one reads a probe file), O_DIRECT,
-// io_uring (and the kernel's io_uring_disabled switch), GPUDirect Storage; the CUDA driver
-// and cuFile; the locked-memory limit; and the measured cold read bandwidth of a temporary
-// file written there. The temporary file has no name (O_TMPFILE) where the file system
+// io_uring (and the kernel's io_uring_disabled switch), GPUDirect Storage (cuFile found?
+// driver opened? a file on the storage path registered and read into GPU memory exactly?);
+// the CUDA driver; the locked-memory limit; and the measured cold read bandwidth of a
+// temporary file written there. The temporary file has no name (O_TMPFILE) where the file system
 // allows it, else a hidden ".doctor-probe.<pid>.<n>.tstmp" name that cleanup_orphaned_files()
 // recognises; it is removed on every exit path.
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +22,7 @@
 #include <optional>
 #include <ostream>
 #include <sstream>
+#include <vector>
 
 #include "cli.hpp"
 #include "cli_util.hpp"
@@ -28,6 +32,7 @@
 #include "tensorstream/io/aligned_buffer.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store_maintenance.hpp"
 #include "tensorstream/version.hpp"
 
@@ -138,6 +143,67 @@ Bandwidth measure_bandwidth(const std::filesystem::path& dir, std::uint64_t byte
   return out;
 }
 
+// GPUDirect Storage on the storage path: cuFile's driver opened with device 0, then a small
+// file written there, registered (O_DIRECT + cuFileHandleRegister) and read into device
+// memory, and the bytes compared after a copy back.
+struct GdsProbe {
+  cuda::CuFileStatus cufile;
+  bool registered = false;  // the probe file was registered with cuFile
+  bool works = false;       // ... and read back exactly
+  std::string reason;       // why not, or "ok ..." with the mode
+};
+
+constexpr std::size_t kGdsProbeBytes = std::size_t{1} << 20;
+
+GdsProbe probe_gds(const std::filesystem::path& dir, const cuda::DriverStatus& driver) {
+  GdsProbe p;
+  p.cufile = cuda::cufile_status();
+  if (!p.cufile.library_loaded || !driver.available) {
+    p.reason = p.cufile.reason;
+    return p;
+  }
+  try {
+    const cuda::Device device(0);
+    p.cufile = cuda::cufile_open_driver(device);
+    if (!p.cufile.driver_opened) {
+      p.reason = p.cufile.reason;
+      return p;
+    }
+    ProbeFile file(dir);
+    io::AlignedBuffer data(kGdsProbeBytes);
+    util::fill_pseudo_random(data.span(), 7);
+    for (std::size_t done = 0; done < data.size();) {
+      const ssize_t w =
+          ::pwrite(file.fd(), data.data() + done, data.size() - done, static_cast<off_t>(done));
+      if (w == -1 && errno == EINTR) continue;
+      TS_SYSCALL_CHECK(w, "cannot write the GDS probe file in '", dir.string(), "'");
+      done += static_cast<std::size_t>(w);
+    }
+    TS_SYSCALL_CHECK(::fsync(file.fd()), "cannot fsync the GDS probe file in '", dir.string(), "'");
+    const cuda::CuFileHandle handle(device, file.path());
+    p.registered = true;
+    const cuda::DeviceBuffer on_device(device, data.size());
+    for (std::size_t done = 0; done < data.size();) {
+      const auto n = handle.read(on_device.ptr(), data.size() - done, done, done);
+      TS_EXPECT(n > 0, Error, "cuFileRead of the probe file stopped after ", done, " bytes");
+      done += n;
+    }
+    std::vector<std::byte> back(data.size());
+    const cuda::Stream stream(device);
+    cuda::memcpy_dtoh_async(device, back.data(), on_device.ptr(), back.size(), stream.handle());
+    stream.synchronize();
+    p.works = std::equal(back.begin(), back.end(), data.data());
+    p.reason = !p.works ? "cuFileRead returned wrong bytes for the probe file"
+               : p.cufile.nvidia_fs
+                   ? "ok"
+                   : "ok, in compatibility mode (nvidia-fs kernel module not loaded): gds=auto "
+                     "uses the host path, gds=on uses cuFile";
+  } catch (const std::exception& e) {
+    p.reason = e.what();
+  }
+  return p;
+}
+
 struct Limit {
   bool unlimited = false;
   std::uint64_t bytes = 0;
@@ -215,7 +281,6 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
   // ---- gather -----------------------------------------------------------------------------
   const auto machine = util::machine_info();
   const auto driver = cuda::driver_status();
-  const auto cufile = cuda::cufile_status();
   const std::string fs = util::filesystem_name(storage);
   const std::string blockdev = util::block_device_name(storage);
   const auto direct_problem = io::probe_direct_io(storage);
@@ -226,18 +291,9 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
     if (row.reason.empty()) row.reason = p.usable ? "ok" : "unknown failure";
     rows.push_back(std::move(row));
   }
-  BackendRow gds{"gpudirect", false, false, ""};
-  if (!cuda::compiled_with_cuda()) {
-    gds.reason = "this build has no CUDA support (the CUDA headers were not found at build time)";
-  } else if (!driver.available) {
-    gds.reason = driver.reason.empty() ? "no usable CUDA driver" : driver.reason;
-  } else if (!cufile.library_loaded) {
-    gds.reason = cufile.reason.empty() ? "cuFile (libcufile.so.0) not found" : cufile.reason;
-  } else {
-    gds.reason =
-        "libcufile and a GPU are present, but this build has no GPUDirect Storage "
-        "backend yet: reads go through pinned host memory";
-  }
+  const GdsProbe gds_probe = probe_gds(storage, driver);
+  const auto& cufile = gds_probe.cufile;
+  const BackendRow gds{"gpudirect", gds_probe.works, gds_probe.registered, gds_probe.reason};
   rows.push_back(gds);
 
   const BackendRow* uring = nullptr;
@@ -287,8 +343,15 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
       << ",\"driver_version\":" << driver.driver_version << ",\"devices\":" << driver.device_count
       << ",\"device0\":" << json::quote(driver.device0_name)
       << ",\"reason\":" << json::quote(driver.reason) << "}"
-      << ",\"cufile\":{\"loaded\":" << (cufile.library_loaded ? "true" : "false")
+      << ",\"cufile\":{\"compiled\":" << (cufile.compiled ? "true" : "false")
+      << ",\"loaded\":" << (cufile.library_loaded ? "true" : "false")
+      << ",\"library\":" << json::quote(cufile.library) << ",\"version\":" << cufile.version
+      << ",\"driver_opened\":" << (cufile.driver_opened ? "true" : "false")
+      << ",\"nvidia_fs\":" << (cufile.nvidia_fs ? "true" : "false")
       << ",\"reason\":" << json::quote(cufile.reason) << "}"
+      << ",\"gds\":{\"works\":" << (gds_probe.works ? "true" : "false")
+      << ",\"file_registered\":" << (gds_probe.registered ? "true" : "false")
+      << ",\"reason\":" << json::quote(gds.reason) << "}"
       << ",\"machine\":{\"cpus\":" << machine.cpus << ",\"memory_bytes\":" << machine.memory_bytes
       << ",\"kernel\":" << json::quote(machine.kernel)
       << ",\"transparent_hugepages\":" << json::quote(util::transparent_hugepage_mode()) << "}"
@@ -334,9 +397,19 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
   } else {
     out << "CUDA driver: no (" << driver.reason << ")\n";
   }
-  out << "cuFile (GPUDirect Storage): "
-      << (cufile.library_loaded ? std::string("library found") : "no (" + cufile.reason + ")")
-      << "\n";
+  out << "cuFile (GPUDirect Storage): ";
+  if (!cufile.library_loaded) {
+    out << "no (" << cufile.reason << ")\n";
+  } else {
+    out << "library " << cufile.library;
+    if (cufile.version > 0) {
+      out << " (version " << cufile.version / 1000 << "." << (cufile.version % 1000) / 10 << ")";
+    }
+    out << "; driver " << (cufile.driver_opened ? "opened" : "not opened (" + cufile.reason + ")")
+        << "; nvidia-fs kernel module " << (cufile.nvidia_fs ? "loaded" : "not loaded") << "\n";
+  }
+  out << "GPUDirect Storage on the storage path: "
+      << (gds_probe.works ? "works (" + gds.reason + ")" : "no (" + gds.reason + ")") << "\n";
   out << "machine: " << machine.cpus << " CPUs, " << human_bytes(machine.memory_bytes)
       << " RAM, Linux " << machine.kernel << ", transparent huge pages: "
       << (util::transparent_hugepage_mode().empty() ? "unknown" : util::transparent_hugepage_mode())

@@ -129,9 +129,13 @@ class _ParsableEnum(Enum):
 class BackendType(_ParsableEnum):
     """How the engine reads the store.
 
-    AUTO lets the engine choose (io_uring where the kernel allows it, else pread; GPUDirect
-    Storage when it is usable). GPUDIRECT and CUDA currently behave as AUTO: GPUDirect is
-    selected by the engine at run time when present, never forced.
+    AUTO and CUDA let the engine choose: io_uring where the kernel allows it, else pread,
+    and on a CUDA device GPUDirect Storage (cuFile, straight into GPU memory) for every file
+    where it works with the nvidia-fs kernel module, the host path elsewhere, with the reason
+    in the statistics (``gds_reason``). GPUDIRECT insists on GPUDirect Storage: starting the
+    engine fails, saying why, when it cannot be used (a CPU device, a RAM tier,
+    ``verify_checksums``, or a file cuFile cannot register). MMAP, IO_URING and PREAD read
+    through host memory only (GPUDirect Storage off).
     """
 
     AUTO = "auto"
@@ -160,7 +164,8 @@ class MemoryPressureMode(_ParsableEnum):
 
 
 # Engine names of the backends (EngineOptions.backend accepts "auto", "pread", "io_uring",
-# "mmap"). GPUDirect is chosen inside the engine when usable, so GPUDIRECT/CUDA map to "auto".
+# "mmap"). GPUDirect Storage is the engine's separate `gds` option (see _ENGINE_GDS); the
+# backend reads what GDS does not, so GPUDIRECT/CUDA map to "auto".
 _ENGINE_BACKEND = {
     BackendType.AUTO: "auto",
     BackendType.GPUDIRECT: "auto",
@@ -168,6 +173,17 @@ _ENGINE_BACKEND = {
     BackendType.MMAP: "mmap",
     BackendType.IO_URING: "io_uring",
     BackendType.PREAD: "pread",
+}
+
+# EngineOptions.gds: "on" insists on GPUDirect Storage, "auto" uses it where it works, "off"
+# never loads cuFile.
+_ENGINE_GDS = {
+    BackendType.AUTO: "auto",
+    BackendType.GPUDIRECT: "on",
+    BackendType.CUDA: "auto",
+    BackendType.MMAP: "off",
+    BackendType.IO_URING: "off",
+    BackendType.PREAD: "off",
 }
 
 # ---- sizes ---------------------------------------------------------------------------------
@@ -767,8 +783,11 @@ class Config:
         * ``device_budget``: ``vram_budget_bytes``, or when automatic
           :func:`default_vram_budget` for that device (queried now: call this at engine start);
         * ``ram_cache_bytes``, ``cache_policy``, ``verify_checksums``;
-        * ``backend``: "auto", "pread", "io_uring" or "mmap". GPUDIRECT and CUDA map to "auto":
-          the engine selects GPUDirect Storage by itself when it is usable;
+        * ``backend``: "auto", "pread", "io_uring" or "mmap"; GPUDIRECT and CUDA map to "auto"
+          (the backend reads whatever GPUDirect Storage does not);
+        * ``gds``: GPUDirect Storage, "on" for GPUDIRECT (the engine fails to start, saying
+          why, where it cannot be used), "auto" for AUTO and CUDA (used per file where it
+          works), "off" for MMAP, IO_URING and PREAD;
         * ``prefetch``: "none", "next_layer" or "adaptive"; ``prefetch_depth``: int or None
           (engine measures);
         * ``slots``: streaming slots, 1 + prefetch depth (depth None counts as 1), at least 2;
@@ -788,6 +807,7 @@ class Config:
             "ram_cache_bytes": self.ram_cache_bytes,
             "cache_policy": self.cache_policy,
             "backend": _ENGINE_BACKEND[self.backend],
+            "gds": _ENGINE_GDS[self.backend],
             "prefetch": strategy.value,
             "prefetch_depth": depth,
             "slots": slots,

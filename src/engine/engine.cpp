@@ -3,13 +3,16 @@
 #include <fcntl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include <set>
@@ -21,6 +24,7 @@
 #include "tensorstream/errors.hpp"
 #include "tensorstream/io/block_window.hpp"
 #include "tensorstream/safetensors.hpp"
+#include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store.hpp"
 
 namespace tensorstream::engine {
@@ -309,6 +313,25 @@ std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept {
   return "";
 }
 
+std::string_view gds_mode_name(GdsMode mode) noexcept {
+  switch (mode) {
+    case GdsMode::kAuto:
+      return "auto";
+    case GdsMode::kOn:
+      return "on";
+    case GdsMode::kOff:
+      return "off";
+  }
+  return "";
+}
+
+GdsMode parse_gds_mode(std::string_view name) {
+  for (const auto m : {GdsMode::kAuto, GdsMode::kOn, GdsMode::kOff}) {
+    if (gds_mode_name(m) == name) return m;
+  }
+  throw std::invalid_argument(detail::concat("gds mode '", name, "' is not one of auto, on, off"));
+}
+
 PrefetchStrategy parse_prefetch_strategy(std::string_view name) {
   for (const auto s :
        {PrefetchStrategy::kNone, PrefetchStrategy::kNextLayer, PrefetchStrategy::kAdaptive}) {
@@ -349,6 +372,8 @@ class Engine::Impl {
     std::shared_ptr<void> provided;         // GPU: gives provided memory back when reset
     std::optional<cuda::Event> ready;       // GPU: recorded after the fill's copy
     std::optional<cuda::Event> done;        // GPU: recorded by release()
+    // GDS: the slot registered with cuFile; declared after the memory so it goes first.
+    std::optional<cuda::CuFileBufferRegistration> gds_registration;
     bool done_recorded = false;
     std::optional<cache::BlockHandle> source_pin;  // GPU: keeps a copy's source alive
     std::int64_t block = -1;
@@ -389,6 +414,8 @@ class Engine::Impl {
   void worker_loop();
   void run_fill(const Job& job);
   void read_block(std::uint32_t block, std::span<std::byte> dest, bool demand);
+  void set_up_gds();
+  void read_block_gds(std::uint32_t block, const Buffer& buffer);
   void read_block_in_place(std::uint32_t block);
   std::string describe_extent(std::uint32_t block, std::size_t extent) const;
   void verify_extent(std::uint32_t block, std::size_t extent, std::span<const std::byte> data);
@@ -402,6 +429,14 @@ class Engine::Impl {
   std::optional<cuda::Stream> copy_stream_;
   std::unique_ptr<io::Backend> backend_;
   std::vector<io::FileId> files_;
+  // GDS: per source file its registered handle (unset: the host path reads it), per block
+  // whether cuFileRead fills it, and the outcome stats() reports.
+  std::vector<std::optional<cuda::CuFileHandle>> gds_handles_;
+  std::vector<bool> gds_block_;
+  std::vector<GdsFileInfo> gds_info_;
+  std::string gds_reason_;
+  std::uint64_t gds_request_size_ = 0;
+  unsigned gds_threads_ = 1;
   // Reading in place (device "cpu"): one window per block over descriptors of our own.
   bool in_place_ = false;
   std::string backend_name_;  // kept after close()
@@ -446,6 +481,20 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
   TS_EXPECT(options_.slots >= 2, std::invalid_argument, "slots must be at least 2, got ",
             options_.slots);
   device_ordinal_ = parse_device(options_.device);
+  if (options_.gds == GdsMode::kOn) {
+    TS_EXPECT(device_ordinal_ >= 0, std::invalid_argument, "gds=on needs a CUDA device, but ",
+              "device is '", options_.device,
+              "': GPUDirect Storage reads into GPU memory only (use gds=auto or gds=off)");
+    TS_EXPECT(options_.ram_cache_bytes == 0, std::invalid_argument,
+              "gds=on cannot be combined with a RAM tier (ram_cache_bytes = ",
+              options_.ram_cache_bytes, "): the tier is filled by reads into host memory");
+    TS_EXPECT(!options_.verify_checksums, std::invalid_argument,
+              "gds=on cannot be combined with verify_checksums: blocks are checked in host "
+              "memory, so they are read there");
+    TS_EXPECT(options_.io.direct, std::invalid_argument,
+              "gds=on cannot be combined with io.direct = false: cuFile reads bypass the page "
+              "cache");
+  }
   std::vector<std::uint64_t> sizes;
   std::uint64_t largest_block = 0;
   for (const auto& b : layout_.blocks) {
@@ -485,6 +534,7 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
     else if (!backend_->selection_note().empty())
       backend_note_ += "; " + backend_->selection_note();
   }
+  set_up_gds();
   first_checksums_.resize(layout_.blocks.size());
   for (std::size_t i = 0; i < layout_.blocks.size(); ++i) {
     first_checksums_[i].resize(layout_.blocks[i].extents.size());
@@ -559,7 +609,20 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
   }
   stats_.device_bytes_peak = stats_.device_bytes_in_use;
   stats_.device_budget = options_.device_budget;
-  if (cuda_device_) {
+  const bool any_gds = std::find(gds_block_.begin(), gds_block_.end(), true) != gds_block_.end();
+  const bool any_host = std::find(gds_block_.begin(), gds_block_.end(), false) != gds_block_.end();
+  if (any_gds) {
+    // Slots are read into again and again: registered, cuFile DMAs straight into them instead
+    // of through its own bounce buffers. Optional: reads work without it.
+    for (const auto s : slots_) {
+      try {
+        buffers_[s].gds_registration.emplace(*cuda_device_, buffers_[s].dev_ptr, plan_.slot_size);
+      } catch (const std::exception&) {
+        break;  // out of BAR1 space or not supported: the next ones would fail alike
+      }
+    }
+  }
+  if (cuda_device_ && any_host) {
     // Staging for reads that do not go into a RAM-tier entry: one per fill worker.
     const auto largest = align_4k(std::max<std::uint64_t>(largest_block, 1));
     for (unsigned w = 0; w < kFillWorkers; ++w) {
@@ -983,6 +1046,194 @@ void Engine::Impl::open_windows() {
   }
 }
 
+// Decides, per source file, whether cuFileRead reads it (see "GPUDirect Storage" in
+// engine.hpp): opens the cuFile driver and registers the files, or records why not. With
+// gds=on every failure is the constructor's error.
+void Engine::Impl::set_up_gds() {
+  const GdsMode mode = options_.gds;
+  stats_.gds_mode = mode;
+  gds_handles_.resize(layout_.files.size());
+  gds_block_.assign(layout_.blocks.size(), false);
+  std::string common;  // a cause that keeps every file off GDS
+  if (!cuda_device_) {
+    common = detail::concat("device '", options_.device,
+                            "': GPUDirect Storage reads into GPU memory only");
+  } else if (mode == GdsMode::kOff) {
+    common = "gds is off";  // and libcufile is never loaded
+  } else if (options_.ram_cache_bytes > 0) {
+    common = "a RAM tier is configured (ram_cache_bytes > 0): blocks are read into it";
+  } else if (options_.verify_checksums) {
+    common = "verify_checksums is on: blocks are checked in host memory, so they are read there";
+  } else if (!options_.io.direct) {
+    common = "io.direct is off: reads go through the page cache, which cuFile bypasses";
+  } else {
+    auto status = cuda::cufile_status();  // loads the library, does not open the driver
+    if (!status.library_loaded) {
+      common = status.reason;
+    } else if (mode == GdsMode::kAuto && !status.nvidia_fs) {
+      // Without the kernel module cuFile reads through its own small bounce buffers
+      // ("compatibility mode"): slower than the host path's large requests in flight.
+      common =
+          "the nvidia-fs kernel module is not loaded (no /proc/driver/nvidia-fs): cuFile would "
+          "run in compatibility mode, no faster than the host path (gds=on uses it anyway)";
+    } else {
+      status = cuda::cufile_open_driver(*cuda_device_);
+      if (!status.driver_opened) common = status.reason;
+    }
+  }
+  if (!common.empty()) {
+    // gds=on with a CPU device or a conflicting option was refused before; this is cuFile.
+    TS_EXPECT(mode != GdsMode::kOn || !cuda_device_, CudaError,
+              "gds=on: GPUDirect Storage cannot read '", layout_.files.front().string(),
+              "' (nor any file of ", layout_.kind, " '", layout_.source.string(), "'): ", common);
+    for (const auto& f : layout_.files) gds_info_.push_back(GdsFileInfo{f, false, common});
+    gds_reason_ = common;
+    return;
+  }
+  std::vector<std::string> failures;
+  for (std::size_t i = 0; i < layout_.files.size(); ++i) {
+    const auto& path = layout_.files[i];
+    GdsFileInfo info{path, false, {}};
+    try {
+      if (options_.io.fault_injector) {
+        // The test hook of the backends, consulted here as where they open with O_DIRECT.
+        const io::FaultContext context{io::FaultPoint::kOpenDirect, 0, &path, 0, 0, true};
+        if (const int code = options_.io.fault_injector(context).error; code != 0) {
+          detail::throw_errno(detail::concat("cannot open '", path.string(),
+                                             "' with O_DIRECT for GPUDirect Storage"),
+                              code);
+        }
+      }
+      gds_handles_[i].emplace(*cuda_device_, path);
+      info.used = true;
+    } catch (const IoError& e) {
+      if (mode == GdsMode::kOn) {
+        throw IoError(detail::concat("gds=on: GPUDirect Storage cannot read '", path.string(),
+                                     "': ", e.what()),
+                      e.code());
+      }
+      info.reason = e.what();
+    } catch (const std::exception& e) {
+      TS_EXPECT(mode != GdsMode::kOn, CudaError, "gds=on: GPUDirect Storage cannot read '",
+                path.string(), "': ", e.what());
+      info.reason = e.what();
+    }
+    if (info.used) {
+      ++stats_.gds_files;
+    } else {
+      failures.push_back(info.reason);
+    }
+    gds_info_.push_back(std::move(info));
+  }
+  for (std::size_t b = 0; b < layout_.blocks.size(); ++b) {
+    const auto& extents = layout_.blocks[b].extents;
+    gds_block_[b] = std::all_of(extents.begin(), extents.end(),
+                                [&](const Extent& e) { return gds_handles_[e.file].has_value(); });
+  }
+  // One line: the causes, each once (a checkpoint's shards on tmpfs all fail alike).
+  std::sort(failures.begin(), failures.end());
+  failures.erase(std::unique(failures.begin(), failures.end()), failures.end());
+  for (const auto& f : failures) gds_reason_ += (gds_reason_.empty() ? "" : "; ") + f;
+  const auto io = options_.io.normalized();
+  gds_request_size_ = io.request_size;
+  gds_threads_ = io.num_threads;
+}
+
+// A fill with GPUDirect Storage: each extent's aligned read region (the same one the host path
+// reads, clipped at the end of the file) goes straight into the buffer at its offset, in
+// requests of request_size run on up to num_threads threads, this one included. cuFileRead
+// is synchronous, so when this returns the bytes are in device memory.
+void Engine::Impl::read_block_gds(std::uint32_t block, const Buffer& buffer) {
+  const auto& info = layout_.blocks[block];
+  const std::int64_t start = now_ns();
+  const auto deadline = Clock::now() + options_.wait_timeout;
+  struct Request {
+    std::size_t extent;
+    std::uint64_t file_offset;
+    std::uint64_t size;
+    std::uint64_t buffer_offset;
+  };
+  std::vector<Request> requests;
+  std::uint64_t bytes = 0;
+  // cuFileRead writes device memory unchecked: every region must fit the buffer.
+  const std::uint64_t capacity =
+      buffer.resident ? align_4k(std::max<std::uint64_t>(info.size, 1)) : plan_.slot_size;
+  for (std::size_t i = 0; i < info.extents.size(); ++i) {
+    const auto& e = info.extents[i];
+    const auto& handle = *gds_handles_[e.file];
+    TS_EXPECT(e.file_offset + e.length <= handle.size(), FormatError, "read of ",
+              describe_extent(block, i), " failed: the file ends at byte ", handle.size());
+    const auto plan = io::plan_read(e.file_offset, e.length);
+    const auto end = std::min(plan.aligned_offset + plan.aligned_size, handle.size());
+    TS_EXPECT(e.buffer_offset + (end - plan.aligned_offset) <= capacity, Error, "read of ",
+              describe_extent(block, i), ": its read region does not fit the block's ", capacity,
+              "-byte buffer");
+    for (auto offset = plan.aligned_offset; offset < end; offset += gds_request_size_) {
+      requests.push_back(Request{i, offset,
+                                 std::min<std::uint64_t>(gds_request_size_, end - offset),
+                                 e.buffer_offset + (offset - plan.aligned_offset)});
+    }
+    bytes += e.length;
+  }
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::exception_ptr first_error;
+  const auto fail = [&](std::exception_ptr error) {
+    std::lock_guard lock(error_mutex);
+    if (!first_error) first_error = std::move(error);
+    failed = true;
+  };
+  const auto work = [&] {
+    while (!failed) {
+      const std::size_t k = next++;
+      if (k >= requests.size()) return;
+      const auto& r = requests[k];
+      const auto& e = info.extents[r.extent];
+      const auto& handle = *gds_handles_[e.file];
+      try {
+        // A request not started by the deadline is not started at all (one in flight
+        // cannot be interrupted).
+        TS_EXPECT(Clock::now() < deadline, Error, "read of ", describe_extent(block, r.extent),
+                  " with GPUDirect Storage did not finish within ", options_.wait_timeout.count(),
+                  " ms");
+        for (std::uint64_t done = 0; done < r.size;) {
+          const auto n = handle.read(buffer.dev_ptr, static_cast<std::size_t>(r.size - done),
+                                     r.file_offset + done, r.buffer_offset + done);
+          // cuFile may stop early; nothing at all means the file has become shorter.
+          TS_EXPECT(n > 0, FormatError, "read of ", describe_extent(block, r.extent),
+                    " with GPUDirect Storage failed: '", handle.path().string(), "' ended at byte ",
+                    r.file_offset + done, " (truncated since it was opened?)");
+          done += n;
+        }
+      } catch (const IoError& err) {
+        fail(std::make_exception_ptr(
+            IoError(detail::concat("read of ", describe_extent(block, r.extent),
+                                   " with GPUDirect Storage failed: ", err.what()),
+                    err.code())));
+      } catch (...) {
+        fail(std::current_exception());
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  const auto wanted = std::min<std::size_t>(gds_threads_, requests.size());
+  try {
+    while (helpers.size() + 1 < wanted) helpers.emplace_back(work);
+  } catch (const std::system_error&) {
+    // fewer threads than asked: the ones started (and this one) do all the requests
+  }
+  work();
+  for (auto& t : helpers) t.join();
+  if (first_error) std::rethrow_exception(first_error);
+  const auto end = now_ns();
+  trace_.record({SpanKind::kGdsRead, block, bytes, start, end});
+  std::lock_guard lock(mutex_);
+  stats_.bytes_from_storage += bytes;
+  stats_.gds_bytes += bytes;
+  stats_.io_seconds += static_cast<double>(end - start) / 1e9;
+}
+
 // A fill in place: fault the block's pages in (storage → page cache → this process), then
 // check them like a read.
 void Engine::Impl::read_block_in_place(std::uint32_t block) {
@@ -1027,49 +1278,59 @@ void Engine::Impl::run_fill(const Job& job) {
       buffer.ready->synchronize();
       buffer.source_pin.reset();
     }
-    const cache::BlockKey key{0, job.block};
-    const std::byte* source = nullptr;
-    if (cache_) source_pin = cache_->lookup(key);
-    if (in_place_) {
-      read_block_in_place(job.block);
-      source = windows_[job.block].data();
-    } else if (source_pin) {
-      source = source_pin->data();
-      std::lock_guard lock(mutex_);
-      stats_.bytes_from_ram_tier += info.size;
-    } else {
-      std::span<std::byte> dest;
-      std::optional<cache::BlockHandle> filler;
-      if (cache_) filler = cache_->insert(key, align_4k(std::max<std::uint64_t>(info.size, 1)));
-      if (filler) {
-        dest = filler->mutable_bytes();
-      } else if (cuda_device_) {
-        staging = &take_staging();
-        if (staging->copied) staging->copied->synchronize();  // its last copy has finished
-        dest = staging->host.span();
-      } else {
-        dest = buffer.host.span();
-      }
-      read_block(job.block, dest, job.demand);
-      source = dest.data();
-      if (filler) {
-        filler->publish();
-        source_pin = std::move(filler);
-      }
-    }
-    const std::int64_t copy_start = now_ns();
-    if (cuda_device_) {
-      if (job.wait_for_release) {
-        cuda::stream_wait_event(*cuda_device_, copy_stream_->handle(), *buffer.done);
-      }
-      cuda::memcpy_htod_async(*cuda_device_, buffer.dev_ptr, source, info.size,
-                              copy_stream_->handle());
+    if (gds_block_[job.block]) {
+      // cuFileRead writes the slot from the host side, so its previous users must be done
+      // with it first: the consumer that released it and the last copy into it. Waiting on
+      // the host is fine here, on a fill worker.
+      if (job.wait_for_release) buffer.done->synchronize();
+      buffer.ready->synchronize();
+      read_block_gds(job.block, buffer);
       buffer.ready->record(copy_stream_->handle());
-      if (staging) staging->copied->record(copy_stream_->handle());
-    } else if (!in_place_ && source != buffer.host.data()) {
-      std::memcpy(buffer.host.data(), source, info.size);
+    } else {
+      const cache::BlockKey key{0, job.block};
+      const std::byte* source = nullptr;
+      if (cache_) source_pin = cache_->lookup(key);
+      if (in_place_) {
+        read_block_in_place(job.block);
+        source = windows_[job.block].data();
+      } else if (source_pin) {
+        source = source_pin->data();
+        std::lock_guard lock(mutex_);
+        stats_.bytes_from_ram_tier += info.size;
+      } else {
+        std::span<std::byte> dest;
+        std::optional<cache::BlockHandle> filler;
+        if (cache_) filler = cache_->insert(key, align_4k(std::max<std::uint64_t>(info.size, 1)));
+        if (filler) {
+          dest = filler->mutable_bytes();
+        } else if (cuda_device_) {
+          staging = &take_staging();
+          if (staging->copied) staging->copied->synchronize();  // its last copy has finished
+          dest = staging->host.span();
+        } else {
+          dest = buffer.host.span();
+        }
+        read_block(job.block, dest, job.demand);
+        source = dest.data();
+        if (filler) {
+          filler->publish();
+          source_pin = std::move(filler);
+        }
+      }
+      const std::int64_t copy_start = now_ns();
+      if (cuda_device_) {
+        if (job.wait_for_release) {
+          cuda::stream_wait_event(*cuda_device_, copy_stream_->handle(), *buffer.done);
+        }
+        cuda::memcpy_htod_async(*cuda_device_, buffer.dev_ptr, source, info.size,
+                                copy_stream_->handle());
+        buffer.ready->record(copy_stream_->handle());
+        if (staging) staging->copied->record(copy_stream_->handle());
+      } else if (!in_place_ && source != buffer.host.data()) {
+        std::memcpy(buffer.host.data(), source, info.size);
+      }
+      trace_.record({SpanKind::kCopy, job.block, info.size, copy_start, now_ns()});
     }
-    trace_.record({SpanKind::kCopy, job.block, info.size, copy_start, now_ns()});
   } catch (...) {
     error = FillError::capture();
   }
@@ -1131,6 +1392,7 @@ void Engine::Impl::close() {
   stats_.device_bytes_in_use = 0;
   cache_.reset();
   backend_.reset();
+  gds_handles_.clear();
   windows_.clear();
   window_files_.clear();
 }
@@ -1143,6 +1405,8 @@ EngineStats Engine::Impl::stats() const {
   out.backend = backend_name_;
   out.in_place = in_place_;
   out.backend_note = backend_note_;
+  out.gds_reason = gds_reason_;
+  out.gds = gds_info_;
   out.order_learned = order_learned_;
   out.prefetch_depth = current_depth();
   return out;

@@ -20,6 +20,8 @@ std::string_view span_kind_name(SpanKind kind) noexcept {
       return "compute";
     case SpanKind::kEvict:
       return "evict";
+    case SpanKind::kGdsRead:
+      return "gds read";
   }
   return "unknown";
 }
@@ -77,7 +79,7 @@ std::string TraceLog::to_chrome_json(
   }
   std::string out = "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
   // One named track per kind.
-  for (int k = 0; k <= static_cast<int>(SpanKind::kEvict); ++k) {
+  for (int k = 0; k <= static_cast<int>(SpanKind::kGdsRead); ++k) {
     const auto name = span_kind_name(static_cast<SpanKind>(k));
     out += (k ? "," : "");
     out += "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":" + std::to_string(k) +

@@ -102,27 +102,6 @@ const Loaded& loaded() noexcept {
   return instance;
 }
 
-CuFileStatus probe_cufile() {
-  CuFileStatus status;
-#if defined(TS_HAVE_CUDA_HEADERS)
-  void* handle = ::dlopen("libcufile.so.0", RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    status.reason = "no cuFile library: " + dl_error();
-    return status;
-  }
-  for (const char* symbol : {"cuFileDriverOpen", "cuFileHandleRegister", "cuFileRead"}) {
-    if (::dlsym(handle, symbol) == nullptr) {
-      status.reason = tensorstream::detail::concat("libcufile.so.0 lacks ", symbol);
-      return status;
-    }
-  }
-  status.library_loaded = true;
-#else
-  status.reason = "this build has no CUDA support (cuda.h was not found at build time)";
-#endif
-  return status;
-}
-
 // Destructors report instead of throwing.
 template <typename Fn>
 void noexcept_call(const char* what, Fn&& fn) noexcept {
@@ -153,19 +132,6 @@ DriverStatus driver_status() noexcept {
 
 bool available() noexcept { return loaded().status.available; }
 
-CuFileStatus cufile_status() noexcept {
-  static std::once_flag once;
-  static CuFileStatus status;
-  try {
-    std::call_once(once, [] { status = probe_cufile(); });
-  } catch (...) {
-    CuFileStatus failed;
-    failed.reason = "probing cuFile failed unexpectedly";
-    return failed;
-  }
-  return status;
-}
-
 #if defined(TS_HAVE_CUDA_HEADERS)
 
 namespace detail {
@@ -174,6 +140,15 @@ const DriverApi& api() {
   const auto& l = loaded();
   if (!l.status.available) throw CudaError("CUDA is not available: " + l.status.reason);
   return l.api;
+}
+
+std::string describe_error(CUresult rc) noexcept {
+  try {
+    return tensorstream::detail::concat(error_string(loaded().api, rc), " (", static_cast<int>(rc),
+                                        ")");
+  } catch (...) {
+    return "CUDA error";
+  }
 }
 
 void throw_cuda_error(const char* call, CUresult rc) {

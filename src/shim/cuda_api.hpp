@@ -57,6 +57,9 @@ struct DriverApi {
 /// The loaded table; throws CudaError (with the reason) if the driver is not usable.
 const DriverApi& api();
 
+/// "<driver's error string> (code)"; never throws.
+std::string describe_error(CUresult rc) noexcept;
+
 /// "<call> failed: <driver's error string> (code)".
 [[noreturn]] void throw_cuda_error(const char* call, CUresult rc);
 

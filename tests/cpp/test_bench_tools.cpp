@@ -262,6 +262,11 @@ TEST_F(BenchTools, DoctorJson) {
   EXPECT_EQ(number(member(bandwidth, "bytes")), 8.0 * (1 << 20));
   EXPECT_TRUE(doc.find("cuda")->find("driver") != nullptr);
   EXPECT_TRUE(doc.find("cufile")->find("loaded") != nullptr);
+  // GPUDirect Storage: whether it works on the storage path, and if not, why.
+  const auto& gds = member(doc, "gds");
+  if (!std::get<bool>(member(gds, "works").data)) {
+    EXPECT_FALSE(std::get<std::string>(member(gds, "reason").data).empty()) << r.out;
+  }
   const auto& memlock = member(member(doc, "memlock"), "soft");
   EXPECT_TRUE(memlock.is_integer() || std::get<std::string>(memlock.data) == "unlimited");
   EXPECT_TRUE(doc.find("io_uring")->find("works") != nullptr);
@@ -280,8 +285,8 @@ TEST_F(BenchTools, DoctorText) {
   ASSERT_EQ(r.code, 0) << r.err;
   for (const char* line :
        {"CUDA support compiled in:", "CUDA driver:", "cuFile (GPUDirect Storage):",
-        "O_DIRECT on the storage path:", "io_uring:", "RLIMIT_MEMLOCK", "backends on", "gpudirect",
-        "storage read bandwidth:"}) {
+        "GPUDirect Storage on the storage path:", "O_DIRECT on the storage path:", "io_uring:",
+        "RLIMIT_MEMLOCK", "backends on", "gpudirect", "storage read bandwidth:"}) {
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
   }
   EXPECT_EQ(run({"doctor", "--storage-path"}).code, 2);

@@ -703,6 +703,7 @@ def test_engine_options(tmp_path: Path) -> None:
         "ram_cache_bytes": 512 * 2**20,
         "cache_policy": "lfu",
         "backend": "io_uring",
+        "gds": "off",
         "prefetch": "next_layer",
         "prefetch_depth": 3,
         "slots": 4,
@@ -712,19 +713,20 @@ def test_engine_options(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backend", "engine"),
+    ("backend", "engine", "gds"),
     [
-        ("auto", "auto"),
-        ("gpudirect", "auto"),
-        ("cuda", "auto"),
-        ("mmap", "mmap"),
-        ("io_uring", "io_uring"),
-        ("pread", "pread"),
+        ("auto", "auto", "auto"),
+        ("gpudirect", "auto", "on"),
+        ("cuda", "auto", "auto"),
+        ("mmap", "mmap", "off"),
+        ("io_uring", "io_uring", "off"),
+        ("pread", "pread", "off"),
     ],
 )
-def test_engine_backend_names(backend: str, engine: str) -> None:
+def test_engine_backend_names(backend: str, engine: str, gds: str) -> None:
     options = ts.Config(backend=backend, vram_budget_gb=1).engine_options()
     assert options["backend"] == engine
+    assert options["gds"] == gds
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,30 @@
 // as deep as measured I/O time vs compute time requires, within the slots available).
 // A prefetch never displaces a block that is held or that was prefetched and not used yet.
 //
+// GPUDirect Storage. On a CUDA device, a block can also be read by cuFile (shim/cufile.hpp)
+// straight into its device slot, with no pinned staging and no host-to-device copy:
+//
+//     store file ──cuFileRead (O_DIRECT handle)──► device slot / resident buffer
+//
+// EngineOptions::gds chooses: kOff never loads libcufile; kAuto opens the cuFile driver and
+// registers each source file (opened with O_DIRECT) and, per file, falls back to the host path
+// when that fails, recording why (EngineStats::gds); kOn throws from the constructor, naming
+// the file and the cause, when any file cannot be read that way. kAuto also requires the
+// nvidia-fs kernel module: without it cuFile runs in "compatibility mode", reading through its
+// own small bounce buffers, which is no faster than the host path; kOn uses it regardless. A GDS
+// fill runs on a fill worker: it waits on the host (cuEventSynchronize) for the slot's "done" event
+// — the consumer's release — then issues cuFileRead requests of IoOptions::request_size, up to
+// IoOptions::num_threads at a time, each landing at the same buffer offset the host path
+// uses (a safetensors extent's whole aligned region, clipped at the end of the file), then
+// records the slot's "ready" event on the copy stream. acquire() and release() do not change.
+// IoOptions::fault_injector, when set, is consulted at FaultPoint::kOpenDirect before each file
+// is opened for cuFile too, so tests can make registration fail on any file system.
+// Blocks that must pass through host memory never use GDS: with a RAM tier
+// (ram_cache_bytes > 0) the tier is filled from host reads; with verify_checksums the bytes
+// are checked in host memory; with IoOptions::direct off the page cache is wanted, which
+// cuFile bypasses. kAuto then uses the host path and says why; kOn refuses these
+// combinations (std::invalid_argument).
+//
 // Failures. An I/O error, short read, checksum mismatch (with verify_checksums) or CUDA error
 // of a fill is delivered to whoever acquires that block, as an exception naming the file,
 // block, offset and cause; the failed block can be acquired again (it is re-read). No wait
@@ -91,6 +115,17 @@ struct MemoryProvider {
   std::function<void(std::uint64_t address, std::size_t bytes)> release;
 };
 
+/// Whether blocks are read with GPUDirect Storage (see the top of this file).
+enum class GdsMode {
+  kAuto,  ///< use it for every file where it works; the host path elsewhere, with the reason
+  kOn,    ///< use it for every file, or throw from the constructor saying why it cannot
+  kOff,   ///< never (libcufile is not even loaded)
+};
+
+/// "auto", "on", "off"; parse throws std::invalid_argument naming the value.
+[[nodiscard]] std::string_view gds_mode_name(GdsMode mode) noexcept;
+[[nodiscard]] GdsMode parse_gds_mode(std::string_view name);
+
 struct EngineOptions {
   /// "cpu" or "cuda:N" (also "cuda" for device 0).
   std::string device = "cpu";
@@ -109,8 +144,14 @@ struct EngineOptions {
   std::optional<unsigned> prefetch_depth;
   /// Streaming slots in the ring (≥ 2); more allow deeper prefetch at the cost of budget.
   unsigned slots = 2;
-  /// Check every block read against the store's checksum.
+  /// Check every block read against the store's checksum. Checking happens in host memory,
+  /// so it keeps blocks off the GPUDirect Storage path.
   bool verify_checksums = false;
+  /// GPUDirect Storage: kAuto (default) reads straight into device memory wherever cuFile
+  /// works with the nvidia-fs kernel module, and falls back per file; kOn insists (the
+  /// constructor throws if it cannot, and a CPU device is std::invalid_argument); kOff never
+  /// touches cuFile. No GDS on the CPU in kAuto and kOff.
+  GdsMode gds = GdsMode::kAuto;
   /// Upper bound on any wait inside the engine (a block that takes longer fails with an
   /// Error saying so, instead of hanging).
   std::chrono::milliseconds wait_timeout{120'000};
@@ -127,6 +168,13 @@ struct BlockView {
   cuda::DevicePtr device = 0;  ///< device "cuda:N": the block's bytes
   std::uint64_t size = 0;
   bool resident = false;
+};
+
+/// Whether one source file is read with GPUDirect Storage.
+struct GdsFileInfo {
+  std::filesystem::path path;
+  bool used = false;   ///< its blocks are read by cuFileRead into device memory
+  std::string reason;  ///< why not (empty when used)
 };
 
 /// Counters since construction. Bytes are of block data.
@@ -161,6 +209,15 @@ struct EngineStats {
   unsigned prefetch_depth = 0;             ///< depth in use now
   bool order_learned = false;              ///< kAdaptive: the cyclic order is known
   std::vector<double> block_load_seconds;  ///< per block: last fill time (0: never filled)
+  /// GPUDirect Storage: the mode asked for, the files read with it, the bytes cuFileRead moved
+  /// into device memory (also counted in bytes_from_storage and bytes_to_device), and why
+  /// files are not read with it: `gds_reason` is empty when every file is, else one line
+  /// (the common cause, or the files and their causes); `gds` gives each file's outcome.
+  GdsMode gds_mode = GdsMode::kAuto;
+  std::uint64_t gds_files = 0;
+  std::uint64_t gds_bytes = 0;
+  std::string gds_reason;
+  std::vector<GdsFileInfo> gds;
   /// Effective storage bandwidth: bytes_from_storage / io_seconds (0 if nothing was read).
   [[nodiscard]] double storage_gbps() const noexcept {
     return io_seconds > 0 ? static_cast<double>(bytes_from_storage) / io_seconds / 1e9 : 0;

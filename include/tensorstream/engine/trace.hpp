@@ -23,9 +23,10 @@ enum class SpanKind : std::uint8_t {
   kStall = 2,    ///< the consumer waited for a block
   kCompute = 3,  ///< the consumer held a block (acquire → release)
   kEvict = 4,    ///< a block left a tier
+  kGdsRead = 5,  ///< storage → device memory with GPUDirect Storage (cuFileRead)
 };
 
-/// Name of a kind as shown in traces ("read", "copy", ...).
+/// Name of a kind as shown in traces ("read", "copy", ..., "gds read").
 [[nodiscard]] std::string_view span_kind_name(SpanKind kind) noexcept;
 
 struct TraceSpan {

@@ -9,8 +9,10 @@
 //   io_uring  one ring of `queue_depth` entries and one thread          (uring_backend.hpp)
 //   mmap      copies out of a read-only shared mapping on a small pool  (mmap_backend.hpp)
 //
-// and `make_backend(BackendType::kAuto, ...)` picks the fastest one that works here
-// (GPUDirect Storage will be a fourth, reading straight into device memory).
+// and `make_backend(BackendType::kAuto, ...)` picks the fastest one that works here.
+// GPUDirect Storage, which reads straight into device memory, is not a backend: the engine
+// drives cuFile itself (EngineOptions::gds, engine/engine.hpp) and uses a backend for the
+// files cuFile does not read.
 //
 // ## The read contract: unaligned sources, no extra copy
 //

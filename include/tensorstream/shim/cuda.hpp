@@ -1,4 +1,5 @@
-// Run-time loading of the CUDA driver (libcuda.so.1) and of cuFile (libcufile.so.0).
+// Run-time loading of the CUDA driver (libcuda.so.1). cuFile (GPUDirect Storage) has its
+// own shim, shim/cufile.hpp.
 //
 // TensorStream never links against CUDA: the driver API is reached through a table of
 // function pointers filled by dlopen/dlsym, typed from the real <cuda.h> when the build found
@@ -31,15 +32,6 @@ struct DriverStatus {
 
 /// Shorthand for driver_status().available.
 [[nodiscard]] bool available() noexcept;
-
-/// What the process found when it looked for cuFile (GPUDirect Storage).
-struct CuFileStatus {
-  bool library_loaded = false;  ///< libcufile.so.0 was found and has the expected symbols
-  std::string reason;           ///< why not ("" when loaded)
-};
-
-/// Looks for libcufile on first call. Never throws.
-[[nodiscard]] CuFileStatus cufile_status() noexcept;
 
 // ---- RAII wrappers over the driver API -------------------------------------------------
 // Every constructor and call below throws CudaError naming the driver call and its error
