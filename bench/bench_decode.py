@@ -3,16 +3,19 @@
 systems, each in a fresh subprocess so that its peak RSS is its own.
 
     python bench/bench_decode.py --preset 1gb --budget-fraction 0.25 \
-        --systems memory,tensorstream,tensorstream-ram,accelerate-disk
+        --systems memory,tensorstream,tensorstream-direct,tensorstream-ram,accelerate-disk
 
 Systems:
-  memory            the whole model in memory (from_pretrained on CPU): the reference
-  tensorstream      from_pretrained on CPU, then tensorstream.offload() under the budget,
-                    no RAM tier; the store's pages are dropped from the page cache before
-                    the timed part (the engine reads with O_DIRECT anyway)
-  tensorstream-ram  the same with ram_cache_gb large enough to hold the model (warm tier)
-  tensorstream-fp   as tensorstream, but loaded with tensorstream.from_pretrained(dir, config)
-                    (the checkpoint is never materialised or kept mapped in this process)
+  memory               the whole model in memory (from_pretrained on CPU): the reference
+  tensorstream         from_pretrained on CPU, then tensorstream.offload() under the budget
+                       with the defaults (backend AUTO, no RAM tier): on the CPU the engine
+                       reads in place through the page cache when the store fits in it
+  tensorstream-direct  the same with backend PREAD: O_DIRECT reads of every block, every
+                       step (what a model larger than the page cache gets)
+  tensorstream-ram     backend AUTO with ram_cache_gb large enough to hold the model (a warm
+                       RAM tier; O_DIRECT reads fill it)
+  tensorstream-fp      as tensorstream, but loaded with tensorstream.from_pretrained(dir,
+                       config) (the checkpoint is never materialised in this process)
   accelerate-disk   transformers/accelerate disk offload: device_map="auto",
                     max_memory={"cpu": budget}, offload_folder=... (what does not fit in
                     the CPU budget goes to "disk")
@@ -60,9 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 dtype="bfloat16", prompt_len=512),
 }  # fmt: skip
 
-ALL_SYSTEMS = ["memory", "tensorstream", "tensorstream-ram", "tensorstream-fp",
-               "accelerate-disk", "airllm", "deepspeed"]  # fmt: skip
-RUNNABLE = {"memory", "tensorstream", "tensorstream-ram", "tensorstream-fp", "accelerate-disk"}
+ALL_SYSTEMS = ["memory", "tensorstream", "tensorstream-direct", "tensorstream-ram",
+               "tensorstream-fp", "accelerate-disk", "airllm", "deepspeed"]  # fmt: skip
+TS_SYSTEMS = {"tensorstream", "tensorstream-direct", "tensorstream-ram", "tensorstream-fp"}
+RUNNABLE = {"memory", "accelerate-disk"} | TS_SYSTEMS
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -264,7 +268,8 @@ def _generate(model: Any, ids: Any, new_tokens: int, stats_fn: Any) -> dict[str,
     }
     if before is not None and after is not None:
         mid = snapshots.get(1, before)
-        keys = ("bytes_from_storage", "bytes_from_ram_tier", "stall_seconds")
+        keys = ("bytes_from_storage", "bytes_from_ram_tier", "bytes_from_page_cache",
+                "stall_seconds")  # fmt: skip
         result["engine_prefill"] = {k: mid[k] - before[k] for k in keys if k in mid}
         result["engine_decode"] = {k: after[k] - mid[k] for k in keys if k in after}
         if steps:
@@ -274,8 +279,13 @@ def _generate(model: Any, ids: Any, new_tokens: int, stats_fn: Any) -> dict[str,
             result["bytes_from_ram_tier_per_step"] = (
                 after.get("bytes_from_ram_tier", 0) - mid.get("bytes_from_ram_tier", 0)
             ) / steps
+            result["bytes_from_page_cache_per_step"] = (
+                after.get("bytes_from_page_cache", 0) - mid.get("bytes_from_page_cache", 0)
+            ) / steps
             result["bytes_streamed_per_step"] = (
-                result["bytes_from_storage_per_step"] + result["bytes_from_ram_tier_per_step"]
+                result["bytes_from_storage_per_step"]
+                + result["bytes_from_ram_tier_per_step"]
+                + result["bytes_from_page_cache_per_step"]
             )
     return result
 
@@ -306,7 +316,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if system == "memory":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.eval()
-    elif system in ("tensorstream", "tensorstream-ram", "tensorstream-fp"):
+    elif system in TS_SYSTEMS:
         import tensorstream  # noqa: PLC0415
 
         if system != "tensorstream-fp":
@@ -320,12 +330,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             vram_budget_gb=budget / 1e9,
             ram_cache_gb=ram,
             prefetch_strategy=args.prefetch,
+            backend="pread" if system == "tensorstream-direct" else "auto",
             device="cpu",
         )
         res["config"] = {
             "vram_budget_gb": budget / 1e9,
             "ram_cache_gb": ram,
             "prefetch_strategy": args.prefetch,
+            "backend": config.backend.value,
         }
         if system == "tensorstream-fp":
             model = tensorstream.from_pretrained(model_dir, config)
@@ -337,6 +349,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res["layers_offloaded"] = s0.get("layers_offloaded")
         res["layers_resident_in_plan"] = s0.get("layers_resident_in_plan")
         res["resident_param_bytes"] = s0.get("resident_param_bytes")
+        res["read_path"] = {k: s0.get(k) for k in ("backend", "in_place", "backend_note")}
         drop += [Path(s0["store"]), Path(args.workdir) / "store"]
     elif system == "accelerate-disk":
         offload_dir = Path(args.workdir) / f"accelerate_offload_{os.getpid()}"
@@ -398,6 +411,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                 "device_budget",
                 "bytes_from_storage",
                 "bytes_from_ram_tier",
+                "bytes_from_page_cache",
                 "stall_seconds",
                 "storage_gbps",
                 "prefetch_depth",
@@ -535,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1gb")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--budget-fraction", type=float, default=None, help="0.25 (--smoke: 0.5)")
-    ap.add_argument("--systems", default="memory,tensorstream,tensorstream-ram,accelerate-disk")
+    ap.add_argument(
+        "--systems",
+        default="memory,tensorstream,tensorstream-direct,tensorstream-ram,accelerate-disk",
+    )
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--workdir", default=str(ROOT / "build/bench-data/decode"))
     ap.add_argument("--json-out", default=None)
@@ -665,9 +682,18 @@ def main(argv: list[str] | None = None) -> int:
             sm["tokens_match"] = all(v for k, v in sm.items() if k.startswith("tokens_match_"))
         else:
             sm["tokens_match"] = None
-        per_step = sm.get("bytes_streamed_per_step_b1")
+        # The storage roofline applies where decode reads its bytes from storage (most of
+        # them); bytes served by the RAM tier or the page cache cross no storage link.
+        per_step = sm.get("bytes_from_storage_per_step_b1")
+        streamed = sm.get("bytes_streamed_per_step_b1")
         gbps = (bandwidth or {}).get("gbps")
-        if per_step and gbps and sm.get("s_per_step_b1"):
+        if (
+            per_step
+            and streamed
+            and per_step >= 0.5 * streamed
+            and gbps
+            and sm.get("s_per_step_b1")
+        ):
             io_s = per_step / (gbps * 1e9)
             sm["roofline_s_per_step"] = io_s
             sm["fraction_of_roofline"] = io_s / sm["s_per_step_b1"]
@@ -707,10 +733,10 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_s": "from generate() call to the first token's logits",
             "peak_rss_total": "VmHWM of the worker over its whole life (load included)",
             "peak_rss_run": "VmHWM over the timed part only (reset through clear_refs)",
-            "bytes_streamed_per_step": "engine bytes_from_storage + bytes_from_ram_tier "
-            "during decode / decode steps (batch 1)",
-            "fraction_of_roofline": "(bytes from storage+tier per step / storage GB/s) / "
-            "measured seconds per step",
+            "bytes_streamed_per_step": "engine bytes_from_storage + bytes_from_ram_tier + "
+            "bytes_from_page_cache during decode / decode steps (batch 1)",
+            "fraction_of_roofline": "(bytes from storage per step / storage GB/s) / measured "
+            "seconds per step; only where most streamed bytes come from storage",
         },
     }
     if args.json_out:
@@ -724,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     b = args.batch
     header = (
         f"| system | prefill s | tok/s b1 | tok/s b{b} | peak RSS MB (run / total) "
-        "| streamed MB/step | roofline | tokens match |"
+        "| streamed MB/step (from storage) | roofline | tokens match |"
     )
     print()
     print(header)
@@ -735,11 +761,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {system} | {sm['note'][:90]} |")
             continue
         streamed = sm.get("bytes_streamed_per_step_b1")
+        storage = sm.get("bytes_from_storage_per_step_b1")
+        streamed_text = (
+            f"{_fmt(streamed / 1e6, '.0f')} ({_fmt((storage or 0) / 1e6, '.0f')})"
+            if streamed
+            else "—"
+        )
         rss = f"{_fmt(sm['peak_rss_run_mb'], '.0f')} / {_fmt(sm['peak_rss_total_mb'], '.0f')}"
         print(
             f"| {system} | {_fmt(sm['prefill_s_b1'], '.2f')} | "
             f"{_fmt(sm['decode_tok_s_b1'], '.2f')} | {_fmt(sm.get(f'decode_tok_s_b{b}'), '.2f')} | "
-            f"{rss} | {_fmt(streamed / 1e6 if streamed else None, '.0f')} | "
+            f"{rss} | {streamed_text} | "
             f"{_fmt(sm.get('fraction_of_roofline'), '.2f')} | {sm.get('tokens_match')} |"
         )
     if bandwidth:

@@ -144,7 +144,7 @@ def optimize_memory_usage(model: Any, target_utilization: float = 0.9) -> dict[s
     A budget the engine refuses raises BudgetTooSmallError (after the memory-pressure
     callback); the model then keeps running under its previous budget. Call it between
     forwards, not while one runs."""
-    from .offload import _ATTRIBUTE, _start_engine
+    from .offload import _ATTRIBUTE
 
     runtime = getattr(model, _ATTRIBUTE, None)
     if runtime is None:
@@ -167,30 +167,7 @@ def optimize_memory_usage(model: Any, target_utilization: float = 0.9) -> dict[s
         base = free + held
     else:
         base = runtime.budget
-    budget = int(base * target_utilization)
-    old_budget = runtime.budget
-    runtime._engine.close()
-    try:
-        engine, memory = _start_engine(
-            runtime.store_path,
-            runtime.options,
-            budget,
-            runtime.resident_param_bytes,
-            runtime.device,
-        )
-    except BaseException:
-        # Keep the model usable under its previous budget.
-        runtime._engine, runtime._memory = _start_engine(
-            runtime.store_path,
-            runtime.options,
-            old_budget,
-            runtime.resident_param_bytes,
-            runtime.device,
-        )
-        raise
-    runtime._engine, runtime._memory = engine, memory
-    runtime.budget = budget
-    logger.info("tensorstream: re-planned for a budget of %d bytes", budget)
+    runtime.replan(int(base * target_utilization))
     return runtime.statistics()
 
 

@@ -156,7 +156,11 @@ class PrefetchStrategy(_ParsableEnum):
 
 
 class MemoryPressureMode(_ParsableEnum):
-    """How eagerly memory is given back when the system is short of it."""
+    """How much headroom the automatic budget leaves, and what a streamed model does when
+    torch runs out of memory during its forward: CONSERVATIVE (60% of free GPU memory / 1/8
+    of available RAM; shrink the weight budget to half and retry, up to twice), BALANCED
+    (80% / 1/4; shrink to three quarters, retry once), AGGRESSIVE (90% / 1/2; never demote,
+    the error reaches the caller). See docs/runtime-settings.md."""
 
     CONSERVATIVE = "conservative"
     BALANCED = "balanced"
@@ -308,29 +312,44 @@ def _round_down_mib(n: int) -> int:
     return max(MiB, n // MiB * MiB)
 
 
-def default_vram_budget(device: str | None = None) -> int:
-    """The automatic weight budget in bytes for ``device``, used when ``vram_budget_gb`` is
-    unset (None and no ``TENSORSTREAM_VRAM_BUDGET``).
+# Share of the free device memory (CUDA) / available RAM (CPU) that the automatic budget
+# takes, per MemoryPressureMode: the rest is headroom for activations and the KV cache.
+_BUDGET_SHARE = {
+    MemoryPressureMode.CONSERVATIVE: (0.6, 1 / 8),
+    MemoryPressureMode.BALANCED: (0.8, 1 / 4),
+    MemoryPressureMode.AGGRESSIVE: (0.9, 1 / 2),
+}
 
-    * ``"cuda"`` / ``"cuda:N"`` (or ``None`` when CUDA is available): 80% of the device's free
-      memory (``torch.cuda.mem_get_info``), leaving room for activations and the KV cache;
-    * ``"cpu"`` (or ``None`` without CUDA): a quarter of the available RAM (MemAvailable).
+
+def default_vram_budget(
+    device: str | None = None, mode: MemoryPressureMode | str = MemoryPressureMode.BALANCED
+) -> int:
+    """The automatic weight budget in bytes for ``device``, used when ``vram_budget_gb`` is
+    unset (None and no ``TENSORSTREAM_VRAM_BUDGET``). The share taken depends on the memory
+    pressure ``mode`` (CONSERVATIVE / BALANCED / AGGRESSIVE):
+
+    * ``"cuda"`` / ``"cuda:N"`` (or ``None`` when CUDA is available): 60% / 80% / 90% of the
+      device's free memory (``torch.cuda.mem_get_info``), leaving room for activations and
+      the KV cache;
+    * ``"cpu"`` (or ``None`` without CUDA): 1/8 / 1/4 / 1/2 of the available RAM
+      (MemAvailable).
 
     Rounded down to a whole MiB (at least 1 MiB). Raises RuntimeError for a CUDA device when
     CUDA is not available.
     """
+    gpu_share, cpu_share = _BUDGET_SHARE[MemoryPressureMode.parse(mode)]
     text = _check_device(device, os.environ) if device is not None else None
     if text is None:
         text = "cuda" if _cuda_available() else "cpu"
     if text == "cpu":
-        return _round_down_mib(_available_ram_bytes() // 4)
+        return _round_down_mib(int(_available_ram_bytes() * cpu_share))
     if not _cuda_available():
         raise RuntimeError(f"device {text!r}: CUDA is not available on this machine")
     import torch
 
     index = int(text.partition(":")[2] or 0)
     free, _total = torch.cuda.mem_get_info(index)
-    return _round_down_mib(int(free * 0.8))
+    return _round_down_mib(int(free * gpu_share))
 
 
 def default_storage_path(environ: Mapping[str, str] | None = None) -> str:
@@ -797,7 +816,7 @@ class Config:
         target = self.device or _check_device(device, os.environ) or "cpu"
         budget = self.vram_budget_bytes
         if budget is None:
-            budget = default_vram_budget(target)
+            budget = default_vram_budget(target, self.memory_pressure_mode)
         strategy: PrefetchStrategy = self.prefetch_strategy
         depth: int | None = self.prefetch_depth
         slots = 2 if strategy is PrefetchStrategy.NONE else max(2, 1 + (depth or 1))

@@ -231,6 +231,81 @@ class OffloadedModel:
         self.options = dict(options or {})  # the engine's options; device_budget excludes
         self.budget = budget  # the whole weight budget: resident parameters + engine
         self.closed = False
+        # What an out-of-memory error in a forward does (see _PRESSURE_POLICY).
+        self.pressure_mode = "balanced"
+        self.config: Any = None  # the Config it was offloaded with (for device moves)
+        self._root: nn.Module | None = None  # the model whose forward is wrapped
+        self._forwards = threading.local()  # per thread: depth of wrapped forwards running
+
+    def move_to(self, device: torch.device) -> None:
+        """Moves the streamed model to ``device`` (``model.to(device)`` after offload): the
+        resident parameters and buffers move, the engine restarts for the new device on the
+        same store, the budget is the Config's for that device (its automatic budget is
+        recomputed there). If the engine cannot start there, everything moves back and the
+        error is raised. No forward may be running."""
+        self._check_open()
+        if any(block.active for block in self._blocks):
+            raise RuntimeError("tensorstream: cannot move the model while a forward is running")
+        old = self.device
+        target = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+        options = dict(self.config.engine_options(device=target))
+        options["device"] = target
+        budget = options["device_budget"]
+        self._engine.close()
+        self._memory.forget_windows()
+        self._place(device)
+        try:
+            engine, memory = _start_engine(
+                self.store_path, options, budget, self.resident_param_bytes, device
+            )
+        except BaseException:
+            self._place(old)
+            self._engine, self._memory = _start_engine(
+                self.store_path, self.options, self.budget, self.resident_param_bytes, old
+            )
+            raise
+        self._engine, self._memory = engine, memory
+        self.device, self.options, self.budget = device, options, budget
+        logger.info("tensorstream: moved to %s (budget %d bytes)", device, budget)
+
+    def _place(self, device: torch.device) -> None:
+        """Resident parameters and buffers to ``device``; streamed placeholders re-made there."""
+        streamed = {id(s.param) for b in self._blocks for s in b.slots}
+        with torch.no_grad():
+            for module in self._root.modules() if self._root is not None else ():
+                for p in module.parameters(recurse=False):
+                    if id(p) not in streamed:
+                        p.data = p.data.to(device)
+                for name, b in module.named_buffers(recurse=False):
+                    module._buffers[name] = b.to(device)
+            for block in self._blocks:
+                for slot in block.slots:
+                    slot.param.data = _placeholder(slot.dtype, slot.shape, device)
+
+    def replan(self, budget: int) -> None:
+        """Restarts the engine on the same store (or checkpoint) under a new whole weight
+        budget; nothing is rewritten. If the engine refuses ``budget`` (BudgetTooSmallError,
+        after the memory-pressure callback) the model keeps its previous budget and the
+        error is raised. No forward may be running."""
+        self._check_open()
+        if any(block.active for block in self._blocks):
+            raise RuntimeError("tensorstream: cannot re-plan while a forward is running")
+        old_budget = self.budget
+        self._engine.close()
+        self._memory.forget_windows()
+        try:
+            engine, memory = _start_engine(
+                self.store_path, self.options, budget, self.resident_param_bytes, self.device
+            )
+        except BaseException:
+            # Keep the model usable under its previous budget.
+            self._engine, self._memory = _start_engine(
+                self.store_path, self.options, old_budget, self.resident_param_bytes, self.device
+            )
+            raise
+        self._engine, self._memory = engine, memory
+        self.budget = budget
+        logger.info("tensorstream: re-planned for a budget of %d bytes", budget)
 
     # statistics
     def statistics(self) -> dict[str, Any]:
@@ -301,6 +376,9 @@ class OffloadedModel:
             for slot in block.slots:
                 slot.param.data = _placeholder(slot.dtype, slot.shape, self.device)
             block.module.register_forward_pre_hook(_closed_hook)
+        if self._root is not None:
+            self._root.__dict__.pop("forward", None)
+            self._root = None
         self._engine.close()
         self._memory.forget_windows()
 
@@ -391,6 +469,21 @@ def _convert_dtype(model: nn.Module, dtype: torch.dtype) -> None:
                 tensor.data = tensor.data.to(dtype)
 
 
+def _usable_storage(config: Any) -> Path:
+    """``config.storage_path``, created if missing; OSError/PermissionError naming it if it
+    cannot hold a store."""
+    storage = Path(config.storage_path)
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"tensorstream: storage path '{storage}' is not usable: {e.strerror}"
+        ) from e
+    if not os.access(storage, os.W_OK):
+        raise PermissionError(f"tensorstream: storage path '{storage}' is not writable")
+    return storage
+
+
 def _resolve_device(model: nn.Module, config: Any) -> torch.device:
     if getattr(config, "device", None) is not None:
         return torch.device(config.device)
@@ -428,15 +521,7 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
         )
     streamed_ids = {id(p) for b in blocks for _, p in b.params}
 
-    storage = Path(config.storage_path)
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(
-            e.errno, f"tensorstream: storage path '{storage}' is not usable: {e.strerror}"
-        ) from e
-    if not os.access(storage, os.W_OK):
-        raise PermissionError(f"tensorstream: storage path '{storage}' is not writable")
+    storage = _usable_storage(config)
     fingerprint = _fingerprint(blocks)
     store_path = storage / f"{fingerprint}.tstore"
     reuse = False
@@ -483,6 +568,8 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     runtime = OffloadedModel(
         model, engine, blocks, memory, store_path, device, resident_bytes, options, budget
     )
+    runtime.pressure_mode = config.memory_pressure_mode.value
+    runtime.config = config
     _install_runtime(model, runtime)
     return model
 
@@ -501,6 +588,8 @@ def _install_runtime(model: nn.Module, runtime: OffloadedModel) -> None:
     for module in {id(m): m for m in (model, *(b.module for b in blocks))}.values():
         module._apply = _make_guarded_apply(runtime, module)  # type: ignore[method-assign]
         runtime._guarded.append(module)
+    model.forward = _make_pressure_forward(runtime, model.forward)  # type: ignore[method-assign]
+    runtime._root = model
     _trim_host_heap()
     setattr(model, _ATTRIBUTE, runtime)
     model.tensorstream = runtime
@@ -572,12 +661,20 @@ def set_memory_pressure_callback(fn: Any) -> Any:
 
     ``fn(event)`` receives a dict: ``kind`` ("budget_too_small" when the engine refuses a
     budget — in :func:`offload` or :func:`optimize_memory_usage` — or "out_of_memory" when
-    torch raises an out-of-memory error while a streamed block runs), ``device``, ``budget``
-    (the whole weight budget in bytes), ``minimum_budget`` (the budget that would work, for
-    "budget_too_small"; else None), ``resident_bytes``, ``block`` (the streamed block's name,
-    for "out_of_memory"; else None) and ``error`` (the exception). It is called before the
-    error reaches the caller; the error is raised whatever the callback does. An exception
-    raised by the callback is logged and ignored.
+    torch raises an out-of-memory error during a forward of a streamed model), ``device``,
+    ``budget`` (the whole weight budget in bytes when it happened), ``minimum_budget`` (the
+    budget that would work, for "budget_too_small"; else None), ``resident_bytes``,
+    ``block`` (the innermost streamed block the error left, for "out_of_memory"; else None),
+    ``error`` (the exception), ``action`` (for "out_of_memory": "demoted" when the
+    ``memory_pressure_mode`` shrank the budget — resident blocks became streamed — and the
+    forward is run again, else "raised: <why not>"; None otherwise) and ``new_budget`` (the
+    budget after "demoted"; else None). It is called before the error reaches the caller
+    or the forward is retried. An exception raised by the callback is logged and ignored.
+
+    Modes (``Config.memory_pressure_mode``): CONSERVATIVE shrinks the budget to half and
+    retries up to twice per call; BALANCED to three quarters, once; AGGRESSIVE never
+    demotes (the error reaches the caller). A forward whose KV cache cannot be cut back to
+    its length before the failed attempt is not retried.
     """
     global _pressure_callback
     if fn is not None and not callable(fn):
@@ -594,6 +691,8 @@ def _notify_pressure(
     error: BaseException,
     resident_bytes: int | None = None,
     block: str | None = None,
+    action: str | None = None,
+    new_budget: int | None = None,
 ) -> None:
     callback = _pressure_callback
     if callback is None:
@@ -606,6 +705,8 @@ def _notify_pressure(
         "resident_bytes": resident_bytes,
         "block": block,
         "error": error,
+        "action": action,
+        "new_budget": new_budget,
     }
     try:
         callback(event)
@@ -624,13 +725,133 @@ def _is_out_of_memory(error: BaseException | None) -> bool:
     )
 
 
+# What each MemoryPressureMode does when torch runs out of memory during a forward of the
+# model: shrink the weight budget to this fraction of what it was (at least the minimum that
+# works; resident blocks become streamed, giving their memory to activations) and run the
+# forward again, at most `retries` times per call. AGGRESSIVE keeps every resident block and
+# lets the error reach the caller. (The headroom each mode leaves when the budget is
+# automatic is in config.default_vram_budget.)
+_PRESSURE_POLICY: dict[str, tuple[float, int]] = {
+    "conservative": (0.5, 2),
+    "balanced": (0.75, 1),
+    "aggressive": (1.0, 0),
+}
+
+
+def _cache_snapshot(cache: Any) -> list[int] | None:
+    """Tokens per layer of a transformers KV cache whose layers can be cut back to them after
+    a failed forward (None: a cache that cannot). Dynamic layers are cut back (the layers
+    that ran before the error appended to them); static layers need nothing (a retry writes
+    the same positions again). Sliding-window layers may have dropped tokens: not restorable."""
+    try:
+        from transformers.cache_utils import DynamicLayer, StaticLayer  # noqa: PLC0415
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return None
+    lengths = []
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, StaticLayer):
+            return None
+        lengths.append(int(layer.get_seq_length()))
+    return lengths
+
+
+def _restore_cache(cache: Any, lengths: list[int]) -> None:
+    from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            continue
+        keep = lengths[i] if i < len(lengths) else 0  # a layer created by the failed attempt
+        extra = int(layer.get_seq_length()) - keep
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def _relieve_pressure(runtime: OffloadedModel, error: BaseException, restorable: bool) -> str:
+    """Applies the runtime's pressure mode after ``error`` (an out-of-memory error that left
+    a forward); returns what was done: "demoted" (the budget shrank: retry) or why not."""
+    fraction, _ = _PRESSURE_POLICY[runtime.pressure_mode]
+    if fraction >= 1.0:
+        return f"raised: memory_pressure_mode {runtime.pressure_mode} does not demote"
+    if not restorable:
+        return "raised: the forward's KV cache was partly updated and cannot be restored"
+    if any(block.active for block in runtime._blocks):
+        return "raised: other forwards are running on this model"
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+    old = runtime.budget
+    target = int(old * fraction)
+    try:
+        runtime.replan(target)
+    except _core.BudgetTooSmallError as e:
+        if e.minimum_budget >= old:
+            return "raised: the budget is already the minimum that works"
+        runtime.replan(e.minimum_budget)
+    return "demoted"
+
+
+def _make_pressure_forward(runtime: OffloadedModel, forward: Any):
+    """``forward`` of the offloaded model, retried under a smaller budget after an
+    out-of-memory error as the runtime's pressure mode says; the callback hears of every
+    such error, with what was done."""
+
+    def pressure_forward(*args: Any, **kwargs: Any) -> Any:
+        _, retries = _PRESSURE_POLICY[runtime.pressure_mode]
+        cache = kwargs.get("past_key_values")
+        lengths = _cache_snapshot(cache) if cache is not None else None
+        state = runtime._forwards
+        while True:
+            state.depth = getattr(state, "depth", 0) + 1
+            try:
+                return forward(*args, **kwargs)
+            except BaseException as error:
+                if not _is_out_of_memory(error) or runtime.closed or state.depth > 1:
+                    raise
+                old_budget = runtime.budget
+                restorable = cache is None or lengths is not None
+                if _PRESSURE_POLICY[runtime.pressure_mode][0] >= 1.0 or retries > 0:
+                    action = _relieve_pressure(runtime, error, restorable)
+                else:
+                    action = f"raised: no retry left (memory_pressure_mode {runtime.pressure_mode})"
+                _notify_pressure(
+                    "out_of_memory",
+                    runtime.device,
+                    old_budget,
+                    error,
+                    runtime.resident_param_bytes,
+                    getattr(error, "_tensorstream_block", None),
+                    action=action,
+                    new_budget=runtime.budget if action == "demoted" else None,
+                )
+                if action != "demoted":
+                    raise
+                retries -= 1
+                if lengths is not None:
+                    _restore_cache(cache, lengths)
+                logger.warning(
+                    "tensorstream: out of memory in a forward; budget %d -> %d bytes, retrying",
+                    old_budget,
+                    runtime.budget,
+                )
+            finally:
+                state.depth -= 1
+
+    pressure_forward.__wrapped__ = forward  # type: ignore[attr-defined]
+    return pressure_forward
+
+
 def _make_guarded_apply(runtime: OffloadedModel, module: nn.Module):
-    """``module._apply`` (behind ``.to()``, ``.cpu()``, ``.cuda()``, ``.half()``, ...) that lets
-    conversions which keep the runtime's device and the weights' dtype through (``.to("cpu")``
-    after a CPU offload: a no-op for the streamed placeholders) and refuses any other with a
-    clear error: the streamed weights live in the engine's store and slots on one device, so a
-    placeholder must never be moved or converted (that would allocate the full tensor and
-    break the swap)."""
+    """``module._apply`` (behind ``.to()``, ``.cpu()``, ``.cuda()``, ``.half()``, ...) for a
+    streamed model. A conversion that keeps the runtime's device and the weights' dtype goes
+    through (``.to("cpu")`` after a CPU offload: a no-op for the streamed placeholders). A
+    move of the whole model to another CPU/CUDA device, dtype unchanged, moves the runtime
+    (:meth:`OffloadedModel.move_to`). Anything else -- another dtype, a part of the model, a
+    device kind the engine does not serve -- is refused with a clear error before anything
+    is touched: a placeholder must never be moved or converted (that would allocate the full
+    tensor and break the swap)."""
     original = type(module)._apply
 
     def _apply(fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
@@ -641,11 +862,20 @@ def _make_guarded_apply(runtime: OffloadedModel, module: nn.Module):
             if isinstance(moved, torch.Tensor) and (
                 moved.device != probe.device or moved.dtype != probe.dtype
             ):
+                if (
+                    moved.dtype == probe.dtype
+                    and moved.device.type in ("cpu", "cuda")
+                    and module is runtime._root
+                ):
+                    runtime.move_to(moved.device)
+                    return module
                 raise RuntimeError(
                     f"tensorstream: this model is offloaded to {runtime.device} with "
                     f"{probe.dtype} weights; it cannot be moved or converted to "
-                    f"{moved.device} / {moved.dtype} afterwards. Offload a fresh model with "
-                    "tensorstream.offload(model, Config(device=..., dtype=...)) instead"
+                    f"{moved.device} / {moved.dtype} afterwards (only the whole model can "
+                    "move, to another CPU or CUDA device, keeping its dtype). Offload a fresh "
+                    "model with tensorstream.offload(model, Config(device=..., dtype=...)) "
+                    "instead"
                 )
         return original(module, fn, *args, **kwargs)
 
@@ -739,17 +969,21 @@ def _make_post_hook(runtime: OffloadedModel, block: _Block):
     def post_hook(module: nn.Module, args: Any, output: Any) -> None:
         # Torch calls this hook also while an exception leaves the block (always_call).
         error = sys.exc_info()[1]
-        if _is_out_of_memory(error) and not getattr(error, "_tensorstream_notified", False):
+        if _is_out_of_memory(error) and not hasattr(error, "_tensorstream_block"):
+            # The innermost streamed block the error left; the model's forward reports it
+            # (and applies the pressure mode); a block called on its own reports here.
             with contextlib.suppress(AttributeError, TypeError):
-                error._tensorstream_notified = True  # type: ignore[union-attr]
-            _notify_pressure(
-                "out_of_memory",
-                runtime.device,
-                runtime.budget,
-                error,
-                runtime.resident_param_bytes,
-                block.name,
-            )
+                error._tensorstream_block = block.name  # type: ignore[union-attr]
+            if getattr(runtime._forwards, "depth", 0) == 0:
+                _notify_pressure(
+                    "out_of_memory",
+                    runtime.device,
+                    runtime.budget,
+                    error,
+                    runtime.resident_param_bytes,
+                    block.name,
+                    action="raised: the block was called outside the model's forward",
+                )
         with block.lock:
             if getattr(block.entered, "count", 0) == 0:
                 return  # the pre-hook failed before making the weights available

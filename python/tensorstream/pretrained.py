@@ -3,7 +3,10 @@ the whole model in CPU RAM.
 
 1. The model is built from ``path/config.json`` on the meta device (no weights allocated).
 2. Blocks are found as :func:`tensorstream.offload` finds them; each block's parameters are
-   streamed by the engine straight from the ``.safetensors`` files (no store is written).
+   streamed by the engine straight from the ``.safetensors`` files (no store is written) --
+   unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's: the
+   streamed tensors are then converted one at a time into a store in ``storage_path`` (kept
+   and reused while the checkpoint's files are unchanged), which the engine streams.
 3. Everything else (norms, tied weights, persistent buffers) is read from the checkpoint one
    tensor at a time and placed on the device; non-persistent buffers (rotary ``inv_freq``)
    are recomputed by building a fresh copy of the small module that owns them.
@@ -15,7 +18,9 @@ The command ``tensorstream run MODEL_DIR ...`` loads a model this way and decode
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +31,8 @@ import torch
 from torch import nn
 
 from . import _core
+from ._dtypes import dtype_to_name
+from ._store import store_writer
 from .offload import (
     _ATTRIBUTE,
     OffloadedModel,
@@ -37,8 +44,11 @@ from .offload import (
     _start_engine,
     _TensorSlot,
     _trim_host_heap,
+    _usable_storage,
     find_blocks,
 )
+
+logger = logging.getLogger("tensorstream")
 
 __all__ = ["from_pretrained", "main"]
 
@@ -92,6 +102,78 @@ class _Checkpoint:
 
         with safe_open(str(self.file_of[key]), framework="pt") as f:
             return f.get_tensor(key)
+
+    def needs_conversion(self, keys: Any, dtype: torch.dtype) -> bool:
+        """Whether any of ``keys`` is a floating-point tensor stored in another dtype than
+        ``dtype`` (read from the files' headers, no data)."""
+        from safetensors import safe_open  # noqa: PLC0415
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.file_of[key], []).append(key)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for key in names:
+                    stored = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                    if stored is not None and stored.is_floating_point and stored != dtype:
+                        return True
+        return False
+
+
+# safetensors dtype codes of the floating-point dtypes (others never need conversion).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def _converted_store(
+    storage: Path,
+    files: list[Path],
+    checkpoint: _Checkpoint,
+    groups: dict[str, list[str]],
+    dtype: torch.dtype,
+) -> Path:
+    """A store of ``groups`` read from the checkpoint with floating-point tensors converted to
+    ``dtype``, one tensor in memory at a time. Its name hashes the checkpoint files' identity
+    (path, size, modification time, inode), the groups and the dtype, so it is reused until
+    any of them changes; the write is crash-safe (a store is complete or absent)."""
+    identity = []
+    for file in files:
+        st = file.stat()
+        identity.append([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    key = json.dumps({"files": identity, "groups": groups, "dtype": str(dtype)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    path = storage / f"pretrained-{digest}.tstore"
+    if path.exists():
+        try:
+            _core.Store(str(path))
+            logger.info("tensorstream: reusing converted store %s", path)
+            return path
+        except _core.TensorStreamError:
+            logger.warning("tensorstream: converted store %s is unreadable; rewriting", path)
+    logger.info("tensorstream: converting the streamed tensors to %s into %s", dtype, path)
+    with store_writer(path) as writer:
+        for name, keys in groups.items():
+            writer.begin_block(name)
+            for k in keys:
+                t = checkpoint.load(k)
+                if t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                t = t.contiguous()
+                writer.add_tensor(
+                    k,
+                    dtype_to_name(t.dtype, k),
+                    list(t.shape),
+                    t.data_ptr(),
+                    t.numel() * t.element_size(),
+                )
+                del t
+            writer.end_block()
+        writer.commit()
+    return path
 
 
 class _CheckpointSource(type(Path())):  # type: ignore[misc]
@@ -229,11 +311,19 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
         resident_bytes += tensor.numel() * tensor.element_size()
         new[pid] = nn.Parameter(tensor, requires_grad=False)
 
-    # The engine, streaming the groups straight from the checkpoint's files.
+    # The engine, streaming the groups straight from the checkpoint's files -- or from a
+    # store of them in Config.dtype when the checkpoint holds another floating-point dtype.
     target = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     options = dict(config.engine_options(device=target))
     options["device"] = target
     budget = options["device_budget"]
+    store: Path | None = None
+    if config.torch_dtype is not None and checkpoint.needs_conversion(
+        (k for keys in groups.values() for k in keys), config.torch_dtype
+    ):
+        store = _converted_store(
+            _usable_storage(config), files, checkpoint, groups, config.torch_dtype
+        )
 
     def open_engine(opts: dict[str, Any], allocate: Any, release: Any) -> Any:
         return _core.Engine.from_safetensors(str(root), opts, allocate, release, groups)
@@ -246,9 +336,12 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
             return int(e.minimum_budget)
         return 1
 
-    source = _CheckpointSource(root)
-    source.open_engine = open_engine
-    source.streaming_minimum = streaming_minimum
+    if store is not None:
+        source: Path = store
+    else:
+        source = _CheckpointSource(root)
+        source.open_engine = open_engine
+        source.streaming_minimum = streaming_minimum
     engine, memory = _start_engine(source, options, budget, resident_bytes, device)
     try:
         blocks: list[_Block] = []
@@ -269,17 +362,6 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
                         f"tensorstream: checkpoint '{root}' holds '{info['name']}' with shape "
                         f"{tuple(shape)}, the model expects {tuple(p.shape)}"
                     )
-                if (
-                    config.torch_dtype is not None
-                    and dtype.is_floating_point
-                    and dtype != config.torch_dtype
-                ):
-                    raise ValueError(
-                        f"tensorstream: checkpoint '{root}' stores '{info['name']}' as {dtype}; "
-                        f"from_pretrained streams weights in the checkpoint's dtype and cannot "
-                        f"convert them to {config.torch_dtype} (convert the checkpoint, or "
-                        "leave Config.dtype unset)"
-                    )
                 param = nn.Parameter(_placeholder(dtype, shape, device), requires_grad=False)
                 new[id(p)] = param
                 block.params.append((qname, param))
@@ -294,6 +376,8 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     runtime = OffloadedModel(
         model, engine, blocks, memory, source, device, resident_bytes, options, budget
     )
+    runtime.pressure_mode = config.memory_pressure_mode.value
+    runtime.config = config
     _install_runtime(model, runtime)
     _trim_host_heap()
     assert getattr(model, _ATTRIBUTE) is runtime

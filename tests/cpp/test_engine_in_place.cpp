@@ -145,7 +145,10 @@ TEST(EngineInPlace, ViewsAreTheFilesBytesWithoutACopy) {
     }
   }
   const auto stats = engine.stats();
-  EXPECT_EQ(stats.bytes_from_storage + stats.bytes_from_page_cache, 12 * 100 * KiB);
+  // Every fill is counted once, from storage or from the page cache (a prefetch evicted
+  // before use makes one fill more than the 12 acquires).
+  EXPECT_GE(stats.fills, 12u - 2u);  // two blocks may stay in their slots between passes
+  EXPECT_EQ(stats.bytes_from_storage + stats.bytes_from_page_cache, stats.fills * 100 * KiB);
   EXPECT_EQ(stats.failures, 0u);
 }
 
@@ -233,6 +236,25 @@ TEST(EngineInPlace, CorruptionIsCaughtWhenVerifying) {
   const auto view = engine.acquire(0);
   engine.release(0);
   EXPECT_NE(view.host, nullptr);
+}
+
+// The largest region's addresses agree with its file offsets modulo 2 MiB, so the kernel can
+// map large page-cache folios with one entry per 2 MiB.
+TEST(BlockWindow, LargestRegionIsCongruentWithItsFileOffsetModulo2MiB) {
+  TempDir dir;
+  const auto path = dir / "data.bin";
+  ts::testing::write_file(path, ts::testing::random_bytes(6 << 20, 8));
+  ts::detail::FileDescriptor fd(path, O_RDONLY);
+  constexpr std::uint64_t kTwoMiB = 2 << 20;
+  for (const std::uint64_t offset : {std::uint64_t{0}, std::uint64_t{4096}, 3 * kTwoMiB / 2}) {
+    const std::vector<ts::io::WindowRegion> regions{
+        {fd.get(), &path, 6 << 20, 0, 4096, 0},             // small, first
+        {fd.get(), &path, 6 << 20, offset, kTwoMiB, 8192},  // the largest
+    };
+    ts::io::BlockWindow window(8192 + kTwoMiB, regions);
+    const auto address = reinterpret_cast<std::uintptr_t>(window.data()) + 8192;
+    EXPECT_EQ(address % kTwoMiB, offset % kTwoMiB) << offset;
+  }
 }
 
 TEST(BlockWindow, MapsRegionsAtTheirPlacesAndLeavesThePastTheEndUnmapped) {

@@ -1,6 +1,7 @@
 """bench/bench_decode.py --smoke runs end to end: a tiny Llama, generated greedily in memory
-and streamed by tensorstream, each in its own subprocess; the JSON is written and the
-streamed model's tokens equal the in-memory reference's."""
+and streamed by tensorstream (reading in place, and with O_DIRECT), each in its own
+subprocess; the JSON is written and the streamed model's tokens equal the in-memory
+reference's. bench/plot_decode.py plots two such runs."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "bench_decode.py"
+PLOT = ROOT / "bench" / "plot_decode.py"
+SYSTEMS = ("memory", "tensorstream", "tensorstream-direct")
 
 
-def test_bench_decode_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "decode.json"
+def _smoke(tmp_path: Path, fraction: float) -> Path:
+    out = tmp_path / f"decode_{fraction}.json"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     cmd = [
@@ -28,7 +31,9 @@ def test_bench_decode_smoke(tmp_path: Path) -> None:
         str(SCRIPT),
         "--smoke",
         "--systems",
-        "memory,tensorstream",
+        ",".join(SYSTEMS),
+        "--budget-fraction",
+        str(fraction),
         "--workdir",
         str(tmp_path / "work"),
         "--json-out",
@@ -45,10 +50,15 @@ def test_bench_decode_smoke(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert out.is_file(), p.stdout
+    return out
+
+
+def test_bench_decode_smoke_and_plot(tmp_path: Path) -> None:
+    out = _smoke(tmp_path, 0.5)
     data = json.loads(out.read_text())
 
     summary = data["summary"]
-    for system in ("memory", "tensorstream"):
+    for system in SYSTEMS:
         assert "note" not in summary[system], summary[system]
         assert summary[system]["tokens_match"] is True, summary[system]
         for run in data["runs"][system]:
@@ -66,5 +76,27 @@ def test_bench_decode_smoke(tmp_path: Path) -> None:
         + ts_run["engine_final"]["bytes_from_page_cache"]
         > 0
     )
+    # The default reads in place through the page cache (a tiny store fits); the direct
+    # system reads every block with O_DIRECT, so every byte comes from storage.
+    assert ts_run["read_path"]["in_place"] is True, ts_run["read_path"]
+    direct = data["runs"]["tensorstream-direct"][0]
+    assert direct["read_path"]["in_place"] is False and direct["read_path"]["backend"] == "pread"
+    assert direct["engine_final"]["bytes_from_storage"] > 0
     for key in ("machine", "versions", "command", "storage_bandwidth"):
         assert key in data
+
+    # A second budget, then the plot of both runs.
+    pytest.importorskip("matplotlib")
+    second = _smoke(tmp_path, 0.8)
+    png = tmp_path / "decode.png"
+    p = subprocess.run(
+        [sys.executable, str(PLOT), str(out), str(second), "--out", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for system in SYSTEMS:
+        assert system in p.stdout
+    assert "50%" in p.stdout and "80%" in p.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -250,6 +251,73 @@ def test_cli_run_prints_the_greedy_tokens(checkpoints, tmp_path):
     assert [int(t) for t in line.split(":", 1)[1].split(",")] == expected_ids
     assert "blocks streamed / resident" in result.stdout
     assert not list(tmp_path.glob("**/*.tstore"))
+
+
+def test_dtype_converts_the_streamed_weights_through_a_reused_store(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]  # float32 on disk
+    expected = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    storage = tmp_path / "store"
+    model, budget = _streamed(path, storage, dtype="bfloat16")
+    try:
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        stats = ts.get_model_statistics(model)
+        assert stats["layers_offloaded"] >= 2
+        (store,) = storage.glob("pretrained-*.tstore")
+        assert stats["store"] == str(store)
+        header = ts.read_ts_header(store)
+        assert {t["dtype"] for t in header["tensors"].values()} == {"bfloat16"}
+        _assert_same(expected, model)
+        assert stats["device_bytes_peak"] + stats["resident_param_bytes"] <= budget
+    finally:
+        model.cleanup_tensorstream()
+    mtime = store.stat().st_mtime_ns
+    again = ts.from_pretrained(
+        path, ts.Config(vram_budget_gb=f"{budget}B", storage_path=storage, dtype="bfloat16")
+    )
+    try:
+        assert store.stat().st_mtime_ns == mtime, "the converted store was rewritten"
+        _assert_same(expected, again)
+    finally:
+        again.cleanup_tensorstream()
+    # Without a dtype nothing is converted or written.
+    plain, _ = _streamed(path, tmp_path / "plain")
+    plain.cleanup_tensorstream()
+    assert not list((tmp_path / "plain").glob("*.tstore"))
+
+
+def _word_tokenizer():
+    """A real fast tokenizer over the test vocabulary: "w0" .. "w95", split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0")
+
+
+def test_cli_run_with_a_tokenizer_prints_the_text(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    tokenizer = _word_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    prompt = "w5 w17 w42 w8"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids == [5, 17, 42, 8]
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    expected_text = tokenizer.decode(expected[0].tolist(), skip_special_tokens=True)
+    budget = _minimum_budget(path, storage_path=tmp_path) + 4096
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorstream", "run", str(model_dir), "--prompt", prompt]
+        + ["--max-new-tokens", "5", "--vram-budget", f"{budget}B"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == expected_text
+    assert expected_text.startswith(prompt) and len(expected_text.split()) == 4 + 5
+    assert "blocks streamed / resident" in result.stdout
 
 
 def test_cli_run_refuses_text_without_tokenizer(checkpoints):

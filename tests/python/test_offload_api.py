@@ -139,7 +139,9 @@ def test_memory_pressure_callback_and_optimize_memory_usage(tmp_path):
         with torch.no_grad():
             assert torch.equal(model(x).logits, expected)
 
-        # Torch running out of memory inside a streamed block reaches the callback once.
+        # Torch running out of memory inside a streamed block, every time: the BALANCED
+        # default demotes once (3/4 of the budget), retries, then lets the error through;
+        # the callback hears of both, with what was done.
         def fail(module, args):
             raise torch.OutOfMemoryError("simulated out of memory")
 
@@ -147,8 +149,13 @@ def test_memory_pressure_callback_and_optimize_memory_usage(tmp_path):
         with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
             model(x)
         handle.remove()
-        assert [e["kind"] for e in events] == ["budget_too_small", "out_of_memory"]
+        assert [e["kind"] for e in events] == ["budget_too_small", "out_of_memory"] * 1 + [
+            "out_of_memory"
+        ]
         assert events[1]["block"] == "model.layers.2"
+        assert events[1]["action"] == "demoted"
+        assert events[1]["new_budget"] == int(budget * 0.5 * 0.75)
+        assert events[2]["action"].startswith("raised: no retry left")
         with torch.no_grad():
             assert torch.equal(model(x).logits, expected)
 
@@ -163,6 +170,126 @@ def test_memory_pressure_callback_and_optimize_memory_usage(tmp_path):
     with pytest.raises(TypeError):
         ts.set_memory_pressure_callback(42)
     model.cleanup_tensorstream()
+
+
+class _OutOfMemoryOnce:
+    """A forward pre-hook standing in for a transient device out-of-memory error (an
+    activation that did not fit): raises torch.OutOfMemoryError on the `at`-th call only."""
+
+    def __init__(self, at: int) -> None:
+        self.calls = 0
+        self.at = at
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise torch.OutOfMemoryError("simulated out of memory")
+
+
+@pytest.mark.parametrize(
+    "mode, fraction",
+    [("conservative", 0.5), ("balanced", 0.75), ("aggressive", None)],
+)
+def test_out_of_memory_in_generate_follows_the_pressure_mode(tmp_path, mode, fraction):
+    reference = tiny_llama(layers=6)
+    model = tiny_llama(layers=6)
+    prompt = ids((1, 5), seed=3)
+    greedy = dict(
+        max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    with torch.no_grad():
+        expected = reference.generate(prompt, **greedy)
+    config = Config(storage_path=tmp_path, min_layer_size=MIN_LAYER, memory_pressure_mode=mode)
+    budget = ts.estimate_model_memory(model, config)["all_resident_budget"]
+    ts.offload(model, config.replace(vram_budget_gb=f"{budget}B"))
+    assert ts.get_model_statistics(model)["layers_offloaded"] == 0
+    # The error strikes in the 5th layer of the 3rd decode step: the layers before it have
+    # already appended to the KV cache, which a retry must first cut back.
+    hook = model.model.layers[4].mlp.register_forward_pre_hook(_OutOfMemoryOnce(at=4))
+    events: list[dict] = []
+    ts.set_memory_pressure_callback(events.append)
+    try:
+        with torch.no_grad():
+            if fraction is None:
+                with pytest.raises(torch.OutOfMemoryError):
+                    model.generate(prompt, **greedy)
+            else:
+                got = model.generate(prompt, **greedy)
+                assert torch.equal(got.sequences, expected.sequences)
+                # Bitwise logits of every step: a retry that left the cache with a duplicated
+                # token would change them even where the greedy tokens survive.
+                for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+                    assert torch.equal(a, b), f"step {step}"
+    finally:
+        ts.set_memory_pressure_callback(None)
+        hook.remove()
+    assert len(events) == 1
+    event = events[0]
+    assert event["kind"] == "out_of_memory" and event["block"] == "model.layers.4"
+    assert event["budget"] == budget
+    stats = ts.get_model_statistics(model)
+    if fraction is None:
+        assert event["action"].startswith("raised: memory_pressure_mode aggressive")
+        assert event["new_budget"] is None and stats["budget"] == budget
+        assert stats["layers_offloaded"] == 0
+    else:
+        assert event["action"] == "demoted"
+        assert event["new_budget"] == stats["budget"] == int(budget * fraction)
+        assert stats["layers_offloaded"] > 0, "resident blocks were demoted to streamed"
+        assert stats["device_bytes_peak"] <= stats["device_budget"]
+    with torch.no_grad():  # the model keeps working under its (new) budget
+        again = model.generate(prompt, **greedy)
+    assert torch.equal(again.sequences, expected.sequences)
+    model.cleanup_tensorstream()
+    assert "forward" not in model.__dict__, "cleanup restores the model's own forward"
+
+
+def test_out_of_memory_with_an_unrestorable_cache_is_not_retried(tmp_path):
+    model = tiny_llama()
+    config = Config(storage_path=tmp_path, min_layer_size=MIN_LAYER)
+    budget = ts.estimate_model_memory(model, config)["all_resident_budget"]
+    ts.offload(model, config.replace(vram_budget_gb=f"{budget}B"))
+
+    from transformers.cache_utils import DynamicLayer
+
+    class OtherLayer(DynamicLayer):  # a cache layer kind the runtime does not know
+        pass
+
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids(), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        layer.__class__ = OtherLayer
+
+    def fail(module, args):
+        raise torch.OutOfMemoryError("simulated out of memory")
+
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(fail)
+    events: list[dict] = []
+    ts.set_memory_pressure_callback(events.append)
+    try:
+        with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+            model(ids((2, 1)), past_key_values=cache, use_cache=True)
+    finally:
+        ts.set_memory_pressure_callback(None)
+        handle.remove()
+    assert [e["action"] for e in events] == [
+        "raised: the forward's KV cache was partly updated and cannot be restored"
+    ]
+    assert ts.get_model_statistics(model)["budget"] == budget
+    model.cleanup_tensorstream()
+
+
+def test_automatic_budget_leaves_the_headroom_of_the_mode():
+    from tensorstream.config import default_vram_budget
+
+    shares = {
+        mode: default_vram_budget("cpu", mode)
+        for mode in ("conservative", "balanced", "aggressive")
+    }
+    assert shares["conservative"] < shares["balanced"] < shares["aggressive"]
+    # The same available memory, read three times: about 1/8, 1/4, 1/2 of it.
+    assert shares["aggressive"] / shares["conservative"] == pytest.approx(4, rel=0.1)
 
 
 def test_defragment_storage_rewrites_stores_with_the_same_content(tmp_path):

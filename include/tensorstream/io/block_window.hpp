@@ -12,8 +12,10 @@
 // Each region starts at a 4096-aligned offset of the window and maps the file from a
 // 4096-aligned offset (the engine's read plan, io::plan_read, gives exactly that), so a
 // safetensors tensor that starts anywhere in its file lands at the same offset as on the
-// copying paths. Pages of a region past the end of its file are left unmapped (PROT_NONE):
-// touching them would raise SIGBUS, and no tensor lies there.
+// copying paths. The window is placed so that its largest region's addresses agree with its
+// file offsets modulo 2 MiB: the kernel can then map large page-cache folios with one entry
+// per 2 MiB, which makes populate() and drop() cheaper. Pages of a region past the end of its file
+// are left unmapped (PROT_NONE): touching them would raise SIGBUS, and no tensor lies there.
 //
 // Residency in memory is explicit. populate() faults every page of the window in
 // (MADV_POPULATE_READ, reading from storage what the page cache lacks) and reports how many
@@ -84,8 +86,10 @@ class BlockWindow {
  private:
   void reset() noexcept;
 
+  std::byte* reserved_ = nullptr;  // the whole reservation (2 MiB more than the window)
+  std::uint64_t reserved_size_ = 0;
   std::byte* base_ = nullptr;
-  std::uint64_t size_ = 0;             // reserved bytes (multiple of 4096)
+  std::uint64_t size_ = 0;             // window bytes (multiple of 4096)
   std::vector<WindowRegion> regions_;  // lengths clipped to the file
 };
 
