@@ -16,6 +16,9 @@ Systems:
                        RAM tier; O_DIRECT reads fill it)
   tensorstream-fp      as tensorstream, but loaded with tensorstream.from_pretrained(dir,
                        config) (the checkpoint is never materialised in this process)
+  accelerate-cpu       (--device cuda only) accelerate's CPU offload: device_map="auto",
+                       max_memory={gpu: budget, "cpu": plenty}: what does not fit on the GPU
+                       stays in CPU RAM and is copied in for each forward
   accelerate-disk   transformers/accelerate disk offload: device_map="auto",
                     max_memory={"cpu": budget}, offload_folder=... (what does not fit in
                     the CPU budget goes to "disk")
@@ -64,9 +67,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 ALL_SYSTEMS = ["memory", "tensorstream", "tensorstream-direct", "tensorstream-ram",
-               "tensorstream-fp", "accelerate-disk", "airllm", "deepspeed"]  # fmt: skip
+               "tensorstream-fp", "accelerate-cpu", "accelerate-disk", "airllm",
+               "deepspeed"]  # fmt: skip
 TS_SYSTEMS = {"tensorstream", "tensorstream-direct", "tensorstream-ram", "tensorstream-fp"}
-RUNNABLE = {"memory", "accelerate-disk"} | TS_SYSTEMS
+RUNNABLE = {"memory", "accelerate-cpu", "accelerate-disk"} | TS_SYSTEMS
+# On a GPU, accelerate-disk keeps this much in CPU RAM (the rest of what misses the GPU
+# budget goes to its offload folder).
+ACCELERATE_DISK_CPU_BYTES = 1 << 30
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -187,8 +194,15 @@ def ensure_model(args: argparse.Namespace) -> tuple[Path, int]:
     )
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(dtype)
+    # Built directly in the target dtype: a 7B model in float32 (27 GB) would not fit the
+    # RAM of the machines this runs on.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.eval()
     # Keep generation deterministic and quiet: no sampling defaults in generation_config.
     model.generation_config.do_sample = False
@@ -212,11 +226,16 @@ class _StepClock:
     """A logits processor that only records when each generation step's logits arrive: the
     first call follows the prefill forward, each later one a decode forward."""
 
-    def __init__(self, on_step: Any = None) -> None:
+    def __init__(self, on_step: Any = None, cuda: bool = False) -> None:
         self.times: list[float] = []
         self.on_step = on_step
+        self.cuda = cuda
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.cuda:
+            import torch  # noqa: PLC0415
+
+            torch.cuda.synchronize()  # the logits are computed, not just queued
         self.times.append(time.perf_counter())
         if self.on_step is not None:
             self.on_step(len(self.times))
@@ -233,7 +252,7 @@ def _generate(model: Any, ids: Any, new_tokens: int, stats_fn: Any) -> dict[str,
         if stats_fn is not None and n == 1:
             snapshots[1] = stats_fn()
 
-    clock = _StepClock(on_step)
+    clock = _StepClock(on_step, cuda=ids.device.type == "cuda")
     before = stats_fn() if stats_fn is not None else None
     attention = torch.ones_like(ids)
     t0 = time.perf_counter()
@@ -305,6 +324,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     system = args.worker
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     model_dir = Path(args.model_dir)
     dtype = getattr(torch, args.dtype)
     budget = int(args.budget_bytes)
@@ -316,6 +337,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if system == "memory":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.eval()
+        if cuda:
+            try:
+                model.to(device)
+            except torch.OutOfMemoryError as e:
+                return {"system": system, "skipped": f"the model does not fit on {device}: {e}"}
     elif system in TS_SYSTEMS:
         import tensorstream  # noqa: PLC0415
 
@@ -331,7 +357,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             ram_cache_gb=ram,
             prefetch_strategy=args.prefetch,
             backend="pread" if system == "tensorstream-direct" else "auto",
-            device="cpu",
+            device=args.device,
         )
         res["config"] = {
             "vram_budget_gb": budget / 1e9,
@@ -351,15 +377,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res["resident_param_bytes"] = s0.get("resident_param_bytes")
         res["read_path"] = {k: s0.get(k) for k in ("backend", "in_place", "backend_note")}
         drop += [Path(s0["store"]), Path(args.workdir) / "store"]
-    elif system == "accelerate-disk":
+    elif system in ("accelerate-disk", "accelerate-cpu"):
         offload_dir = Path(args.workdir) / f"accelerate_offload_{os.getpid()}"
         shutil.rmtree(offload_dir, ignore_errors=True)
+        if system == "accelerate-cpu" and not cuda:
+            return {"system": system, "skipped": "CPU offload is an option of a GPU run"}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir,
                 dtype=dtype,
                 device_map="auto",
-                max_memory={"cpu": budget},
+                max_memory=_accelerate_max_memory(system, device, budget, param_bytes),
                 offload_folder=str(offload_dir),
             )
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
@@ -378,24 +406,33 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         raise SystemExit(f"unknown system {system}")
     res["load_s"] = time.perf_counter() - t_load
+    res["device"] = str(device)
     res["peak_rss_after_load_kb"] = _proc_status_kb("VmHWM")
     res["rss_after_load_kb"] = {k: _proc_status_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
 
     gen = torch.Generator().manual_seed(1234)
     vocab = PRESETS[args.preset]["vocab"]
     prompts = torch.randint(1, vocab, (max(args.batch, 1), args.prompt_len), generator=gen)
+    prompts = prompts.to(device)
     # Warm-up (torch's first-call costs), untimed: 1 token from a 4-token prompt.
     with torch.inference_mode():
         model.generate(prompts[:1, :4], attention_mask=torch.ones_like(prompts[:1, :4]),
                        max_new_tokens=1, do_sample=False, pad_token_id=0)  # fmt: skip
     res["cache_files_dropped"] = _drop_cache(drop)
     res["peak_rss_reset"] = _reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        res["device_bytes_after_load"] = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     res["rss_before_run_kb"] = _proc_status_kb("VmRSS")
     res["batch1"] = _generate(model, prompts[:1], args.new_tokens, stats_fn)
     if args.batch > 1:
         _drop_cache(drop)
         res[f"batch{args.batch}"] = _generate(model, prompts, args.new_tokens, stats_fn)
+    res["prefill_forward_s"] = _prefill_times(model, args, vocab, device)
     res["peak_rss_run_kb"] = _proc_status_kb("VmHWM")
+    if cuda:
+        res["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     res["rss_end_kb"] = {k: _proc_status_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
     res["peak_rss_total_kb"] = (
         max(res["peak_rss_after_load_kb"] or 0, res["peak_rss_run_kb"] or 0) or None
@@ -425,6 +462,38 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _accelerate_max_memory(
+    system: str, device: Any, budget: int, param_bytes: int
+) -> dict[Any, int]:
+    """accelerate's max_memory for ``system`` under the weight ``budget`` on ``device``."""
+    if device.type != "cuda":
+        return {"cpu": budget}  # CPU-only: what does not fit goes to disk
+    gpu = device.index or 0
+    if system == "accelerate-cpu":
+        return {gpu: budget, "cpu": 2 * param_bytes + (8 << 30)}
+    return {gpu: budget, "cpu": ACCELERATE_DISK_CPU_BYTES}
+
+
+def _prefill_times(model: Any, args: argparse.Namespace, vocab: int, device: Any) -> dict:
+    """Seconds of one forward over a prompt of each --prefill-lens length (batch 1, no
+    cache): the prefill cost on its own, where compute per layer is largest."""
+    import torch  # noqa: PLC0415
+
+    out: dict[str, float] = {}
+    for length in [int(x) for x in str(args.prefill_lens or "").split(",") if x.strip()]:
+        ids = torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(7))
+        ids = ids.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[str(length)] = time.perf_counter() - t0
+    return out
+
+
 # ---- storage bandwidth (roofline) ----------------------------------------------------------
 
 
@@ -436,24 +505,27 @@ def _find_native() -> str | None:
     return on_path
 
 
-def storage_bandwidth(store: Path) -> dict[str, Any]:
+def storage_bandwidth(store: Path, device: str = "cpu") -> dict[str, Any]:
     """GB/s of a plain sequential O_DIRECT read of ``store`` (the native bench-io's
-    reference row when the binary is there; a Python O_DIRECT loop otherwise)."""
+    reference row when the binary is there; a Python O_DIRECT loop otherwise) and, for a
+    CUDA ``device``, the pinned host-to-device copy bandwidth (``h2d_gbps``)."""
     native = _find_native()
     if native:
+        on = device if device.startswith("cuda") else "none"
         cmd = [native, "bench-io", str(store), "--json", "--no-fio", "--repeat", "3",
-               "--device", "none", "--backends", "pread"]  # fmt: skip
+               "--device", on, "--backends", "pread"]  # fmt: skip
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             data = json.loads(p.stdout)
             ref = ((data.get("reference") or {}).get("odirect_read") or {}).get("gbps")
             rows = {k: v.get("gbps") for k, v in (data.get("backends") or {}).items()}
             best = max([v for v in (ref, *rows.values()) if v] or [0.0]) or None
+            h2d = ((data.get("reference") or {}).get("pinned_h2d") or {}).get("gbps")
             if best:
                 # The best storage reference (as in docs/benchmarks.md): the faster of the
                 # single-thread O_DIRECT read and the pread backend, medians of 3.
                 return {"method": " ".join(cmd), "o_direct_gbps": ref, "backends_gbps": rows,
-                        "bytes": data.get("bytes"), "gbps": best}  # fmt: skip
+                        "bytes": data.get("bytes"), "gbps": best, "h2d_gbps": h2d}  # fmt: skip
             return {"method": " ".join(cmd), "raw": data, "gbps": None}
         except Exception as e:  # noqa: BLE001 - fall back to Python
             native_error = f"{type(e).__name__}: {e}"
@@ -533,6 +605,12 @@ def summarise(runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         "peak_rss_run_mb": (pick("peak_rss_run_kb") or 0) / 1024 or None,
         "bytes_streamed_per_step_b1": pick("bytes_streamed_per_step", "batch1"),
         "bytes_from_storage_per_step_b1": pick("bytes_from_storage_per_step", "batch1"),
+        "bytes_from_ram_tier_per_step_b1": pick("bytes_from_ram_tier_per_step", "batch1"),
+        "peak_device_mb": (pick("peak_device_bytes") or 0) / 2**20 or None,
+        "prefill_forward_s": {
+            k: _median([(r.get("prefill_forward_s") or {}).get(k) for r in runs])
+            for k in sorted({k for r in runs for k in (r.get("prefill_forward_s") or {})})
+        },
         "device_bytes_peak": _median(
             [(r.get("engine_final") or {}).get("device_bytes_peak") for r in runs]
         ),
@@ -540,8 +618,105 @@ def summarise(runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     }
 
 
+def _roofline_seconds(sm: dict[str, Any], bandwidth: dict[str, Any], device: str) -> float | None:
+    storage = sm.get("bytes_from_storage_per_step_b1") or 0
+    tier = sm.get("bytes_from_ram_tier_per_step_b1") or 0
+    streamed = sm.get("bytes_streamed_per_step_b1") or 0
+    disk = bandwidth.get("gbps")
+    if not device.startswith("cuda"):
+        if storage and disk and storage >= 0.5 * streamed:
+            return storage / (disk * 1e9)
+        return None
+    h2d = bandwidth.get("h2d_gbps")
+    if not h2d or not (storage or tier):
+        return None
+    link = min(disk, h2d) if disk else h2d
+    return storage / (link * 1e9) + tier / (h2d * 1e9)
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
+
+
+def _preset_param_bytes(args: argparse.Namespace) -> int:
+    """Parameter bytes of the preset's model, counted on the meta device (nothing allocated)."""
+    import torch  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    p = PRESETS[args.preset]
+    config = LlamaConfig(
+        hidden_size=p["hidden"], intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"], vocab_size=p["vocab"], tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    size = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    return sum(t.numel() for t in model.parameters()) * size
+
+
+def dry_run(args: argparse.Namespace, systems: list[str], argv_line: str) -> int:
+    """What each system would run under these arguments, checked as far as possible without
+    the device: the budget, each system's load call and configuration (tensorstream.Config
+    is constructed, so a bad field fails here), and what this machine lacks."""
+    import torch  # noqa: PLC0415
+
+    param_bytes = _preset_param_bytes(args)
+    budget = int(param_bytes * args.budget_fraction)
+    device = torch.device(args.device)
+    plan: dict[str, Any] = {}
+    for system in systems:
+        if system not in RUNNABLE:
+            plan[system] = {"note": _not_run(system)}
+            continue
+        if system == "memory":
+            plan[system] = {"load": f"AutoModelForCausalLM.from_pretrained(dir).to({device})"}
+        elif system in TS_SYSTEMS:
+            import tensorstream  # noqa: PLC0415
+
+            ram = param_bytes * 1.25 / 1e9 + 0.1 if system == "tensorstream-ram" else 0.0
+            config = tensorstream.Config(
+                vram_budget_gb=budget / 1e9,
+                ram_cache_gb=ram,
+                prefetch_strategy=args.prefetch,
+                backend="pread" if system == "tensorstream-direct" else "auto",
+                device=args.device,
+            )
+            call = "from_pretrained(dir, config)" if system == "tensorstream-fp" else (
+                "offload(AutoModelForCausalLM.from_pretrained(dir), config)")  # fmt: skip
+            plan[system] = {"load": f"tensorstream.{call}", "config": config.to_dict()}
+        else:
+            if system == "accelerate-cpu" and device.type != "cuda":
+                plan[system] = {"note": "not run: CPU offload is an option of a GPU run"}
+                continue
+            memory = _accelerate_max_memory(system, device, budget, param_bytes)
+            plan[system] = {
+                "load": 'AutoModelForCausalLM.from_pretrained(dir, device_map="auto", '
+                "max_memory=..., offload_folder=...)",
+                "max_memory": {str(k): v for k, v in memory.items()},
+            }
+    lacks = []
+    if device.type == "cuda" and not torch.cuda.is_available():
+        lacks.append("no CUDA device visible to torch: only a dry run is possible here")
+    result = {
+        "benchmark": "bench_decode",
+        "dry_run": True,
+        "command": argv_line,
+        "device": args.device,
+        "model": {"preset": args.preset, "dtype": args.dtype, "param_bytes": param_bytes},
+        "budget_bytes": budget,
+        "prompt_len": args.prompt_len,
+        "prefill_lens": [int(x) for x in args.prefill_lens.split(",") if x.strip()],
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "plan": plan,
+        "machine": _machine(),
+        "lacks": lacks,
+    }
+    print(json.dumps(result, indent=1, default=str))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,6 +737,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", default="adaptive", choices=["none", "next_layer", "adaptive"])
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 new tokens (seconds)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument(
+        "--prefill-lens",
+        default=None,
+        help="prompt lengths whose single forward is timed, e.g. 512,2048 (cuda default)",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print and record what each system would run (no model is built); works "
+        "without the device, so the GPU variant can be checked on a CPU machine",
+    )
     # internal: run one system in this process
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -577,6 +764,10 @@ def main(argv: list[str] | None = None) -> int:
         # engine's minimum (resident + two slots); 0.5 still streams most layers.
         args.budget_fraction = args.budget_fraction or 0.5
     args.budget_fraction = args.budget_fraction or 0.25
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device {args.device!r}: cpu or cuda[:N]")
+    if args.prefill_lens is None:
+        args.prefill_lens = "512,2048" if args.device.startswith("cuda") and not args.smoke else ""
     preset = PRESETS[args.preset]
     args.dtype = args.dtype or preset["dtype"]
     args.prompt_len = args.prompt_len or preset["prompt_len"]
@@ -595,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in systems:
         if s not in ALL_SYSTEMS:
             ap.error(f"unknown system '{s}' (choose from {', '.join(ALL_SYSTEMS)})")
+    if args.dry_run:
+        return dry_run(args, systems, argv_line)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     load_start = _loadavg()
@@ -627,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--preset", args.preset, "--dtype", args.dtype, "--workdir", args.workdir,
                 "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                 "--batch", str(args.batch), "--prefetch", args.prefetch,
+                "--device", args.device, "--prefill-lens", args.prefill_lens,
             ]  # fmt: skip
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
@@ -660,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         stores += sorted((Path(args.workdir) / "store").glob("*.tstore"))
     store = next((p for p in stores if p.is_file()), None)
     if store:
-        bandwidth = storage_bandwidth(store)
+        bandwidth = storage_bandwidth(store, args.device)
 
     ref = runs.get("memory", [])
     ref_tokens = {k: ref[0][k]["tokens"] for k in ref[0] if k.startswith("batch")} if ref else {}
@@ -682,19 +876,12 @@ def main(argv: list[str] | None = None) -> int:
             sm["tokens_match"] = all(v for k, v in sm.items() if k.startswith("tokens_match_"))
         else:
             sm["tokens_match"] = None
-        # The storage roofline applies where decode reads its bytes from storage (most of
-        # them); bytes served by the RAM tier or the page cache cross no storage link.
-        per_step = sm.get("bytes_from_storage_per_step_b1")
-        streamed = sm.get("bytes_streamed_per_step_b1")
-        gbps = (bandwidth or {}).get("gbps")
-        if (
-            per_step
-            and streamed
-            and per_step >= 0.5 * streamed
-            and gbps
-            and sm.get("s_per_step_b1")
-        ):
-            io_s = per_step / (gbps * 1e9)
+        # The roofline: the time the step's streamed bytes need on their slowest link. On the
+        # CPU that link is storage, and only where most bytes come from it (bytes served by
+        # the page cache or a RAM tier cross no storage link). On a GPU: storage bytes at
+        # min(storage, pinned H2D), RAM-tier bytes at pinned H2D.
+        io_s = _roofline_seconds(sm, bandwidth or {}, args.device)
+        if io_s and sm.get("s_per_step_b1"):
             sm["roofline_s_per_step"] = io_s
             sm["fraction_of_roofline"] = io_s / sm["s_per_step_b1"]
         summary[system] = sm

@@ -29,19 +29,22 @@ def load_points(paths: list[Path]) -> tuple[dict[str, list[tuple[float, float]]]
     """{system: [(budget fraction, s per step at batch 1), ...]} and the common context."""
     points: dict[str, list[tuple[float, float]]] = {}
     context: dict[str, Any] | None = None
+    dates: list[str] = []
     for path in paths:
         data = json.loads(path.read_text())
         ctx = {
             "preset": data["model"]["preset"],
             "dtype": data["model"]["dtype"],
             "cpus": data["machine"].get("cpus"),
-            "hostname": data["machine"].get("hostname"),
+            "host": data["machine"].get("host"),
+            "cpu": data["machine"].get("cpu"),
             "prompt_len": data["prompt_len"],
         }
         if context is None:
             context = ctx
         elif ctx != context:
             raise SystemExit(f"plot_decode: {path} is another model or machine: {ctx} vs {context}")
+        dates.append(str(data.get("date_utc", ""))[:10])
         fraction = data["budget_bytes"] / data["model"]["param_bytes"]
         for system, summary in data["summary"].items():
             s = summary.get("s_per_step_b1")
@@ -49,6 +52,7 @@ def load_points(paths: list[Path]) -> tuple[dict[str, list[tuple[float, float]]]
                 points.setdefault(system, []).append((fraction, s))
     if context is None:
         raise SystemExit("plot_decode: no input")
+    context["dates"] = ", ".join(sorted(set(dates)))
     return points, context
 
 
@@ -74,7 +78,7 @@ def plot(points: dict[str, list[tuple[float, float]]], context: dict[str, Any], 
     ax.grid(True, alpha=0.3)
     ax.set_title(
         f"{context['preset']} {context['dtype']}, prompt {context['prompt_len']}, "
-        f"{context['cpus']} CPUs ({context['hostname']})",
+        f"{context['cpus']} x {context['cpu']} ({context['host']}), {context['dates']}",
         fontsize=9,
     )
     ax.legend(fontsize=8)

@@ -469,6 +469,16 @@ def _convert_dtype(model: nn.Module, dtype: torch.dtype) -> None:
                 tensor.data = tensor.data.to(dtype)
 
 
+def _refuse_unimplemented(config: Any) -> None:
+    """Settings accepted by Config whose feature does not exist yet fail loudly here rather
+    than being ignored."""
+    if config.compression_enabled:
+        raise NotImplementedError(
+            "tensorstream: compression_enabled=True: store compression is not implemented "
+            "yet (stores are written uncompressed); set compression_enabled=False"
+        )
+
+
 def _usable_storage(config: Any) -> Path:
     """``config.storage_path``, created if missing; OSError/PermissionError naming it if it
     cannot hold a store."""
@@ -498,6 +508,7 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     from .config import Config  # noqa: PLC0415 - the config module imports nothing heavy
 
     config = config if config is not None else Config()
+    _refuse_unimplemented(config)
     if getattr(model, _ATTRIBUTE, None) is not None:
         raise RuntimeError("tensorstream: this model is already offloaded")
     device = _resolve_device(model, config)

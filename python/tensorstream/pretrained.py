@@ -40,6 +40,7 @@ from .offload import (
     _install_runtime,
     _named_block_params,
     _placeholder,
+    _refuse_unimplemented,
     _shared_parameters,
     _start_engine,
     _TensorSlot,
@@ -248,6 +249,7 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     from .config import Config  # noqa: PLC0415
 
     config = config if config is not None else Config()
+    _refuse_unimplemented(config)
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"tensorstream: '{root}' is not a checkpoint directory")

@@ -288,9 +288,12 @@ ReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout
   for (const auto& b : layout.blocks) source_bytes += b.size;
   const auto available = mem_available_bytes();
   if (!available) return {false, "auto: available memory unknown (no /proc/meminfo)"};
-  if (source_bytes > *available / 2) {
+  // Three quarters: the rest of the process (activations, KV cache, resident weights) and
+  // everything else on the machine keep room, so the source stays cached between passes.
+  if (source_bytes > *available / 4 * 3) {
     return {false, detail::concat("auto: the ", layout.kind, " (", source_bytes,
-                                  " bytes) is more than half of the available memory (", *available,
+                                  " bytes) is more than three quarters of the available memory (",
+                                  *available,
                                   " bytes): reading with O_DIRECT, not through the "
                                   "page cache")};
   }

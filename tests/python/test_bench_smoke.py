@@ -100,3 +100,37 @@ def test_bench_decode_smoke_and_plot(tmp_path: Path) -> None:
     for system in SYSTEMS:
         assert system in p.stdout
     assert "50%" in p.stdout and "80%" in p.stdout
+
+
+def test_bench_decode_gpu_variant_dry_run(tmp_path: Path) -> None:
+    """The GPU scenario's plan is checked on any machine: budgets, each system's load call,
+    tensorstream.Config and accelerate's max_memory for the GPU, without building a model."""
+    out = tmp_path / "dry.json"
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "7b", "--device", "cuda:0", "--dry-run",
+         "--budget-fraction", "0.3", "--json-out", str(out), "--systems",
+         "memory,tensorstream,tensorstream-ram,tensorstream-fp,accelerate-cpu,accelerate-disk"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert data["dry_run"] is True and data["device"] == "cuda:0"
+    assert data["prefill_lens"] == [512, 2048]
+    # 7B shape in bfloat16: 6.74 G parameters.
+    assert 13.4e9 < data["model"]["param_bytes"] < 13.6e9
+    budget = data["budget_bytes"]
+    assert budget == int(data["model"]["param_bytes"] * 0.3)
+    plan = data["plan"]
+    for system in ("tensorstream", "tensorstream-ram", "tensorstream-fp"):
+        assert plan[system]["config"]["device"] == "cuda:0"
+        assert plan[system]["config"]["vram_budget_gb"] == pytest.approx(budget / 1e9)
+    assert plan["tensorstream-ram"]["config"]["ram_cache_gb"] > data["model"]["param_bytes"] / 1e9
+    assert plan["accelerate-cpu"]["max_memory"]["0"] == budget
+    assert plan["accelerate-disk"]["max_memory"]["0"] == budget
+    assert (
+        plan["accelerate-disk"]["max_memory"]["cpu"] < plan["accelerate-cpu"]["max_memory"]["cpu"]
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        assert any("dry run" in x for x in data["lacks"])

@@ -391,3 +391,10 @@ def test_to_cpu_after_offload_keeps_streaming_and_other_devices_are_refused(tmp_
         assert torch.equal(model(x).logits, expected)
     model.cleanup_tensorstream()
     model.to("meta")  # a closed runtime no longer guards the model
+
+
+def test_compression_is_refused_until_it_exists(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(NotImplementedError, match="compression_enabled"):
+        ts.offload(model, Config(storage_path=tmp_path, compression_enabled=True))
+    assert not list(tmp_path.glob("*.tstore")), "nothing was written"

@@ -8,7 +8,7 @@
 // others share a ring of slots.
 //
 // In place (device "cpu" only). With backend kMmap — or kAuto when there is no RAM tier and
-// the source fits twice over in the memory the kernel reports available — a block is not
+// the source is at most three quarters of the memory the kernel reports available — a block is not
 // copied at all: its file ranges are mapped into a window laid out like its buffer
 // (io/block_window.hpp), a fill faults the window's pages in from the page cache (reading
 // from storage what is not cached), and the view points into the window. A slot then holds
@@ -135,7 +135,7 @@ struct EngineOptions {
   std::uint64_t ram_cache_bytes = 0;
   cache::Policy cache_policy = cache::Policy::kAuto;
   /// Device "cpu": kMmap reads in place (see the top of this file); kAuto reads in place when
-  /// ram_cache_bytes is 0 and the source is at most half of MemAvailable, else as below.
+  /// ram_cache_bytes is 0 and the source is at most 3/4 of MemAvailable, else as below.
   /// Elsewhere kAuto is io_uring where usable, else pread (both with O_DIRECT).
   io::BackendType backend = io::BackendType::kAuto;
   io::IoOptions io;
