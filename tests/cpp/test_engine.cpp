@@ -26,22 +26,9 @@ namespace {
 
 constexpr std::uint64_t KiB = 1024;
 
-// A store of `blocks` blocks with sizes drawn from [min_size, max_size].
 std::filesystem::path make_store(const TempDir& dir, int blocks, std::uint64_t min_size,
                                  std::uint64_t max_size, std::uint64_t seed) {
-  const auto path = dir / "model.tstore";
-  std::mt19937_64 rng(seed);
-  ts::StoreWriter writer(path, ts::WriterOptions{4096, 256, false});
-  for (int b = 0; b < blocks; ++b) {
-    writer.begin_block("layers." + std::to_string(b));
-    const auto size = min_size + rng() % (max_size - min_size + 1);
-    const auto data = ts::testing::random_bytes(size, rng());
-    writer.add_tensor("layers." + std::to_string(b) + ".w", ts::DType::kUInt8,
-                      std::vector<std::int64_t>{static_cast<std::int64_t>(size)}, data);
-    writer.end_block();
-  }
-  writer.commit();
-  return path;
+  return ts::testing::make_random_store(dir.path(), blocks, min_size, max_size, seed);
 }
 
 // Acquires `block`, checks its bytes against the store's checksum, releases it.

@@ -33,19 +33,7 @@ constexpr std::uint64_t KiB = 1024;
 
 std::filesystem::path make_store(const TempDir& dir, int blocks, std::uint64_t size,
                                  std::uint64_t seed) {
-  const auto path = dir / "model.tstore";
-  std::mt19937_64 rng(seed);
-  ts::StoreWriter writer(path, ts::WriterOptions{4096, 256, false});
-  for (int b = 0; b < blocks; ++b) {
-    const auto name = "layers." + std::to_string(b);
-    writer.begin_block(name);
-    const auto data = ts::testing::random_bytes(size, rng());
-    writer.add_tensor(name + ".w", ts::DType::kUInt8,
-                      std::vector<std::int64_t>{static_cast<std::int64_t>(size)}, data);
-    writer.end_block();
-  }
-  writer.commit();
-  return path;
+  return ts::testing::make_random_store(dir.path(), blocks, size, size, seed);
 }
 
 // Bytes of `path` mapped into this process and resident in it now: the sum of the "Rss:"

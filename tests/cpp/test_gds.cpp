@@ -74,23 +74,10 @@ class ScratchDir {
   std::filesystem::path path_;
 };
 
-// A store of `blocks` blocks of one tensor each, sizes drawn from [min_size, max_size].
 std::filesystem::path make_store(const std::filesystem::path& dir, int blocks,
                                  std::uint64_t min_size, std::uint64_t max_size,
                                  std::uint64_t seed) {
-  const auto path = dir / "model.tstore";
-  std::mt19937_64 rng(seed);
-  ts::StoreWriter writer(path, ts::WriterOptions{4096, 256, false});
-  for (int b = 0; b < blocks; ++b) {
-    writer.begin_block("layers." + std::to_string(b));
-    const auto size = min_size + rng() % (max_size - min_size + 1);
-    const auto data = ts::testing::random_bytes(size, rng());
-    writer.add_tensor("layers." + std::to_string(b) + ".w", ts::DType::kUInt8,
-                      std::vector<std::int64_t>{static_cast<std::int64_t>(size)}, data);
-    writer.end_block();
-  }
-  writer.commit();
-  return path;
+  return ts::testing::make_random_store(dir, blocks, min_size, max_size, seed);
 }
 
 std::vector<std::uint64_t> block_sizes(const ts::Store& store) {

@@ -5,6 +5,8 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "tensorstream/store.hpp"
+
 namespace tensorstream::testing {
 
 TempDir::TempDir() {
@@ -39,6 +41,25 @@ void write_file(const std::filesystem::path& path, const std::vector<std::byte>&
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
   if (!out) throw std::runtime_error("cannot write " + path.string());
+}
+
+std::filesystem::path make_random_store(const std::filesystem::path& dir, int blocks,
+                                        std::uint64_t min_size, std::uint64_t max_size,
+                                        std::uint64_t seed) {
+  const auto path = dir / "model.tstore";
+  std::mt19937_64 rng(seed);
+  StoreWriter writer(path, WriterOptions{4096, 256, false});
+  for (int b = 0; b < blocks; ++b) {
+    const auto name = "layers." + std::to_string(b);
+    writer.begin_block(name);
+    const auto size = min_size + rng() % (max_size - min_size + 1);
+    const auto data = random_bytes(size, rng());
+    writer.add_tensor(name + ".w", DType::kUInt8,
+                      std::vector<std::int64_t>{static_cast<std::int64_t>(size)}, data);
+    writer.end_block();
+  }
+  writer.commit();
+  return path;
 }
 
 }  // namespace tensorstream::testing

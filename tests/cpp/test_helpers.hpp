@@ -35,4 +35,10 @@ std::vector<std::byte> read_file(const std::filesystem::path& path);
 /// Replaces the content of a file.
 void write_file(const std::filesystem::path& path, const std::vector<std::byte>& data);
 
+/// Writes `dir/model.tstore`: `blocks` blocks "layers.N", each one uint8 tensor
+/// "layers.N.w" of random bytes, sizes drawn from [min_size, max_size]; returns its path.
+std::filesystem::path make_random_store(const std::filesystem::path& dir, int blocks,
+                                        std::uint64_t min_size, std::uint64_t max_size,
+                                        std::uint64_t seed);
+
 }  // namespace tensorstream::testing
