@@ -48,6 +48,11 @@ namespace json = tensorstream::detail::json;
 constexpr const char* kDoctorUsage =
     "usage: tensorstream doctor [--storage-path DIR] [--probe-size MiB] [--json]\n"
     "\n"
+    "Reports what works on this machine and why not: the I/O backends (pread, io_uring,\n"
+    "mmap) and O_DIRECT on the storage path, locked-memory limits, the CUDA driver and\n"
+    "GPUDirect Storage (libcufile, its driver, nvidia-fs, a read on the storage path), and\n"
+    "the storage path's read bandwidth.\n"
+    "\n"
     "  --storage-path DIR   where stores live (default: $TENSORSTREAM_STORAGE_PATH, else the\n"
     "                       current directory); backends and bandwidth are probed there\n"
     "  --probe-size MiB     size of the temporary file read for the bandwidth (256; 0: skip)\n"

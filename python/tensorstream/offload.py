@@ -345,7 +345,12 @@ class OffloadedModel:
             ("bytes from page cache", f"{s['bytes_from_page_cache']:,}"),
             ("bytes from RAM tier", f"{s['bytes_from_ram_tier']:,}"),
             ("RAM tier hit rate", f"{s['cache_hit_rate']:.1%}"),
-            ("storage throughput", f"{s['io_throughput_gbps']:.2f} GB/s"),
+            (
+                "storage throughput",
+                f"{s['io_throughput_gbps']:.2f} GB/s"
+                if s["bytes_from_storage"]
+                else "- (nothing read from storage)",
+            ),
             ("stall time", f"{s['stall_time_seconds'] * 1e3:.1f} ms"),
             ("prefetch depth", str(s["prefetch_depth"])),
         ]
