@@ -189,10 +189,6 @@ std::uint64_t BlockWindow::populate() const {
   return from_storage;
 }
 
-void BlockWindow::advise_willneed() const noexcept {
-  for (const auto& r : regions_) (void)::madvise(base_ + r.window_offset, r.length, MADV_WILLNEED);
-}
-
 void BlockWindow::drop() const noexcept {
   for (const auto& r : regions_) (void)::madvise(base_ + r.window_offset, r.length, MADV_DONTNEED);
 }

@@ -76,8 +76,6 @@ class BlockWindow {
   /// (read from storage now). Throws FormatError if a file is shorter than at open, IoError
   /// if the kernel fails to read a page (the error names the file and offset).
   std::uint64_t populate() const;
-  /// Starts reading the window into the page cache without waiting (MADV_WILLNEED).
-  void advise_willneed() const noexcept;
   /// Takes the window's pages out of this process (they stay in the page cache).
   void drop() const noexcept;
   /// Bytes of the window's mapped regions (what populate() makes resident).
