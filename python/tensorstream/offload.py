@@ -817,7 +817,8 @@ def _make_pressure_forward(runtime: OffloadedModel, forward: Any):
     def pressure_forward(*args: Any, **kwargs: Any) -> Any:
         _, retries = _PRESSURE_POLICY[runtime.pressure_mode]
         cache = kwargs.get("past_key_values")
-        lengths = _cache_snapshot(cache) if cache is not None else None
+        # Only a forward that may be retried needs the cache's lengths (AGGRESSIVE never is).
+        lengths = _cache_snapshot(cache) if cache is not None and retries > 0 else None
         state = runtime._forwards
         while True:
             state.depth = getattr(state, "depth", 0) + 1

@@ -23,38 +23,42 @@ MIN_LAYER = 1 << 14
 DEVICE = "cuda:0"
 
 
-def _llama():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
+def _decoder(model_class, config_class, **extra):
+    """A 6-layer decoder of hidden size 128 (Llama-style configs)."""
+    config = config_class(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        **extra,
     )
+    return model_class(config)
 
 
-def _gpt2():
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=6, n_head=4, n_positions=128)
+def _llama():
+    return _decoder(
+        transformers.LlamaForCausalLM, transformers.LlamaConfig, tie_word_embeddings=False
     )
 
 
 def _qwen2():
-    return transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+    return _decoder(transformers.Qwen2ForCausalLM, transformers.Qwen2Config)
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
             vocab_size=VOCAB,
-            max_position_embeddings=128,
-        )
+            n_embd=128,
+            n_layer=6,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
     )
 
 
