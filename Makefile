@@ -12,18 +12,18 @@ BUILD         ?= build/cpp
 FUZZ_SECONDS  ?= 60
 # torch is pinned for development and CI; the package itself accepts any torch 2.x.
 TORCH_SPEC    ?= torch==2.13.0
-PY_TEST_DEPS  := pytest transformers accelerate safetensors ruff matplotlib
-PY_BUILD_DEPS := "nanobind>=2.0" "scikit-build-core>=0.10" "cmake>=3.24" ninja
-# cufile.h for the GPUDirect Storage code paths (CMake finds it in the venv's
-# nvidia/cu*/include), and the libcufile.so.0 the tests load: no CUDA torch comes with it.
-PY_GDS_DEPS   := nvidia-cufile
+# Every Python package the build and the tests use, pinned to versions known to pass
+# (nvidia-cufile brings cufile.h for the GPUDirect Storage code paths and the libcufile.so.0
+# the tests load; no CUDA torch comes with it). `make test-latest` tries the newest ones.
+PY_REQUIREMENTS := requirements/test.txt
+VENV_LATEST   ?= .venv-latest
 APT_PACKAGES  := build-essential git libgtest-dev libgmock-dev libxxhash-dev libzstd-dev \
                  liburing-dev fio clang clang-format clang-tidy libclang-rt-14-dev python3-venv
 CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 
 .PHONY: help demo test test-unit test-integration test-gpu test-cpp test-python \
-        test-asan test-tsan test-nocuda fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
+        test-latest test-asan test-tsan test-nocuda fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
         install-python clean
 
 help:
@@ -32,6 +32,7 @@ help:
 	@echo "make test-unit        C++ tests + Python unit tests"
 	@echo "make test-integration Python tests that convert real transformers checkpoints, CLI, demo"
 	@echo "make test-gpu         GPU tests only (skip cleanly without a GPU)"
+	@echo "make test-latest      Python tests against the newest transformers, accelerate, ... (drift check)"
 	@echo "make test-asan        C++ tests under AddressSanitizer + UBSan"
 	@echo "make test-tsan        C++ tests under ThreadSanitizer"
 	@echo "make fuzz             build libFuzzer targets, run each FUZZ_SECONDS (default 60)"
@@ -46,11 +47,11 @@ deps-system:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.stamp: pyproject.toml Makefile
+$(VENV)/.stamp: pyproject.toml Makefile $(PY_REQUIREMENTS)
 	@[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q $(PY_BUILD_DEPS) $(PY_TEST_DEPS) $(PY_GDS_DEPS)
+	$(PIP) install -q -r $(PY_REQUIREMENTS)
 	@touch $@
 
 venv: $(VENV)/.stamp
@@ -82,6 +83,17 @@ test-integration: install-python
 test-gpu: build-cpp install-python
 	cd $(BUILD) && ../../$(CTEST) --output-on-failure -R 'Cuda|Gpu'
 	$(PY) -m pytest -q tests/python -m gpu -rs
+
+# The Python suite against the newest releases of the test dependencies (torch stays pinned),
+# in a venv of its own: drift is seen on purpose, never by accident in `make test`.
+test-latest: deps-system
+	@[ -x $(VENV_LATEST)/bin/python ] || $(PYTHON_SYSTEM) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade -r requirements/latest.txt
+	$(VENV_LATEST)/bin/python -m pip install -q --no-build-isolation .
+	$(VENV_LATEST)/bin/python -m pip freeze | grep -i -E '^(transformers|accelerate|safetensors|torch)[=@ ]'
+	$(VENV_LATEST)/bin/python -m pytest -q tests/python
 
 test-asan: deps
 	$(CMAKE) -S . -B build/asan -G Ninja -DTS_BUILD_TESTS=ON -DTS_BUILD_TOOLS=OFF \
@@ -136,4 +148,4 @@ demo: install-python
 	$(VENV)/bin/tensorstream demo
 
 clean:
-	rm -rf build $(VENV) *.egg-info
+	rm -rf build $(VENV) $(VENV_LATEST) *.egg-info

@@ -754,36 +754,70 @@ _PRESSURE_POLICY: dict[str, tuple[float, int]] = {
 }
 
 
-def _cache_snapshot(cache: Any) -> list[int] | None:
-    """Tokens per layer of a transformers KV cache whose layers can be cut back to them after
-    a failed forward (None: a cache that cannot). Dynamic layers are cut back (the layers
-    that ran before the error appended to them); static layers need nothing (a retry writes
-    the same positions again). Sliding-window layers may have dropped tokens: not restorable."""
+def _caches_in(args: tuple, kwargs: dict[str, Any]) -> list[Any] | None:
+    """The transformers KV caches among a forward's arguments, whatever the keyword
+    (``past_key_values`` before transformers 5.2x, ``cache`` after) or position; an
+    encoder-decoder cache counts as its two caches. None when transformers is absent."""
     try:
-        from transformers.cache_utils import DynamicLayer, StaticLayer  # noqa: PLC0415
+        from transformers.cache_utils import Cache  # noqa: PLC0415
     except ImportError:
         return None
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return None
-    lengths = []
-    for layer in layers:
-        if type(layer) not in (DynamicLayer, StaticLayer):
-            return None
-        lengths.append(int(layer.get_seq_length()))
-    return lengths
+    found: list[Any] = []
+    pending = [v for v in (*args, *kwargs.values()) if isinstance(v, Cache)]
+    while pending:
+        cache = pending.pop()
+        inner = [
+            getattr(cache, name, None) for name in ("self_attention_cache", "cross_attention_cache")
+        ]
+        if any(isinstance(c, Cache) for c in inner):
+            pending.extend(c for c in inner if isinstance(c, Cache))
+        else:
+            found.append(cache)
+    return found
 
 
-def _restore_cache(cache: Any, lengths: list[int]) -> None:
-    from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
+class _CacheSnapshot:
+    """The state of the KV caches a forward received, taken before it runs, so that a failed
+    attempt can be undone exactly before a retry. Dynamic layers grow by concatenation (new
+    tensors each step), so keeping references to their tensors restores them bit for bit;
+    static layers are written in place at the forward's positions, which a retry writes
+    again with the same values. Any other kind of layer (sliding windows drop tokens,
+    quantised layers re-quantise) cannot be restored: ``take`` returns None for it."""
 
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is not DynamicLayer:
-            continue
-        keep = lengths[i] if i < len(lengths) else 0  # a layer created by the failed attempt
-        extra = int(layer.get_seq_length()) - keep
-        if extra > 0:
-            layer.crop(-extra)
+    def __init__(self, entries: list[tuple[Any, dict[str, Any], list[Any], list[Any]]]) -> None:
+        # per cache: (cache, its attributes, its layers, each layer's attributes)
+        self._entries = entries
+        self._lengths = [[int(x.get_seq_length()) for x in layers] for _, _, layers, _ in entries]
+
+    @classmethod
+    def take(cls, caches: list[Any]) -> _CacheSnapshot | None:
+        from transformers.cache_utils import DynamicLayer, StaticLayer  # noqa: PLC0415
+
+        entries = []
+        for cache in caches:
+            layers = getattr(cache, "layers", None)
+            if not isinstance(layers, list):
+                return None
+            if any(type(layer) not in (DynamicLayer, StaticLayer) for layer in layers):
+                return None
+            entries.append(
+                (cache, dict(cache.__dict__), list(layers), [dict(x.__dict__) for x in layers])
+            )
+        return cls(entries)
+
+    def restore(self) -> bool:
+        """Puts every cache back as it was; False if a cache then disagrees with the
+        snapshot (its length per layer), i.e. it could not be restored exactly."""
+        for cache, attributes, layers, layer_attributes in self._entries:
+            for layer, saved in zip(layers, layer_attributes):
+                layer.__dict__.clear()
+                layer.__dict__.update(saved)
+            cache.__dict__.clear()
+            cache.__dict__.update(attributes)
+            cache.layers = list(layers)  # drops the layers the failed attempt created
+        return [
+            [int(x.get_seq_length()) for x in cache.layers] for cache, _, _, _ in self._entries
+        ] == self._lengths
 
 
 def _relieve_pressure(runtime: OffloadedModel, error: BaseException, restorable: bool) -> str:
@@ -816,9 +850,9 @@ def _make_pressure_forward(runtime: OffloadedModel, forward: Any):
 
     def pressure_forward(*args: Any, **kwargs: Any) -> Any:
         _, retries = _PRESSURE_POLICY[runtime.pressure_mode]
-        cache = kwargs.get("past_key_values")
-        # Only a forward that may be retried needs the cache's lengths (AGGRESSIVE never is).
-        lengths = _cache_snapshot(cache) if cache is not None and retries > 0 else None
+        # Only a forward that may be retried needs its caches' state (AGGRESSIVE never is).
+        caches = _caches_in(args, kwargs) if retries > 0 else []
+        snapshot = _CacheSnapshot.take(caches) if caches else None
         state = runtime._forwards
         while True:
             state.depth = getattr(state, "depth", 0) + 1
@@ -828,7 +862,9 @@ def _make_pressure_forward(runtime: OffloadedModel, forward: Any):
                 if not _is_out_of_memory(error) or runtime.closed or state.depth > 1:
                     raise
                 old_budget = runtime.budget
-                restorable = cache is None or lengths is not None
+                # Undo what the failed attempt appended before anything else: a retry on a
+                # cache holding a token twice would compute wrong numbers, silently.
+                restorable = not caches or (snapshot is not None and snapshot.restore())
                 if _PRESSURE_POLICY[runtime.pressure_mode][0] >= 1.0 or retries > 0:
                     action = _relieve_pressure(runtime, error, restorable)
                 else:
@@ -846,8 +882,6 @@ def _make_pressure_forward(runtime: OffloadedModel, forward: Any):
                 if action != "demoted":
                     raise
                 retries -= 1
-                if lengths is not None:
-                    _restore_cache(cache, lengths)
                 logger.warning(
                     "tensorstream: out of memory in a forward; budget %d -> %d bytes, retrying",
                     old_budget,

@@ -244,6 +244,34 @@ def test_out_of_memory_in_generate_follows_the_pressure_mode(tmp_path, mode, fra
     assert "forward" not in model.__dict__, "cleanup restores the model's own forward"
 
 
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_a_retried_forward_sees_its_cache_as_before_the_failed_attempt(tmp_path, keyword):
+    # The cache arrives under either keyword (transformers renamed past_key_values to cache);
+    # wherever it comes from, the retry must find it exactly as the failed attempt did.
+    reference, model = tiny_llama(), tiny_llama()
+    prompt, step = ids((1, 6), seed=4), ids((1, 1), seed=5)
+    with torch.no_grad():
+        ref_cache = transformers.DynamicCache()
+        reference(prompt, use_cache=True, **{keyword: ref_cache})
+        expected = reference(step, use_cache=True, **{keyword: ref_cache}).logits
+    config = Config(storage_path=tmp_path, min_layer_size=MIN_LAYER)
+    budget = ts.estimate_model_memory(model, config)["all_resident_budget"]
+    ts.offload(model, config.replace(vram_budget_gb=f"{budget}B"))
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(prompt, use_cache=True, **{keyword: cache})
+    hook = model.model.layers[2].mlp.register_forward_pre_hook(_OutOfMemoryOnce(at=1))
+    try:
+        with torch.no_grad():
+            got = model(step, use_cache=True, **{keyword: cache}).logits
+    finally:
+        hook.remove()
+    assert torch.equal(got, expected)
+    assert cache.get_seq_length() == 7, "one token appended, not one per attempt"
+    assert ts.get_model_statistics(model)["budget"] < budget, "the retry ran demoted"
+    model.cleanup_tensorstream()
+
+
 def test_out_of_memory_with_an_unrestorable_cache_is_not_retried(tmp_path):
     model = tiny_llama()
     config = Config(storage_path=tmp_path, min_layer_size=MIN_LAYER)
