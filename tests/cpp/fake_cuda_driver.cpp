@@ -16,8 +16,10 @@
 //   FAKE_NO_MEMALLOC      no cuMemAlloc at all
 //   FAKE_INIT_ERROR       the code cuInit returns (default 0)
 //
-// Not thread-safe beyond what the tests need: the log is guarded by a mutex, the context
-// stack is per thread.
+// Thread-safe as far as the engine's fill workers need: the log is guarded by a mutex, the
+// context stack is per thread, an event's "recorded" is atomic.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -67,9 +69,15 @@ thread_local std::vector<void*> context_stack;
 
 bool has_context() { return !context_stack.empty(); }
 
+// Page-aligned, as the driver's host and device allocations are.
+void* page_aligned(std::size_t bytes) {
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 4095) / 4096 * 4096;
+  return std::aligned_alloc(4096, rounded);
+}
+
 struct FakeEvent {
   unsigned flags = 0;
-  bool recorded = false;
+  std::atomic<bool> recorded{false};
 };
 
 }  // namespace
@@ -186,7 +194,7 @@ FAKE_EXPORT CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
 FAKE_EXPORT CUresult cuMemAlloc_v2(std::uint64_t* pointer, std::size_t bytes) {
   note("cuMemAlloc_v2");
   if (!has_context()) return kInvalidContext;
-  *pointer = reinterpret_cast<std::uint64_t>(std::malloc(bytes));
+  *pointer = reinterpret_cast<std::uint64_t>(page_aligned(bytes));
   return *pointer != 0 ? kSuccess : 2;  // CUDA_ERROR_OUT_OF_MEMORY
 }
 #endif
@@ -201,7 +209,7 @@ FAKE_EXPORT CUresult cuMemFree_v2(std::uint64_t pointer) {
 FAKE_EXPORT CUresult cuMemHostAlloc(void** pointer, std::size_t bytes, unsigned flags) {
   note("cuMemHostAlloc flags=" + std::to_string(flags));
   if (!has_context()) return kInvalidContext;
-  *pointer = std::malloc(bytes);
+  *pointer = page_aligned(bytes);
   return *pointer != nullptr ? kSuccess : 2;
 }
 
@@ -268,7 +276,9 @@ FAKE_EXPORT CUresult cuStreamWaitEvent(void*, void* event, unsigned) {
 FAKE_EXPORT CUresult cuEventCreate(void** event, unsigned flags) {
   note("cuEventCreate flags=" + std::to_string(flags));
   if (!has_context()) return kInvalidContext;
-  *event = new FakeEvent{flags, false};
+  auto* e = new FakeEvent;
+  e->flags = flags;
+  *event = e;
   return kSuccess;
 }
 

@@ -22,9 +22,12 @@
 #include "cli.hpp"
 #include "cli_util.hpp"
 #include "cuda_api.hpp"
+#include "tensorstream/checksum.hpp"
 #include "tensorstream/detail/json.hpp"
+#include "tensorstream/engine/engine.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/shim/cuda.hpp"
+#include "tensorstream/store.hpp"
 #include "test_helpers.hpp"
 
 namespace ts = tensorstream;
@@ -279,6 +282,80 @@ TEST_F(CudaFakeDriver, CopiesRoundTripAndEveryCallRestoresTheContext) {
   const auto pushes = std::count(log.begin(), log.end(), "cuCtxPushCurrent_v2");
   EXPECT_EQ(pushes, std::count(log.begin(), log.end(), "cuCtxPopCurrent_v2"));
   EXPECT_GT(pushes, 10);
+}
+
+TEST_F(CudaFakeDriver, EngineFillsThroughTheShimAndItsWorkersSleepWhileWaiting) {
+  // The engine's GPU path on the stand-in (its copies are synchronous memcpy, so this checks
+  // what the engine asks of the driver, not the ordering on a real device): every byte
+  // arrives, every event the engine creates is a host-wait one, and every host wait on an
+  // event is a blocking (sleeping) one.
+  const ts::testing::TempDir dir;
+  const auto path = ts::testing::make_random_store(dir.path(), 6, 1 << 20, 3 << 20, 5);
+  const auto store = ts::Store::open(path);
+  ts::engine::EngineOptions options;
+  options.device = "cuda:0";
+  options.device_budget = 3 * (3 << 20) + (1 << 20);
+  options.slots = 3;
+  options.ram_cache_bytes = 8 << 20;  // a RAM tier too: fills wait on their source's copy
+  options.gds = ts::engine::GdsMode::kOff;
+  const cuda::Device device(0);
+  const cuda::Stream stream(device);
+  const cuda::PinnedHostBuffer back(device, 3 << 20);
+  {
+    ts::engine::Engine engine(path, options);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (std::uint32_t b = 0; b < store.blocks().size(); ++b) {
+        const auto view = engine.acquire(b, stream.handle());
+        ASSERT_NE(view.device, 0u);
+        cuda::memcpy_dtoh_async(device, back.data(), view.device, view.size, stream.handle());
+        engine.release(b, stream.handle());
+        stream.synchronize();
+        EXPECT_EQ(ts::checksum64({back.data(), view.size}), store.blocks()[b].checksum) << b;
+      }
+    }
+    EXPECT_EQ(engine.stats().failures, 0u);
+  }
+  const auto log = hooks_.log();
+  std::size_t created = 0;
+  std::size_t waits = 0;
+  for (const auto& line : log) {
+    if (line.starts_with("cuEventCreate")) {
+      ++created;
+      EXPECT_EQ(line, "cuEventCreate flags=3") << "an engine event is not BLOCKING_SYNC";
+    }
+    if (line.starts_with("cuEventSynchronize")) {
+      ++waits;
+      EXPECT_EQ(line, "cuEventSynchronize blocking");
+    }
+  }
+  EXPECT_GE(created, 6u);  // ready + done per slot at least
+  EXPECT_GE(waits, 1u);
+  EXPECT_EQ(hooks_.context_depth(), 0);
+}
+
+TEST_F(CudaFakeDriver, BenchIoMeasuresTheGpuRowsThroughTheShim) {
+  // bench-io's GPU rows run end to end (the figures are the stand-in's, meaningless): the
+  // pinned H2D row times with elapsed_ms on a thread that has no context current.
+  const ts::testing::TempDir dir;
+  const auto path = ts::testing::make_random_store(dir.path(), 4, 1 << 20, 2 << 20, 9);
+  const auto store = ts::Store::open(path);
+  std::uint64_t bytes = 0;
+  for (const auto& b : store.blocks()) bytes += b.raw_size;
+  std::ostringstream out;
+  std::ostringstream err;
+  const int code = ts::cli::run({"bench-io", path.string(), "--device", "cuda:0", "--repeat", "1",
+                                 "--no-fio", "--backends", "pread", "--json"},
+                                out, err, /*interactive=*/false);
+  ASSERT_EQ(code, 0) << err.str();
+  const auto doc = json::parse(out.str(), "bench-io output");
+  const auto* h2d = doc.find("reference")->find("pinned_h2d");
+  ASSERT_TRUE(h2d != nullptr && h2d->is_object()) << out.str();
+  EXPECT_EQ(std::get<json::Integer>(h2d->find("bytes")->data).magnitude, 8u * (256u << 20));
+  EXPECT_GT(std::get<double>(h2d->find("gbps")->data), 0.0);
+  const auto* engine = doc.find("device")->find("engine");
+  ASSERT_TRUE(engine != nullptr && engine->is_object()) << out.str();
+  EXPECT_EQ(std::get<json::Integer>(engine->find("bytes")->data).magnitude, bytes);
+  EXPECT_EQ(hooks_.context_depth(), 0);
 }
 
 TEST_F(CudaFakeDriver, DoctorReportsTheDriverAndNoMemlockWarningForCudaPinnedMemory) {
