@@ -45,6 +45,7 @@ endif()
 option(TS_WITH_CUFILE "Compile GPUDirect Storage (cuFile) support when cufile.h is found" ON)
 set(TS_HAVE_CUFILE_HEADERS OFF)
 set(TS_CUFILE_SEARCHED "")
+set(_ts_site_dirs)
 if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
   set(_ts_cufile_hints)
   set(_ts_python "")
@@ -60,7 +61,6 @@ if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
       set(_ts_python "${_ts_python_found}")
     endif()
   endif()
-  set(_ts_site_dirs)
   if(_ts_python)
     execute_process(
       COMMAND "${_ts_python}" -c
@@ -90,13 +90,14 @@ if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
     message(STATUS "TensorStream: cuFile header in ${TS_CUFILE_INCLUDE_DIR}")
   else()
     string(REPLACE ";" ", " _ts_where "${TS_CUFILE_SEARCHED}")
+    string(REPLACE ";" ", " _ts_sites "${_ts_site_dirs}")
     if(NOT _ts_where)
       set(_ts_where "nowhere: no CUDA include directory, no site-packages with nvidia/cu*")
     endif()
     message(STATUS "TensorStream: cufile.h not found; building without GPUDirect Storage "
                    "(pip install nvidia-cufile, or set TS_CUFILE_INCLUDE_DIR). Looked in: "
-                   "${_ts_where}; Python used for site-packages: "
-                   "${_ts_python}")
+                   "${_ts_where}; nvidia/cu*/include looked for in the site-packages of "
+                   "${_ts_python}: ${_ts_sites}")
   endif()
 elseif(TS_HAVE_CUDA_HEADERS)
   message(STATUS "TensorStream: GPUDirect Storage disabled (TS_WITH_CUFILE=OFF)")
@@ -122,4 +123,5 @@ file(WRITE "${CMAKE_BINARY_DIR}/tensorstream-features.txt"
   "cufile_headers=${TS_HAVE_CUFILE_HEADERS}\n"
   "cufile_include_dir=${TS_CUFILE_INCLUDE_DIR}\n"
   "cufile_searched=${TS_CUFILE_SEARCHED}\n"
+  "cufile_site_packages=${_ts_site_dirs}\n"
   "liburing=${TS_HAVE_LIBURING}\n")
