@@ -22,7 +22,7 @@ APT_PACKAGES  := build-essential git libgtest-dev libgmock-dev libxxhash-dev lib
 CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 
-.PHONY: help demo test test-unit test-integration test-gpu test-cpp test-python \
+.PHONY: help demo test test-unit test-integration test-gpu test-gpu-venv gpu-run test-cpp test-python \
         test-latest test-asan test-tsan test-nocuda fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
         install-python clean
 
@@ -31,7 +31,9 @@ help:
 	@echo "make test             install test deps, build, run all C++ (ctest) and Python (pytest) tests"
 	@echo "make test-unit        C++ tests + Python unit tests"
 	@echo "make test-integration Python tests that convert real transformers checkpoints, CLI, demo"
-	@echo "make test-gpu         GPU tests only (skip cleanly without a GPU)"
+	@echo "make test-gpu         GPU tests only (skip cleanly without a GPU); PYTHON=... uses that"
+	@echo "                      interpreter's torch & build tools, installing nothing (offline GPU machines)"
+	@echo "make gpu-run          bench/gpu_run.sh: build, every GPU test and the GPU benchmarks in 8 min"
 	@echo "make test-latest      Python tests against the newest transformers, accelerate, ... (drift check)"
 	@echo "make test-asan        C++ tests under AddressSanitizer + UBSan"
 	@echo "make test-tsan        C++ tests under ThreadSanitizer"
@@ -80,9 +82,34 @@ test-unit: build-cpp install-python
 test-integration: install-python
 	$(PY) -m pytest -q tests/python -m integration
 
-test-gpu: build-cpp install-python
-	cd $(BUILD) && ../../$(CTEST) --output-on-failure -R 'Cuda|Gpu'
+# GPU tests. With PYTHON=... (or when python3 imports torch with a CUDA device), everything
+# comes from that interpreter and the machine, nothing is installed and no network is needed:
+# bench/gpu_run.sh --tests-only builds with it (the packages it needs: torch, nanobind,
+# scikit-build-core, pytest; cmake and ninja) and installs tensorstream into a venv of its own
+# under build/gpu-run/; it fails loudly when cufile.h was not found (the GPUDirect Storage
+# tests would compile out). Otherwise the development venv is set up as for `make test`.
+PYTHON        ?=
+GPU_RUN_ARGS  ?=
+test-gpu:
+	@if [ -n "$(PYTHON)" ] || $(PYTHON_SYSTEM) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then \
+	  bench/gpu_run.sh --tests-only --python "$(or $(PYTHON),$(PYTHON_SYSTEM))" --out build/gpu-run/test-gpu --budget-s 1800 $(GPU_RUN_ARGS); \
+	else \
+	  $(MAKE) --no-print-directory test-gpu-venv; \
+	fi
+
+test-gpu-venv: build-cpp install-python
+	@grep -q '^cufile_headers=ON' $(BUILD)/tensorstream-features.txt || { \
+	  echo "cufile.h was not found: the GPUDirect Storage code and tests are compiled out"; \
+	  grep '^cufile_searched=' $(BUILD)/tensorstream-features.txt; exit 1; }
+	cd $(BUILD) && ../../$(CTEST) --output-on-failure -R 'Cuda|Gpu|Gds'
 	$(PY) -m pytest -q tests/python -m gpu -rs
+
+# The one GPU run (bench/gpu_run.sh): build, every GPU test, the GPU benchmarks, within 8
+# minutes; logs, JSON and summary in $$OUT/gpu-run or bench/results/gpu-<date>/. Without a
+# GPU it is a dry run. Run bench/prepare_gpu_run.sh first on a development machine if the
+# GPU machine lacks the development packages.
+gpu-run:
+	bench/gpu_run.sh $(if $(PYTHON),--python "$(PYTHON)") $(GPU_RUN_ARGS)
 
 # The Python suite against the newest releases of the test dependencies (torch stays pinned),
 # in a venv of its own: drift is seen on purpose, never by accident in `make test`.

@@ -62,6 +62,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                 dtype="bfloat16", prompt_len=512),
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
                dtype="bfloat16", prompt_len=512),
+    # The 7B shape with 16 of its 32 layers: 7.0 GB in bfloat16 (16 layers of 405 MB,
+    # embeddings and head of 262 MB each); per layer what a 7B model streams, in half the
+    # time (bench/gpu_run.sh's decode benchmark).
+    "7b-16l": dict(hidden=4096, intermediate=11008, layers=16, heads=32, kv_heads=32,
+                   vocab=32000, dtype="bfloat16", prompt_len=512),
     "13b": dict(hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40, vocab=32000,
                 dtype="bfloat16", prompt_len=512),
 }  # fmt: skip
@@ -498,6 +503,9 @@ def _prefill_times(model: Any, args: argparse.Namespace, vocab: int, device: Any
 
 
 def _find_native() -> str | None:
+    explicit = os.environ.get("TENSORSTREAM_BIN")
+    if explicit:
+        return explicit
     on_path = shutil.which("tensorstream-native") or None
     for cand in sorted(ROOT.glob("build/*/tensorstream")):
         if cand.is_file() and os.access(cand, os.X_OK):
@@ -505,14 +513,14 @@ def _find_native() -> str | None:
     return on_path
 
 
-def storage_bandwidth(store: Path, device: str = "cpu") -> dict[str, Any]:
+def storage_bandwidth(store: Path, device: str = "cpu", repeat: int = 3) -> dict[str, Any]:
     """GB/s of a plain sequential O_DIRECT read of ``store`` (the native bench-io's
     reference row when the binary is there; a Python O_DIRECT loop otherwise) and, for a
     CUDA ``device``, the pinned host-to-device copy bandwidth (``h2d_gbps``)."""
     native = _find_native()
     if native:
         on = device if device.startswith("cuda") else "none"
-        cmd = [native, "bench-io", str(store), "--json", "--no-fio", "--repeat", "3",
+        cmd = [native, "bench-io", str(store), "--json", "--no-fio", "--repeat", str(repeat),
                "--device", on, "--backends", "pread"]  # fmt: skip
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -523,7 +531,7 @@ def storage_bandwidth(store: Path, device: str = "cpu") -> dict[str, Any]:
             h2d = ((data.get("reference") or {}).get("pinned_h2d") or {}).get("gbps")
             if best:
                 # The best storage reference (as in docs/benchmarks.md): the faster of the
-                # single-thread O_DIRECT read and the pread backend, medians of 3.
+                # single-thread O_DIRECT read and the pread backend, medians of `repeat`.
                 return {"method": " ".join(cmd), "o_direct_gbps": ref, "backends_gbps": rows,
                         "bytes": data.get("bytes"), "gbps": best, "h2d_gbps": h2d}  # fmt: skip
             return {"method": " ".join(cmd), "raw": data, "gbps": None}
@@ -655,6 +663,16 @@ def _preset_param_bytes(args: argparse.Namespace) -> int:
     return sum(t.numel() for t in model.parameters()) * size
 
 
+def _budget_bytes(args: argparse.Namespace, param_bytes: int) -> int:
+    """The weight budget: --budget-gb when given (then --budget-fraction is set to match),
+    else --budget-fraction of the model."""
+    if args.budget_gb:
+        budget = int(args.budget_gb * 1e9)
+        args.budget_fraction = budget / param_bytes
+        return budget
+    return int(param_bytes * args.budget_fraction)
+
+
 def dry_run(args: argparse.Namespace, systems: list[str], argv_line: str) -> int:
     """What each system would run under these arguments, checked as far as possible without
     the device: the budget, each system's load call and configuration (tensorstream.Config
@@ -662,7 +680,7 @@ def dry_run(args: argparse.Namespace, systems: list[str], argv_line: str) -> int
     import torch  # noqa: PLC0415
 
     param_bytes = _preset_param_bytes(args)
-    budget = int(param_bytes * args.budget_fraction)
+    budget = _budget_bytes(args, param_bytes)
     device = torch.device(args.device)
     plan: dict[str, Any] = {}
     for system in systems:
@@ -724,6 +742,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1gb")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--budget-fraction", type=float, default=None, help="0.25 (--smoke: 0.5)")
+    ap.add_argument(
+        "--budget-gb", type=float, default=None, help="the budget in GB (overrides the fraction)"
+    )
+    ap.add_argument(
+        "--bandwidth-repeat",
+        type=int,
+        default=3,
+        help="repeats of the storage-bandwidth measurement (bench-io) after the systems (3)",
+    )
     ap.add_argument(
         "--systems",
         default="memory,tensorstream,tensorstream-direct,tensorstream-ram,accelerate-disk",
@@ -792,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     load_start = _loadavg()
     model_dir, param_bytes = ensure_model(args)
-    budget = int(param_bytes * args.budget_fraction)
+    budget = _budget_bytes(args, param_bytes)
     # The tiny model's blocks are smaller than the default min_layer_size: nothing would
     # stream. Its budget is fine as a fraction; the smoke run is a correctness check.
     print(
@@ -846,6 +873,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode {_fmt(b1['decode_tok_s'], '.2f')} tok/s, wall {wall:.1f} s",
                 flush=True,
             )
+            if args.json_out:
+                # What is measured so far survives a run cut short by a time limit.
+                Path(str(args.json_out) + ".partial").write_text(
+                    json.dumps(
+                        {"partial": True, "command": argv_line, "runs": runs, "notes": notes},
+                        indent=1,
+                    )
+                )
 
     # Storage bandwidth of the store, same run (after the systems, so it does not warm them).
     bandwidth = None
@@ -854,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         stores += sorted((Path(args.workdir) / "store").glob("*.tstore"))
     store = next((p for p in stores if p.is_file()), None)
     if store:
-        bandwidth = storage_bandwidth(store, args.device)
+        bandwidth = storage_bandwidth(store, args.device, args.bandwidth_repeat)
 
     ref = runs.get("memory", [])
     ref_tokens = {k: ref[0][k]["tokens"] for k in ref[0] if k.startswith("batch")} if ref else {}
@@ -933,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         out = ROOT / "bench/results" / f"decode_{host}_{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    Path(str(out) + ".partial").unlink(missing_ok=True)
 
     b = args.batch
     header = (

@@ -903,6 +903,11 @@ NB_MODULE(_core, m) {
         d["device_count"] = status.device_count;
         d["device0_name"] = to_str(status.device0_name);
         d["reason"] = to_str(status.reason);
+        d["library"] = to_str(status.library);
+        d["entry_points"] = to_str(status.entry_points);
+        nb::list disabled;
+        for (const auto& off : status.disabled) disabled.append(to_str(off));
+        d["disabled"] = disabled;
         d["compiled_with_cuda"] = compiled;
         return d;
       },

@@ -11,8 +11,9 @@ endif()
 add_library(ts_xxhash INTERFACE)
 target_include_directories(ts_xxhash SYSTEM INTERFACE ${TS_XXHASH_INCLUDE_DIR})
 
-# CUDA: only the driver API header is needed; libcuda and libcufile are loaded at run time
-# with dlopen, so one build runs with and without a GPU.
+# CUDA: only the driver API headers are needed (<cuda.h>, and <cudaTypedefs.h> for the
+# entry-point types of each CUDA version); libcuda and libcufile are loaded at run time with
+# dlopen, so one build runs with and without a GPU.
 option(TS_WITH_CUDA "Compile the CUDA code paths when cuda.h is found" ON)
 if(TS_WITH_CUDA)
   find_path(TS_CUDA_INCLUDE_DIR cuda.h
@@ -20,9 +21,13 @@ if(TS_WITH_CUDA)
     PATH_SUFFIXES include
     PATHS /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-12 /opt/cuda)
 endif()
-if(TS_WITH_CUDA AND TS_CUDA_INCLUDE_DIR)
+if(TS_WITH_CUDA AND TS_CUDA_INCLUDE_DIR AND EXISTS "${TS_CUDA_INCLUDE_DIR}/cudaTypedefs.h")
   set(TS_HAVE_CUDA_HEADERS ON)
   message(STATUS "TensorStream: CUDA driver headers in ${TS_CUDA_INCLUDE_DIR}")
+elseif(TS_WITH_CUDA AND TS_CUDA_INCLUDE_DIR)
+  set(TS_HAVE_CUDA_HEADERS OFF)
+  message(STATUS "TensorStream: ${TS_CUDA_INCLUDE_DIR} has cuda.h but no cudaTypedefs.h "
+                 "(CUDA 11.3+); building without CUDA support")
 else()
   set(TS_HAVE_CUDA_HEADERS OFF)
   message(STATUS "TensorStream: no cuda.h found; building without CUDA support")
@@ -32,10 +37,15 @@ endif()
 # loaded at run time with dlopen. The header ships with the CUDA toolkit and in the PyPI wheel
 # `nvidia-cufile` (nvidia/cu*/include inside site-packages). Looked for, in order: the
 # TS_CUFILE_INCLUDE_DIR cache variable or environment variable, the CUDA include directory,
-# the site-packages of the Python the build runs with (Python_EXECUTABLE, as scikit-build-core
-# sets it, else the repository's .venv, else python3 on PATH). -DTS_WITH_CUFILE=OFF skips it.
+# every site-packages directory of the Python the build runs with (Python_EXECUTABLE, as
+# scikit-build-core sets it, else the repository's .venv, else python3 on PATH): its own and
+# those on its sys.path, so a venv that sees another interpreter's packages finds the wheel
+# there too. Where it looked is printed, and written to tensorstream-features.txt.
+# -DTS_WITH_CUFILE=OFF skips it.
 option(TS_WITH_CUFILE "Compile GPUDirect Storage (cuFile) support when cufile.h is found" ON)
 set(TS_HAVE_CUFILE_HEADERS OFF)
+set(TS_CUFILE_SEARCHED "")
+set(_ts_site_dirs)
 if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
   set(_ts_cufile_hints)
   set(_ts_python "")
@@ -53,16 +63,23 @@ if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
   endif()
   if(_ts_python)
     execute_process(
-      COMMAND "${_ts_python}" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-      OUTPUT_VARIABLE _ts_purelib
+      COMMAND "${_ts_python}" -c
+        "import sys, sysconfig; p = [sysconfig.get_paths()['purelib']] + [d for d in sys.path if d.endswith(('site-packages', 'dist-packages'))]; print(';'.join(dict.fromkeys(p)))"
+      OUTPUT_VARIABLE _ts_site_dirs
       OUTPUT_STRIP_TRAILING_WHITESPACE
-      RESULT_VARIABLE _ts_purelib_result
+      RESULT_VARIABLE _ts_site_result
       ERROR_QUIET)
-    if(_ts_purelib_result EQUAL 0 AND _ts_purelib)
-      file(GLOB _ts_cufile_hints LIST_DIRECTORIES true
-           "${_ts_purelib}/nvidia/cu*/include" "${_ts_purelib}/nvidia/cufile/include")
+    if(NOT _ts_site_result EQUAL 0)
+      set(_ts_site_dirs)
     endif()
   endif()
+  foreach(_ts_site IN LISTS _ts_site_dirs)
+    file(GLOB _ts_found LIST_DIRECTORIES true
+         "${_ts_site}/nvidia/cu*/include" "${_ts_site}/nvidia/cufile/include")
+    list(APPEND _ts_cufile_hints ${_ts_found})
+  endforeach()
+  set(TS_CUFILE_SEARCHED "$ENV{TS_CUFILE_INCLUDE_DIR};${TS_CUDA_INCLUDE_DIR};${_ts_cufile_hints}")
+  list(FILTER TS_CUFILE_SEARCHED EXCLUDE REGEX "^$")
   find_path(TS_CUFILE_INCLUDE_DIR cufile.h
     HINTS ENV TS_CUFILE_INCLUDE_DIR
     PATHS ${TS_CUDA_INCLUDE_DIR} ${_ts_cufile_hints}
@@ -72,8 +89,15 @@ if(TS_HAVE_CUDA_HEADERS AND TS_WITH_CUFILE)
     set(TS_HAVE_CUFILE_HEADERS ON)
     message(STATUS "TensorStream: cuFile header in ${TS_CUFILE_INCLUDE_DIR}")
   else()
+    string(REPLACE ";" ", " _ts_where "${TS_CUFILE_SEARCHED}")
+    string(REPLACE ";" ", " _ts_sites "${_ts_site_dirs}")
+    if(NOT _ts_where)
+      set(_ts_where "nowhere: no CUDA include directory, no site-packages with nvidia/cu*")
+    endif()
     message(STATUS "TensorStream: cufile.h not found; building without GPUDirect Storage "
-                   "(pip install nvidia-cufile, or set TS_CUFILE_INCLUDE_DIR)")
+                   "(pip install nvidia-cufile, or set TS_CUFILE_INCLUDE_DIR). Looked in: "
+                   "${_ts_where}; nvidia/cu*/include looked for in the site-packages of "
+                   "${_ts_python}: ${_ts_sites}")
   endif()
 elseif(TS_HAVE_CUDA_HEADERS)
   message(STATUS "TensorStream: GPUDirect Storage disabled (TS_WITH_CUFILE=OFF)")
@@ -90,3 +114,14 @@ else()
   set(TS_HAVE_LIBURING OFF)
   message(STATUS "TensorStream: liburing not found; io_uring backend not built")
 endif()
+
+# What this build has, for scripts that must not run on a build that silently lacks a part
+# (bench/gpu_run.sh fails its GPU run when cufile.h was not found).
+file(WRITE "${CMAKE_BINARY_DIR}/tensorstream-features.txt"
+  "cuda_headers=${TS_HAVE_CUDA_HEADERS}\n"
+  "cuda_include_dir=${TS_CUDA_INCLUDE_DIR}\n"
+  "cufile_headers=${TS_HAVE_CUFILE_HEADERS}\n"
+  "cufile_include_dir=${TS_CUFILE_INCLUDE_DIR}\n"
+  "cufile_searched=${TS_CUFILE_SEARCHED}\n"
+  "cufile_site_packages=${_ts_site_dirs}\n"
+  "liburing=${TS_HAVE_LIBURING}\n")

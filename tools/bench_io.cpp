@@ -541,8 +541,8 @@ void measure_pinned_h2d(const Options& o, Measurement& m) {
   std::memset(host.data(), 1, host.size());
   const cuda::DeviceBuffer dev(device, kH2DChunk);
   const cuda::Stream stream(device);
-  const cuda::Event begin(device, /*timing=*/true);
-  const cuda::Event end(device, /*timing=*/true);
+  const cuda::Event begin(device, cuda::EventKind::kTiming);
+  const cuda::Event end(device, cuda::EventKind::kTiming);
   cuda::memcpy_htod_async(device, dev.ptr(), host.data(), host.size(), stream.handle());
   stream.synchronize();  // warm-up: first-touch costs stay out of the timing
   for (unsigned r = 0; r < o.repeat; ++r) {

@@ -99,6 +99,18 @@ MachineInfo machine_info() {
   return info;
 }
 
+bool io_uring_rings_charged_to_memlock(std::string_view kernel_release) {
+  int major = 0;
+  int minor = 0;
+  const char* begin = kernel_release.data();
+  const char* end = begin + kernel_release.size();
+  auto r = std::from_chars(begin, end, major);
+  if (r.ec != std::errc{} || r.ptr == end || *r.ptr != '.') return false;
+  r = std::from_chars(r.ptr + 1, end, minor);
+  if (r.ec != std::errc{}) return false;
+  return major < 5 || (major == 5 && minor < 12);
+}
+
 std::string filesystem_name(const std::filesystem::path& path) {
   struct statfs st {};
   if (::statfs(path.c_str(), &st) != 0) {

@@ -57,6 +57,11 @@ struct MachineInfo {
 
 [[nodiscard]] MachineInfo machine_info();
 
+/// True if a kernel of this uname release ("5.10.0-27-amd64") charges the memory of
+/// io_uring's rings to RLIMIT_MEMLOCK: Linux before 5.12, which moved that memory to memcg
+/// accounting. False for 5.12 and later, and for a release it cannot parse.
+[[nodiscard]] bool io_uring_rings_charged_to_memlock(std::string_view kernel_release);
+
 /// Name of the file system holding `path` from statfs(2)'s f_type ("ext4", "xfs", "tmpfs",
 /// "overlay", ...; ext2/3/4 share one magic and are reported as "ext4"), "0x<magic>" for one
 /// not in the table, "unknown (<error>)" if statfs fails.

@@ -58,9 +58,6 @@ constexpr const char* kDoctorUsage =
     "  --probe-size MiB     size of the temporary file read for the bandwidth (256; 0: skip)\n"
     "  --json               print one JSON object\n";
 
-// Below this, a GPU's pinned staging buffers may not fit under the locked-memory limit.
-constexpr std::uint64_t kSmallMemlock = std::uint64_t{1} << 30;
-
 struct Bandwidth {
   std::uint64_t bytes = 0;
   double write_gbps = 0;  // write + fsync
@@ -314,13 +311,26 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
     soft = {rl.rlim_cur == RLIM_INFINITY, static_cast<std::uint64_t>(rl.rlim_cur)};
     hard = {rl.rlim_max == RLIM_INFINITY, static_cast<std::uint64_t>(rl.rlim_max)};
   }
+  // RLIMIT_MEMLOCK caps what mlock(2) pins (mm/mlock.c checks rlimit(RLIMIT_MEMLOCK)) and
+  // what a few kernel interfaces charge to it. CUDA's pinned memory is not among them, so a
+  // small limit does not hold back the GPU path (NVIDIA's open kernel modules,
+  // github.com/NVIDIA/open-gpu-kernel-modules): cuMemHostAlloc's pages are allocated by the
+  // driver and mapped with vm_insert_page (kernel-open/nvidia/nv-mmap.c, nvidia_mmap_sysmem:
+  // no VM_LOCKED, nothing charged to locked_vm), and cuMemHostRegister pins with
+  // get_user_pages without charging locked_vm or checking the limit
+  // (kernel-open/nvidia/os-mlock.c, os_lock_user_pages). cuFile registers device memory.
+  // What is charged here: io_uring's rings before Linux 5.12, and io_uring registered
+  // buffers (TensorStream registers none). So the warning is for io_uring on such kernels,
+  // and only when a ring could not be set up.
+  const bool rings_charged = util::io_uring_rings_charged_to_memlock(machine.kernel);
   std::string memlock_warning;
-  if (!soft.unlimited && soft.bytes < kSmallMemlock && driver.available) {
+  if (rings_charged && !soft.unlimited && uring != nullptr && !uring->works) {
     memlock_warning = concat(
-        "the locked-memory limit is ", human_bytes(soft.bytes),
-        ": pinned host memory (registered staging buffers, GPUDirect Storage buffers) may be "
-        "refused beyond it; raise it (ulimit -l unlimited; LimitMEMLOCK=infinity for systemd; "
-        "--ulimit memlock=-1 for docker)");
+        "io_uring could not set up a ring here, and Linux ", machine.kernel,
+        " (before 5.12) charges io_uring rings to the locked-memory limit of ",
+        human_bytes(soft.bytes),
+        ": raise it for the io_uring backend (ulimit -l unlimited; LimitMEMLOCK=infinity for "
+        "systemd; --ulimit memlock=-1 for docker); the other backends do not need it");
   }
 
   std::optional<Bandwidth> bandwidth;
@@ -347,7 +357,13 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
       << ",\"driver\":" << (driver.available ? "true" : "false")
       << ",\"driver_version\":" << driver.driver_version << ",\"devices\":" << driver.device_count
       << ",\"device0\":" << json::quote(driver.device0_name)
-      << ",\"reason\":" << json::quote(driver.reason) << "}"
+      << ",\"reason\":" << json::quote(driver.reason)
+      << ",\"library\":" << json::quote(driver.library)
+      << ",\"entry_points\":" << json::quote(driver.entry_points) << ",\"disabled\":[";
+    for (std::size_t i = 0; i < driver.disabled.size(); ++i) {
+      j << (i ? "," : "") << json::quote(driver.disabled[i]);
+    }
+    j << "]}"
       << ",\"cufile\":{\"compiled\":" << (cufile.compiled ? "true" : "false")
       << ",\"loaded\":" << (cufile.library_loaded ? "true" : "false")
       << ",\"library\":" << json::quote(cufile.library) << ",\"version\":" << cufile.version
@@ -380,6 +396,7 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
       << ",\"io_uring_disabled\":"
       << (uring_sysctl ? std::to_string(*uring_sysctl) : std::string("null")) << "}"
       << ",\"memlock\":{\"soft\":" << limit_json(soft) << ",\"hard\":" << limit_json(hard)
+      << ",\"io_uring_rings_charged\":" << (rings_charged ? "true" : "false")
       << ",\"warning\":" << (memlock_warning.empty() ? "null" : json::quote(memlock_warning))
       << "},\"backends\":{";
     for (std::size_t i = 0; i < rows.size(); ++i) {
@@ -398,7 +415,9 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
   if (driver.available) {
     out << "CUDA driver: yes (version " << driver.driver_version / 1000 << "."
         << (driver.driver_version % 1000) / 10 << ", " << driver.device_count
-        << " device(s), device 0: " << driver.device0_name << ")\n";
+        << " device(s), device 0: " << driver.device0_name << "; " << driver.library
+        << ", entry points through " << driver.entry_points << ")\n";
+    for (const auto& off : driver.disabled) out << "CUDA feature off: " << off << "\n";
   } else {
     out << "CUDA driver: no (" << driver.reason << ")\n";
   }
@@ -433,8 +452,8 @@ int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ost
   }
   out << "\n";
   out << "locked-memory limit (RLIMIT_MEMLOCK): " << limit_text(soft) << " (hard "
-      << limit_text(hard) << ")"
-      << (driver.available ? "" : "; matters only with a GPU (pinned memory)") << "\n";
+      << limit_text(hard) << "); CUDA pinned memory is not charged to it"
+      << (rings_charged ? "; io_uring rings are, on this kernel (before 5.12)" : "") << "\n";
   if (!memlock_warning.empty()) out << "warning: " << memlock_warning << "\n";
   out << "\nbackends on " << storage.string() << ":\n";
   for (const auto& r : rows) {

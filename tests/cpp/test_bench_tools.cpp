@@ -13,6 +13,7 @@
 #include <variant>
 
 #include "cli.hpp"
+#include "cli_util.hpp"
 #include "tensorstream/detail/json.hpp"
 #include "tensorstream/store.hpp"
 #include "test_helpers.hpp"
@@ -284,6 +285,21 @@ TEST_F(BenchTools, DoctorJson) {
     ++entries;
   }
   EXPECT_EQ(entries, 1u);  // small.tstore only
+}
+
+// doctor warns about RLIMIT_MEMLOCK only for io_uring rings, which kernels before 5.12 charge
+// to it (CUDA's pinned memory is never charged; see doctor.cpp).
+TEST(DoctorMemlock, IoUringRingsAreChargedBeforeLinux512) {
+  using ts::cli::util::io_uring_rings_charged_to_memlock;
+  EXPECT_TRUE(io_uring_rings_charged_to_memlock("5.10.0-27-amd64"));
+  EXPECT_TRUE(io_uring_rings_charged_to_memlock("5.11.22"));
+  EXPECT_TRUE(io_uring_rings_charged_to_memlock("4.19.0"));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock("5.12.0"));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock("6.18.44-fc-v669"));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock("10.1"));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock(""));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock("linux"));
+  EXPECT_FALSE(io_uring_rings_charged_to_memlock("5"));
 }
 
 TEST_F(BenchTools, DoctorText) {

@@ -69,8 +69,8 @@ TEST(CudaShim, GpuCopiesRoundTripThroughPinnedMemory) {
   for (std::size_t i = 0; i < kBytes; ++i) src.data()[i] = static_cast<std::byte>(i * 131 % 251);
   ts::cuda::DeviceBuffer on_device(device, kBytes);
   ts::cuda::Stream stream(device);
-  ts::cuda::Event start(device, /*timing=*/true);
-  ts::cuda::Event copied(device, /*timing=*/true);
+  ts::cuda::Event start(device, ts::cuda::EventKind::kTiming);
+  ts::cuda::Event copied(device, ts::cuda::EventKind::kTiming);
   start.record(stream.handle());
   ts::cuda::memcpy_htod_async(device, on_device.ptr(), src.data(), kBytes, stream.handle());
   copied.record(stream.handle());

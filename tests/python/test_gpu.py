@@ -17,10 +17,15 @@ def test_driver_status_never_raises() -> None:
         "device0_name",
         "reason",
         "compiled_with_cuda",
+        "library",
+        "entry_points",
+        "disabled",
     }
+    assert isinstance(status["disabled"], list)
     if status["available"]:
         assert status["reason"] == ""
         assert status["device_count"] >= 1
+        assert status["entry_points"] in ("cuGetProcAddress_v2", "cuGetProcAddress", "dlsym")
     else:
         assert isinstance(status["reason"], str) and status["reason"]
         assert status["device_count"] == 0 or status["driver_version"] >= 0

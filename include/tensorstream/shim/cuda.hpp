@@ -2,9 +2,19 @@
 // own shim, shim/cufile.hpp.
 //
 // TensorStream never links against CUDA: the driver API is reached through a table of
-// function pointers filled by dlopen/dlsym, typed from the real <cuda.h> when the build found
-// it. One binary therefore runs on machines with and without a GPU. The availability
-// queries below never throw; they report why CUDA is unusable instead.
+// function pointers, typed from the real <cuda.h>/<cudaTypedefs.h> when the build found them.
+// One binary therefore runs on machines with and without a GPU. The availability queries
+// below never throw; they report why CUDA is unusable instead.
+//
+// Entry points are resolved with cuGetProcAddress for the CUDA version each call was written
+// against (so a header that renames a call to a newer versioned symbol, as CUDA 13's does for
+// cuEventElapsedTime -> cuEventElapsedTime_v2 of 12.8+ drivers, does not make older drivers
+// unusable); drivers without cuGetProcAddress get dlsym of the exported symbols. An optional
+// entry point that is missing switches off only the feature that needs it
+// (DriverStatus::disabled); the calls of that feature throw CudaError saying so.
+//
+// The driver library is libcuda.so.1 through the dynamic loader's search path, or the file
+// named by TENSORSTREAM_CUDA_LIBRARY (docs/runtime-settings.md), read once per process.
 //
 // Thread-safety: all functions are thread-safe; the library is loaded once, on first use.
 #pragma once
@@ -12,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tensorstream::cuda {
 
@@ -22,6 +33,13 @@ struct DriverStatus {
   int device_count = 0;
   std::string device0_name;  ///< name of device 0, if any
   std::string reason;        ///< why not available ("" when available)
+  std::string library;       ///< the driver library loaded or tried ("" without CUDA support)
+  /// How the entry points were resolved: "cuGetProcAddress_v2", "cuGetProcAddress" or "dlsym"
+  /// ("" when the library did not load).
+  std::string entry_points;
+  /// Optional features switched off because the driver lacks an entry point they need, each
+  /// "<feature>: <why>"; the rest of the API works.
+  std::vector<std::string> disabled;
 };
 
 /// True if this build was compiled with the CUDA driver headers (the GPU code paths exist).
@@ -120,7 +138,8 @@ class PinnedHostBuffer {
   std::size_t size_ = 0;
 };
 
-/// Page-locks existing host memory (cuMemHostRegister) for the object's lifetime.
+/// Page-locks existing host memory (cuMemHostRegister) for the object's lifetime. An optional
+/// feature: throws CudaError saying so where the driver lacks the entry points.
 class HostRegistration {
  public:
   HostRegistration(const Device& device, void* data, std::size_t bytes);
@@ -136,6 +155,8 @@ class HostRegistration {
 };
 
 /// A non-blocking stream (does not synchronise with the legacy default stream).
+/// synchronize() waits the way the context's scheduling flags say (the primary context's
+/// default may spin a core); waits on a fill's hot path use a kHostWait Event instead.
 class Stream {
  public:
   explicit Stream(const Device& device);
@@ -155,10 +176,24 @@ class Stream {
   StreamHandle stream_ = nullptr;
 };
 
-/// An event; with `timing` false it is cheaper and cannot be used for elapsed_ms.
+/// How an event will be waited on, which decides its creation flags.
+enum class EventKind {
+  /// A thread may wait on it with synchronize(): created with CU_EVENT_BLOCKING_SYNC, so the
+  /// waiting thread sleeps until the event completes instead of spinning a core, and
+  /// CU_EVENT_DISABLE_TIMING (cheaper; elapsed_ms refuses it). Also usable by streams.
+  kHostWait,
+  /// Only streams wait on it (stream_wait_event) or query() polls it: CU_EVENT_DISABLE_TIMING
+  /// alone, the cheapest for cuStreamWaitEvent; synchronize() on it would spin.
+  kStreamOnly,
+  /// For elapsed_ms: records timestamps; CU_EVENT_BLOCKING_SYNC, so synchronize() sleeps.
+  kTiming,
+};
+
+/// A CUDA event of the device's primary context; every call makes that context current for
+/// its duration.
 class Event {
  public:
-  Event(const Device& device, bool timing = false);
+  explicit Event(const Device& device, EventKind kind = EventKind::kHostWait);
   ~Event();
   Event(Event&& other) noexcept;
   Event& operator=(Event&&) = delete;
@@ -166,6 +201,8 @@ class Event {
   Event& operator=(const Event&) = delete;
 
   [[nodiscard]] EventHandle handle() const noexcept { return event_; }
+  [[nodiscard]] EventKind kind() const noexcept { return kind_; }
+  [[nodiscard]] const Device& device() const noexcept { return *device_; }
   void record(StreamHandle stream) const;
   void synchronize() const;
   /// True if the work captured by the last record() has completed.
@@ -174,6 +211,7 @@ class Event {
  private:
   const Device* device_;
   EventHandle event_ = nullptr;
+  EventKind kind_ = EventKind::kHostWait;
 };
 
 /// Makes `stream` wait (on the device, not the host) until `event` has completed.
@@ -183,7 +221,9 @@ void memcpy_htod_async(const Device& device, DevicePtr dst, const void* src, std
                        StreamHandle stream);
 void memcpy_dtoh_async(const Device& device, void* dst, DevicePtr src, std::size_t bytes,
                        StreamHandle stream);
-/// Milliseconds between two recorded timing events.
+/// Milliseconds between two completed timing events (EventKind::kTiming, recorded, on the same
+/// device), with the device's context made current for the call. Throws CudaError if either
+/// is not a timing event or has not completed, or if the driver lacks event timing.
 [[nodiscard]] float elapsed_ms(const Event& start, const Event& end);
 
 }  // namespace tensorstream::cuda
