@@ -147,22 +147,7 @@ def optimize_memory_usage(model: Any, target_utilization: float = 0.9) -> dict[s
     runtime = runtime_of(model)
     if runtime is None:
         raise ValueError("tensorstream: this model is not offloaded (call tensorstream.offload)")
-    runtime._check_open()
-    if not isinstance(target_utilization, (int, float)) or not target_utilization > 0:
-        raise ValueError(
-            f"optimize_memory_usage: target_utilization must be > 0, got {target_utilization!r}"
-        )
-    runtime._check_idle("tensorstream: optimize_memory_usage() called while a forward is running")
-    if runtime.device.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(runtime.device)
-        held = runtime._engine.stats()["device_bytes_in_use"] + runtime.resident_param_bytes
-        base = free + held
-    else:
-        base = runtime.budget
-    runtime.replan(int(base * target_utilization))
-    return runtime.statistics()
+    return runtime.optimize_memory_usage(target_utilization)
 
 
 def _store_files(path: Path) -> list[Path]:

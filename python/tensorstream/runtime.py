@@ -178,6 +178,25 @@ class OffloadedModel:
         self._restart(self.options, budget)
         logger.info("tensorstream: re-planned for a budget of %d bytes", budget)
 
+    def optimize_memory_usage(self, target_utilization: float) -> dict[str, Any]:
+        """:func:`tensorstream.optimize_memory_usage` of this model: re-plans for
+        ``target_utilization`` × the current budget (on CUDA: × the device's free memory
+        plus what the weights hold) and returns the new statistics."""
+        self._check_open()
+        if not isinstance(target_utilization, (int, float)) or not target_utilization > 0:
+            raise ValueError(
+                f"optimize_memory_usage: target_utilization must be > 0, got {target_utilization!r}"
+            )
+        self._check_idle("tensorstream: optimize_memory_usage() called while a forward is running")
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            held = self._engine.stats()["device_bytes_in_use"] + self.resident_param_bytes
+            base = free + held
+        else:
+            base = self.budget
+        self.replan(int(base * target_utilization))
+        return self.statistics()
+
     def _restart(
         self, options: dict[str, Any], budget: int, device: torch.device | None = None
     ) -> None:
