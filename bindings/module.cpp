@@ -38,6 +38,7 @@
 #include "tensorstream/dtype.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/errors.hpp"
+#include "tensorstream/safetensors.hpp"
 #include "tensorstream/shim/cuda.hpp"
 #include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store.hpp"
@@ -588,6 +589,92 @@ void bind_engine(nb::module_& m) {
       "sizes"_a, "slots"_a = 2, "Smallest device budget under which blocks of `sizes` stream.");
 }
 
+// ---- SafetensorsCheckpoint -----------------------------------------------------------------
+
+nb::dict safetensors_entry_dict(const ts::SafetensorsCheckpoint::Entry& e) {
+  nb::dict d;
+  d["name"] = to_str(e.tensor->name);
+  d["dtype"] = std::string(ts::dtype_name(e.tensor->dtype));
+  d["shape"] = e.tensor->shape;
+  d["file"] = e.file;
+  d["offset"] = e.tensor->offset;
+  d["nbytes"] = e.tensor->nbytes;
+  return d;
+}
+
+const ts::SafetensorsCheckpoint::Entry& safetensors_entry_or_throw(
+    const ts::SafetensorsCheckpoint& checkpoint, std::string_view name) {
+  const auto* entry = checkpoint.find(name);
+  if (entry == nullptr) {
+    throw std::invalid_argument(
+        ts::detail::concat("safetensors checkpoint has no tensor '", name, "'"));
+  }
+  return *entry;
+}
+
+void bind_safetensors(nb::module_& m) {
+  using Checkpoint = ts::SafetensorsCheckpoint;
+  nb::class_<Checkpoint>(m, "SafetensorsCheckpoint",
+                         "The validated headers of a safetensors checkpoint: a .safetensors file, "
+                         "a Hugging Face checkpoint directory or an index file (immutable; "
+                         "read_into may run in several threads at once).")
+      .def(
+          "__init__",
+          [](Checkpoint* self, const fs::path& path) {
+            new (self) Checkpoint(Checkpoint::open(path));
+          },
+          "path"_a, ReleaseGil(),
+          "Opens every file of the checkpoint at `path` and validates its header (and the "
+          "index, if any); raises FormatError / StoreIOError naming the file.")
+      .def_prop_ro(
+          "files",
+          [](const Checkpoint& c) {
+            std::vector<std::string> out;
+            out.reserve(c.files().size());
+            for (const auto& file : c.files()) out.push_back(file.path().string());
+            return out;
+          },
+          "The paths of the checkpoint's files, in the order entries refer to them.")
+      .def_prop_ro(
+          "entries",
+          [](const Checkpoint& c) {
+            nb::list out;
+            for (const auto& entry : c.entries()) out.append(safetensors_entry_dict(entry));
+            return out;
+          },
+          "Every tensor, in file then offset order: dicts of name, dtype (torch name), shape, "
+          "file (index into files), offset (absolute, in that file) and nbytes.")
+      .def(
+          "find",
+          [](const Checkpoint& c, std::string_view name) -> nb::object {
+            const auto* entry = c.find(name);
+            if (entry == nullptr) return nb::none();
+            return safetensors_entry_dict(*entry);
+          },
+          "name"_a, "The entry of tensor `name` (as in `entries`), or None.")
+      .def(
+          "__contains__",
+          [](const Checkpoint& c, std::string_view name) { return c.find(name) != nullptr; },
+          "name"_a)
+      .def("__len__", [](const Checkpoint& c) { return c.entries().size(); })
+      .def_prop_ro("total_bytes", &Checkpoint::total_bytes, "Sum of all tensors' bytes.")
+      .def(
+          "read_into",
+          [](const Checkpoint& c, std::string_view name, std::uintptr_t ptr, std::uint64_t nbytes) {
+            const auto& entry = safetensors_entry_or_throw(c, name);
+            c.files()[entry.file].read(
+                *entry.tensor,
+                mutable_bytes(ptr, nbytes, ts::detail::concat("tensor '", name, "'")));
+          },
+          "name"_a, "ptr"_a, "nbytes"_a, ReleaseGil(),
+          "Reads the bytes of tensor `name` into `nbytes` bytes of writable memory at address "
+          "`ptr` (nbytes must equal the tensor's; ValueError otherwise, and for an unknown "
+          "name).")
+      .def("__repr__", [](const Checkpoint& c) {
+        return ts::detail::concat("<tensorstream SafetensorsCheckpoint: ", c.files().size(),
+                                  " files, ", c.entries().size(), " tensors>");
+      });
+}
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -601,6 +688,7 @@ NB_MODULE(_core, m) {
 
   register_exceptions(m);
   bind_engine(m);
+  bind_safetensors(m);
 
   // ---- dtypes ----
   m.def(

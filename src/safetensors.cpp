@@ -205,7 +205,13 @@ std::vector<SafetensorsFile> open_indexed(const std::filesystem::path& index_pat
   std::vector<SafetensorsFile> files;
   files.reserve(shard_names.size());
   for (const std::string_view shard : shard_names) {
-    files.push_back(SafetensorsFile::open(directory / std::string(shard)));
+    try {
+      files.push_back(SafetensorsFile::open(directory / std::string(shard)));
+    } catch (const IoError& e) {
+      // The shard's path alone does not say why it was wanted: name the index that lists it.
+      throw IoError(concat(index_name, ": shard '", shard, "' listed in the index: ", e.what()),
+                    e.code());
+    }
   }
 
   for (const auto& [tensor, shard_value] : *weight_map) {

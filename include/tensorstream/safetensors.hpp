@@ -90,10 +90,18 @@ class SafetensorsFile {
 /// itself (to choose one where a directory holds several).
 class SafetensorsCheckpoint {
  public:
+  // Move-only (it owns the files' descriptors); entries stay valid across moves.
+  SafetensorsCheckpoint(SafetensorsCheckpoint&&) noexcept = default;
+  SafetensorsCheckpoint& operator=(SafetensorsCheckpoint&&) noexcept = default;
+  SafetensorsCheckpoint(const SafetensorsCheckpoint&) = delete;
+  SafetensorsCheckpoint& operator=(const SafetensorsCheckpoint&) = delete;
+  ~SafetensorsCheckpoint() = default;
+
   /// Opens every file of the checkpoint. With an index, checks that each tensor it lists is
   /// in the shard it names and that no shard holds a tensor the index does not list. A
   /// tensor name present in two files is an error. Throws FormatError / IoError naming the
-  /// file and tensor.
+  /// file and tensor; a shard the index lists that cannot be opened (missing, unreadable) is
+  /// an IoError naming the index, the shard and the cause.
   static SafetensorsCheckpoint open(const std::filesystem::path& path);
 
   /// One tensor and the file that holds it.
@@ -111,6 +119,8 @@ class SafetensorsCheckpoint {
   [[nodiscard]] std::uint64_t total_bytes() const noexcept;
 
  private:
+  SafetensorsCheckpoint() = default;
+
   std::vector<SafetensorsFile> files_;
   std::vector<Entry> entries_;
   std::vector<std::size_t> by_name_;  // indices into entries_, sorted by tensor name

@@ -1,6 +1,7 @@
 """Planning and maintenance functions of the public surface: ``estimate_model_memory``,
 ``optimize_memory_usage`` and ``defragment_storage`` (``offload``, ``get_model_statistics``
-and ``set_memory_pressure_callback`` live in :mod:`tensorstream.offload`)."""
+and ``set_memory_pressure_callback`` live in :mod:`tensorstream.offload`, which re-exports
+them from :mod:`tensorstream.runtime` and :mod:`tensorstream._pressure`)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     """
     import torch
 
+    from ._analysis import block_params
     from .config import Config, default_vram_budget
-    from .offload import _named_block_params, _shared_parameters, find_blocks
 
     config = config if config is not None else Config()
     target = config.torch_dtype
@@ -90,12 +91,9 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
             return p.numel() * torch.empty((), dtype=target).element_size()
         return p.numel() * p.element_size()
 
-    shared = _shared_parameters(model)
     block_bytes: dict[str, int] = {}
     streamed_ids: set[int] = set()
-    for _, name, _module, params in _named_block_params(
-        model, find_blocks(model, config.min_layer_size), shared
-    ):
+    for name, _module, params in block_params(model, config.min_layer_size):
         end = 0
         for _, p in params:
             end = _align(end, _core.TENSOR_ALIGNMENT) + size_of(p)
@@ -144,31 +142,12 @@ def optimize_memory_usage(model: Any, target_utilization: float = 0.9) -> dict[s
     A budget the engine refuses raises BudgetTooSmallError (after the memory-pressure
     callback); the model then keeps running under its previous budget. Call it between
     forwards, not while one runs."""
-    from .offload import _ATTRIBUTE
+    from .runtime import runtime_of
 
-    runtime = getattr(model, _ATTRIBUTE, None)
+    runtime = runtime_of(model)
     if runtime is None:
         raise ValueError("tensorstream: this model is not offloaded (call tensorstream.offload)")
-    runtime._check_open()
-    if not isinstance(target_utilization, (int, float)) or not target_utilization > 0:
-        raise ValueError(
-            f"optimize_memory_usage: target_utilization must be > 0, got {target_utilization!r}"
-        )
-    for block in runtime._blocks:
-        if block.active:
-            raise RuntimeError(
-                "tensorstream: optimize_memory_usage() called while a forward is running"
-            )
-    if runtime.device.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(runtime.device)
-        held = runtime._engine.stats()["device_bytes_in_use"] + runtime.resident_param_bytes
-        base = free + held
-    else:
-        base = runtime.budget
-    runtime.replan(int(base * target_utilization))
-    return runtime.statistics()
+    return runtime.optimize_memory_usage(target_utilization)
 
 
 def _store_files(path: Path) -> list[Path]:

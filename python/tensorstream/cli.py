@@ -41,7 +41,7 @@ def _run_demo(args: list[str]) -> int:
 
 
 def _run_pretrained(args: list[str]) -> int:
-    from .pretrained import main as run_main
+    from ._run import main as run_main
 
     return run_main(args)
 

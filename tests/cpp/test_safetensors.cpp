@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -596,6 +597,27 @@ TEST_F(Checkpoint, BadIndexDocuments) {
                         {"cannot open", "x"});
   write_file(dir_ / "model.safetensors.index.json", to_bytes("{"));
   expect_rejected(dir_.path(), {"model.safetensors.index.json: invalid JSON at byte 1"});
+}
+
+TEST_F(Checkpoint, MissingShardNamesTheIndex) {
+  write_shards();
+  auto weight_map = shard_of_;
+  weight_map["model.layers.0.norm"] = "model-00004-of-00003.safetensors";
+  write_index(weight_map);
+  try {
+    (void)SafetensorsCheckpoint::open(dir_.path());
+    FAIL() << "a missing shard was not reported";
+  } catch (const IoError& e) {
+    EXPECT_EQ(e.code(), ENOENT);
+    const std::string message = e.what();
+    const std::vector<std::string> needles{
+        "model.safetensors.index.json: shard 'model-00004-of-00003.safetensors' listed in the "
+        "index",
+        "cannot open", (dir_ / "model-00004-of-00003.safetensors").string()};
+    for (const auto& needle : needles) {
+      EXPECT_NE(message.find(needle), std::string::npos) << message << "\nmissing: " << needle;
+    }
+  }
 }
 
 TEST_F(Checkpoint, ChoosesAmongIndexes) {

@@ -218,6 +218,85 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         assert str(broken) in str(info.value) and name in str(info.value)
 
 
+def test_bad_checkpoints_raise_the_readers_error_naming_the_file(checkpoints, tmp_path):
+    _, path = checkpoints["llama"]
+    config = ts.Config(vram_budget_gb="1MB", storage_path=tmp_path / "s")
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    good = shard.read_bytes()
+
+    # A corrupt header: its JSON does not parse.
+    n = int.from_bytes(good[:8], "little")
+    shard.write_bytes(good[:8] + b"[" + b" " * (n - 1) + good[8 + n :])
+    with pytest.raises(ts.FormatError, match=f"{shard}: .*JSON"):
+        ts.from_pretrained(broken, config)
+
+    # A tensor whose bytes run past the end of the file.
+    shard.write_bytes(good[:-1])
+    with pytest.raises(ts.FormatError, match=f"{shard}: file truncated: tensor '.*'"):
+        ts.from_pretrained(broken, config)
+
+    # A shard listed in the index that does not exist.
+    shard.unlink()
+    with pytest.raises(ts.StoreIOError) as info:
+        ts.from_pretrained(broken, config)
+    assert info.value.errno == 2
+    assert f"model.safetensors.index.json: shard '{shard.name}' listed in the index" in str(
+        info.value
+    )
+    assert str(shard) in str(info.value)
+
+
+_WITHOUT_PIP_SAFETENSORS = textwrap.dedent(
+    """
+    import sys
+    import torch, transformers
+    import tensorstream as ts
+
+    path, storage, budget = sys.argv[1], sys.argv[2], sys.argv[3]
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(cfg)  # imports the architecture's code
+    # From here on the pip package cannot be imported; tensorstream reads with its own reader.
+    for name in [m for m in sys.modules if m == "safetensors" or m.startswith("safetensors.")]:
+        del sys.modules[name]
+    sys.modules["safetensors"] = None
+    x = torch.tensor([[5, 17, 42, 8]])
+    for dtype in (None, "bfloat16"):
+        config = ts.Config(vram_budget_gb=budget, storage_path=storage, dtype=dtype)
+        model = ts.from_pretrained(path, config)
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=4, do_sample=False)
+        assert dtype is not None or model.tensorstream.statistics()["layers_offloaded"] >= 2
+        print(dtype, ",".join(map(str, out[0].tolist())))
+        model.cleanup_tensorstream()
+    """
+)
+
+
+def test_the_package_reads_checkpoints_without_the_pip_safetensors(checkpoints, tmp_path):
+    reference, path = checkpoints["llama"]
+    x = torch.tensor([[5, 17, 42, 8]])
+    expected = {"None": reference.generate(x, max_new_tokens=4, do_sample=False)}
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    expected["bfloat16"] = bf16.generate(x, max_new_tokens=4, do_sample=False)
+    budget = f"{_minimum_budget(path, storage_path=tmp_path / 's') + 4096}B"
+    script = _WITHOUT_PIP_SAFETENSORS
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(tmp_path / "s"), budget],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    got = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    assert set(got) == set(expected)
+    for dtype, ids in expected.items():
+        assert got[dtype] == ",".join(map(str, ids[0].tolist())), dtype
+    assert list((tmp_path / "s").glob("pretrained-*.tstore")), "the bfloat16 run converted"
+
+
 def test_cli_run_prints_the_greedy_tokens(checkpoints, tmp_path):
     reference, path = checkpoints["llama"]
     prompt = [5, 17, 42, 8]
