@@ -22,6 +22,11 @@ namespace ts = tensorstream;
 namespace eng = tensorstream::engine;
 using ts::testing::TempDir;
 
+using ts::testing::Fault;
+using ts::testing::FaultContext;
+using ts::testing::FaultInjectionEnv;
+using ts::testing::FaultPoint;
+
 namespace {
 
 constexpr std::uint64_t KiB = 1024;
@@ -219,14 +224,14 @@ TEST(Engine, IoErrorReachesTheWaiterAndTheBlockCanBeRetried) {
   options.device_budget = 2 * 68 * KiB;
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && fail.load() &&
-        ctx.offset == store.blocks()[2].offset) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && fail.load() && ctx.offset == store.blocks()[2].offset) {
       fault.error = EIO;
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   check_block(engine, store, 0);
   try {
@@ -271,11 +276,12 @@ TEST(Engine, SlowIoTimesOutWithinTheBoundAndClosesCleanly) {
   options.device_budget = 1 << 20;
   options.backend = ts::io::BackendType::kPread;
   options.wait_timeout = std::chrono::milliseconds(200);
-  options.io.fault_injector = [](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead) fault.delay = std::chrono::seconds(5);
+  FaultInjectionEnv env([](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead) fault.delay = std::chrono::seconds(5);
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   const auto start = std::chrono::steady_clock::now();
   EXPECT_THROW((void)engine.acquire(0), ts::Error);
@@ -371,13 +377,14 @@ TEST(Engine, ShortReadIsReportedNotHidden) {
   options.device_budget = 1 << 20;
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && ctx.offset == store.blocks()[1].offset) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && ctx.offset == store.blocks()[1].offset) {
       fault.eof_after = 1000;  // the file "ends" inside the block
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   check_block(engine, store, 0);
   try {
@@ -400,13 +407,14 @@ TEST(Engine, DemandCancelsQueuedPrefetches) {
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
   options.io.num_threads = 1;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && slow.load()) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && slow.load()) {
       fault.delay = std::chrono::milliseconds(100);
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   // Three prefetches fill every slot's queue; the demand for another block must not wait
   // for all of them.
