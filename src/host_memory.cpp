@@ -129,7 +129,7 @@ void PinnedHostAllocator::deallocate(void* pointer, std::size_t /*bytes*/) noexc
   buffers_.erase(pointer);
 }
 
-AlignedBuffer allocate_buffer(std::shared_ptr<HostAllocator> allocator, std::size_t bytes) {
+AlignedBuffer allocate_buffer(const std::shared_ptr<HostAllocator>& allocator, std::size_t bytes) {
   void* p = allocator->allocate(bytes);
   try {
     return AlignedBuffer::adopt(

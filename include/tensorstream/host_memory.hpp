@@ -139,7 +139,7 @@ class PinnedHostAllocator final : public HostAllocator {
 /// One allocation of `bytes` from `allocator`, owned as an AlignedBuffer (given back to the
 /// allocator, which the buffer keeps alive, on destruction). The allocation must be
 /// kIoAlignment-aligned (both allocators above are).
-[[nodiscard]] AlignedBuffer allocate_buffer(std::shared_ptr<HostAllocator> allocator,
+[[nodiscard]] AlignedBuffer allocate_buffer(const std::shared_ptr<HostAllocator>& allocator,
                                             std::size_t bytes);
 
 // ---- the names of the first releases -------------------------------------------------------
