@@ -683,6 +683,7 @@ NB_MODULE(_core, m) {
   m.attr("version") = ts::kVersion;
   m.attr("STORE_VERSION") = nb::make_tuple(ts::kStoreVersionMajor, ts::kStoreVersionMinor);
   m.attr("BLOCK_ALIGNMENT") = ts::kBlockAlignment;
+  m.attr("SLOT_ALIGNMENT") = ts::kSlotAlignment;
   m.attr("TENSOR_ALIGNMENT") = ts::kTensorAlignment;
   m.attr("DEFAULT_STORE_FILE_NAME") = ts::kDefaultStoreFileName;
 

@@ -449,8 +449,8 @@ void measure_fio(const Context& c, Measurement& m, std::string& engine, bool dir
     escaped += ch;
   }
   const std::uint64_t size = c.range_end - c.range_begin;
-  const std::uint64_t bs =
-      std::max<std::uint64_t>(4096, std::min<std::uint64_t>(kReferenceRequest, size / 4096 * 4096));
+  const std::uint64_t bs = std::max<std::uint64_t>(
+      kIoAlignment, std::min<std::uint64_t>(kReferenceRequest, size / kIoAlignment * kIoAlignment));
   const auto timeout = std::chrono::seconds(60 + size / 50'000'000);
   const std::vector<std::string> engines = engine.empty()
                                                ? std::vector<std::string>{"libaio", "io_uring"}

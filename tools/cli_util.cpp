@@ -228,7 +228,7 @@ std::optional<double> cached_fraction(const std::filesystem::path& path) {
 SequentialRead read_sequential(const std::filesystem::path& path, std::uint64_t offset,
                                std::uint64_t size, std::size_t request_size,
                                std::span<std::byte> buffer) {
-  constexpr std::uint64_t kAlign = io::kPageSize;
+  constexpr std::uint64_t kAlign = kIoAlignment;
   io::AlignedBuffer own;
   if (buffer.empty()) {
     own = io::AlignedBuffer(std::max<std::size_t>(request_size, kAlign));

@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/checksum.hpp"
 #include "tensorstream/detail/file.hpp"
 #include "tensorstream/dtype.hpp"
@@ -34,8 +35,8 @@ namespace tensorstream {
 /// Format version written by this library; readers accept this major version only.
 inline constexpr std::uint16_t kStoreVersionMajor = 1;
 inline constexpr std::uint16_t kStoreVersionMinor = 0;
-/// Alignment of block extents in the file (and of the superblock region).
-inline constexpr std::uint32_t kBlockAlignment = 4096;
+// kBlockAlignment, the alignment of block extents in the file (and of the superblock region),
+// is defined with the other alignments in alignment.hpp.
 /// Minimum alignment of a tensor inside its block.
 inline constexpr std::uint32_t kTensorAlignment = 256;
 /// Largest metadata region accepted (block table, tensor table, dims, strings).

@@ -27,7 +27,7 @@ logger = logging.getLogger("tensorstream")
 PathLike = str | os.PathLike[str]
 
 # The engine's residency planner counts each block rounded up to this (kSlotAlignment).
-_SLOT_ALIGNMENT = 4096
+_SLOT_ALIGNMENT = _core.SLOT_ALIGNMENT
 
 
 # ``import tensorstream`` does not import torch (the store tools work without it): these

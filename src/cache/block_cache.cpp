@@ -1,11 +1,8 @@
 #include "tensorstream/cache/block_cache.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
 #include <condition_variable>
-#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <new>
@@ -21,37 +18,6 @@ namespace tensorstream::cache {
 
 std::ostream& operator<<(std::ostream& out, const BlockKey& key) {
   return out << key.source << ':' << key.block;
-}
-
-// ---- PageAlignedAllocator ----------------------------------------------------------------
-
-std::size_t PageAlignedAllocator::alignment() noexcept {
-  static const std::size_t page = [] {
-    const long size = ::sysconf(_SC_PAGESIZE);
-    return size > 0 ? static_cast<std::size_t>(size) : std::size_t{4096};
-  }();
-  return page;
-}
-
-void* PageAlignedAllocator::allocate(std::size_t bytes) {
-  const std::size_t page = alignment();
-  if (bytes == 0 || bytes > std::numeric_limits<std::size_t>::max() - (page - 1)) {
-    throw std::bad_alloc();
-  }
-  // aligned_alloc wants a size that is a multiple of the alignment.
-  const std::size_t rounded = (bytes + page - 1) / page * page;
-  void* pointer = std::aligned_alloc(page, rounded);
-  if (pointer == nullptr) throw std::bad_alloc();
-  return pointer;
-}
-
-void PageAlignedAllocator::deallocate(void* pointer, std::size_t /*bytes*/) noexcept {
-  std::free(pointer);
-}
-
-std::shared_ptr<HostAllocator> default_host_allocator() {
-  static const auto allocator = std::make_shared<PageAlignedAllocator>();
-  return allocator;
 }
 
 // ---- policies ----------------------------------------------------------------------------

@@ -33,6 +33,8 @@ FileDescriptor& FileDescriptor::operator=(FileDescriptor&& other) noexcept {
   return *this;
 }
 
+int FileDescriptor::release() noexcept { return std::exchange(fd_, -1); }
+
 FileDescriptor::~FileDescriptor() {
   // Destructors never throw; a failing close of a read-only descriptor loses nothing, and
   // writers call close() explicitly to see the error.

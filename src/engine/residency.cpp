@@ -8,9 +8,7 @@
 namespace tensorstream::engine {
 namespace {
 
-std::uint64_t aligned(std::uint64_t n) {
-  return (n + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
-}
+std::uint64_t aligned(std::uint64_t n) { return align_up(n, kSlotAlignment); }
 
 // Best plan in which every block larger than `slot` is resident and the rest compete for
 // what the budget leaves beside `slots` slots of `slot` bytes. Returns false if the forced

@@ -53,7 +53,7 @@ IoOptions IoOptions::normalized() const {
   IoOptions out = *this;
   out.num_threads = std::clamp(num_threads, 1u, 64u);
   out.queue_depth = std::clamp(queue_depth, 1u, 1024u);
-  out.request_size = std::clamp(request_size, 4 * kMiB, 16 * kMiB) / kPageSize * kPageSize;
+  out.request_size = std::clamp(request_size, 4 * kMiB, 16 * kMiB) / kIoAlignment * kIoAlignment;
   return out;
 }
 
@@ -403,17 +403,15 @@ void WorkerPool::run() noexcept {
   }
 }
 
-Fault consult_injector(const IoOptions& options, const Request& request, bool direct) {
-  if (!options.fault_injector) return {};
+ReadStep read_step(Env& env, const Request& request, bool direct) {
   const OpenFile& file = request.state->file();
-  FaultContext context;
-  context.point = FaultPoint::kRead;
-  context.file = file.id;
-  context.path = &file.path;
-  context.offset = request.offset;
-  context.size = request.length;
-  context.direct = direct;
-  return options.fault_injector(context);
+  RequestInfo info;
+  info.file = file.id;
+  info.path = &file.path;
+  info.offset = request.offset;
+  info.size = request.length;
+  info.direct = direct;
+  return env.before_request(info);
 }
 
 std::exception_ptr make_read_error(const Request& request, std::uint64_t at, std::uint64_t length,
@@ -440,8 +438,10 @@ std::exception_ptr make_cancelled(const ReadState& state, const char* why) {
 
 // ---- the backend base ---------------------------------------------------------------------
 
-Backend::Backend(const IoOptions& options)
+Backend::Backend(const IoOptions& options, Env& env)
     : options_(options.normalized()),
+      env_(env),
+      request_env_(env.shapes_requests() ? &env : nullptr),
       counters_(std::make_shared<detail::Counters>()),
       queue_(std::make_shared<detail::RequestQueue>()) {}
 
@@ -487,10 +487,10 @@ ReadTicket Backend::submit(FileId file, std::uint64_t offset, std::uint64_t size
                            std::span<std::byte> dest, SubmitOptions options) {
   const ReadPlan plan = plan_read(offset, size);
   if (size > 0) {
-    if (reinterpret_cast<std::uintptr_t>(dest.data()) % kReadAlignment != 0) {
+    if (reinterpret_cast<std::uintptr_t>(dest.data()) % kIoAlignment != 0) {
       throw std::invalid_argument(concat(name(), " backend: the destination of a read of ", size,
                                          " bytes at offset ", offset, " is not aligned to ",
-                                         kReadAlignment, " bytes (use an AlignedBuffer)"));
+                                         kIoAlignment, " bytes (use an AlignedBuffer)"));
     }
     if (dest.size() < plan.aligned_size) {
       throw std::invalid_argument(
@@ -574,28 +574,28 @@ IoStats Backend::stats() const {
 
 // ---- factory and probes ---------------------------------------------------------------------
 
-std::unique_ptr<Backend> make_backend(BackendType type, const IoOptions& options) {
+std::unique_ptr<Backend> make_backend(BackendType type, const IoOptions& options, Env& env) {
   switch (type) {
     case BackendType::kPread:
-      return std::make_unique<PreadBackend>(options);
+      return std::make_unique<PreadBackend>(options, env);
     case BackendType::kMmap:
-      return std::make_unique<MmapBackend>(options);
+      return std::make_unique<MmapBackend>(options, env);
     case BackendType::kIoUring:
-      return std::make_unique<UringBackend>(options);
+      return std::make_unique<UringBackend>(options, env);
     case BackendType::kAuto: {
       std::string why;
       if (!UringBackend::compiled_in()) {
         why = "io_uring not compiled in (liburing was not found at build time)";
       } else {
         try {
-          auto backend = std::make_unique<UringBackend>(options);
+          auto backend = std::make_unique<UringBackend>(options, env);
           backend->selection_note_ = "auto: io_uring is compiled in and usable here";
           return backend;
         } catch (const std::exception& e) {
           why = e.what();
         }
       }
-      auto backend = std::make_unique<PreadBackend>(options);
+      auto backend = std::make_unique<PreadBackend>(options, env);
       backend->selection_note_ = concat("auto: ", why, "; using pread");
       return backend;
     }
@@ -644,17 +644,17 @@ class ProbeFile {
 
 std::optional<std::string> probe_direct_io(const std::filesystem::path& dir) {
   try {
-    ProbeFile file(dir, 2 * kPageSize);
+    ProbeFile file(dir, 2 * kIoAlignment);
     const int fd = ::open(file.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
     if (fd == -1) {
       const int code = errno;
       return concat("open with O_DIRECT failed on '", dir.string(), "': ", std::strerror(code),
                     " (errno ", code, ")");
     }
-    AlignedBuffer buffer(kPageSize);
+    AlignedBuffer buffer(kIoAlignment);
     ssize_t n;
     do {
-      n = ::pread(fd, buffer.data(), kPageSize, static_cast<off_t>(kPageSize));
+      n = ::pread(fd, buffer.data(), kIoAlignment, static_cast<off_t>(kIoAlignment));
     } while (n == -1 && errno == EINTR);
     const int code = errno;
     ::close(fd);
@@ -662,8 +662,8 @@ std::optional<std::string> probe_direct_io(const std::filesystem::path& dir) {
       return concat("an O_DIRECT read failed on '", dir.string(), "': ", std::strerror(code),
                     " (errno ", code, ")");
     }
-    if (n != static_cast<ssize_t>(kPageSize) ||
-        std::memcmp(buffer.data(), file.content().data() + kPageSize, kPageSize) != 0) {
+    if (n != static_cast<ssize_t>(kIoAlignment) ||
+        std::memcmp(buffer.data(), file.content().data() + kIoAlignment, kIoAlignment) != 0) {
       return concat("an O_DIRECT read on '", dir.string(), "' returned wrong data");
     }
     return std::nullopt;
@@ -680,7 +680,7 @@ std::vector<BackendProbe> probe_backends(const std::filesystem::path& dir) {
     probe.type = type;
     try {
       // An odd size and an unaligned range exercise both the direct and the buffered path.
-      ProbeFile file(dir, 3 * kPageSize + 123);
+      ProbeFile file(dir, 3 * kIoAlignment + 123);
       auto backend = make_backend(type, IoOptions{});
       const FileId id = backend->open(file.path());
       const std::uint64_t offset = 100;

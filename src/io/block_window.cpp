@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/errors.hpp"
 
 // Linux 5.14; older headers lack the constant, older kernels answer EINVAL (then pages are
@@ -23,13 +24,15 @@
 namespace tensorstream::io {
 namespace {
 
-constexpr std::uint64_t kPage = 4096;
+// Windows map the regions the read plan makes: kIoAlignment-aligned, which must be the page
+// size for mmap to place them.
+constexpr std::uint64_t kPage = kIoAlignment;
 // The kernel maps a large page-cache folio with one PMD entry (2 MiB) when the virtual
 // address and the file offset agree modulo 2 MiB; otherwise with 512 PTEs per 2 MiB, which
 // makes populate() and drop() costlier.
 constexpr std::uint64_t kHugePage = std::uint64_t{2} << 20;
 
-std::uint64_t round_up(std::uint64_t n) { return (n + kPage - 1) / kPage * kPage; }
+std::uint64_t round_up(std::uint64_t n) { return align_up(n, kPage); }
 
 // Counts the bytes of [addr, addr + length) that are not in the page cache. Where mincore
 // refuses to tell (a file the process may not write, see mincore(2)), it reports pages not
@@ -47,8 +50,8 @@ std::uint64_t absent_bytes(std::byte* addr, std::uint64_t length) {
 std::string block_windows_unsupported_reason() {
   const long page = ::sysconf(_SC_PAGESIZE);
   if (page != static_cast<long>(kPage)) {
-    return detail::concat("the system's page size is ", page,
-                          " bytes; reading in place needs 4096-byte pages");
+    return detail::concat("the system's page size is ", page, " bytes; reading in place needs ",
+                          kPage, "-byte pages");
   }
   return {};
 }
@@ -84,8 +87,8 @@ BlockWindow::BlockWindow(std::uint64_t size, std::span<const WindowRegion> regio
       TS_EXPECT(region.path != nullptr && region.fd >= 0, std::invalid_argument,
                 "window region without a file");
       TS_EXPECT(region.file_offset % kPage == 0 && region.window_offset % kPage == 0,
-                std::invalid_argument, "window region of '", region.path->string(),
-                "' is not 4096-aligned (file offset ", region.file_offset, ", window offset ",
+                std::invalid_argument, "window region of '", region.path->string(), "' is not ",
+                kPage, "-aligned (file offset ", region.file_offset, ", window offset ",
                 region.window_offset, ")");
       TS_EXPECT(region.window_offset <= size_ && region.length <= size_ - region.window_offset,
                 std::invalid_argument, "window region of '", region.path->string(),

@@ -41,21 +41,21 @@ struct MappedFile final : detail::OpenFile {
   std::size_t map_size = 0;
 };
 
-void copy_request(const IoOptions& options, detail::Counters& counters, detail::RequestQueue& queue,
+void copy_request(Env* env, detail::Counters& counters, detail::RequestQueue& queue,
                   const detail::Request& request) {
   auto& file = static_cast<MappedFile&>(request.state->file());
-  std::uint64_t limit = request.need;  // Fault::partial does not apply to a copy
-  if (options.fault_injector) [[unlikely]] {
-    const Fault fault = detail::consult_injector(options, request, false);
-    if (fault.delay.count() > 0 &&
-        !queue.sleep_until(detail::Clock::now() + fault.delay, *request.state)) {
+  std::uint64_t limit = request.need;  // ReadStep::first_transfer does not apply to a copy
+  if (env != nullptr) [[unlikely]] {
+    const ReadStep step = detail::read_step(*env, request, false);
+    if (step.delay.count() > 0 &&
+        !queue.sleep_until(detail::Clock::now() + step.delay, *request.state)) {
       std::rethrow_exception(detail::make_cancelled(*request.state, "was interrupted"));
     }
-    if (fault.error != 0) {
+    if (step.error != 0) {
       std::rethrow_exception(
-          detail::make_read_error(request, request.offset, request.length, fault.error));
+          detail::make_read_error(request, request.offset, request.length, step.error));
     }
-    if (fault.eof_after) limit = std::min(limit, std::max(*fault.eof_after, request.head));
+    if (step.end_after) limit = std::min(limit, std::max(*step.end_after, request.head));
   }
   counters.requests.fetch_add(1, std::memory_order_relaxed);
 
@@ -65,7 +65,7 @@ void copy_request(const IoOptions& options, detail::Counters& counters, detail::
   const std::uint64_t readable = file.readable_size(end);
   if (end > readable) end = std::max(begin, readable);  // truncated since submit
   if (end > begin) {
-    const std::uint64_t page_begin = begin / kPageSize * kPageSize;
+    const std::uint64_t page_begin = begin / kIoAlignment * kIoAlignment;
     // Read ahead the whole request at once rather than one fault at a time. Advisory:
     // a failure changes nothing.
     (void)::madvise(const_cast<std::byte*>(file.map + page_begin), end - page_begin, MADV_WILLNEED);
@@ -85,14 +85,14 @@ struct MmapBackend::Impl {
       : pool(owner.queue(), owner.counters(),
              std::min(owner.options().num_threads, owner.options().queue_depth),
              [&owner](const detail::Request& request) {
-               copy_request(owner.options(), owner.counters(), owner.queue(), request);
+               copy_request(owner.request_env(), owner.counters(), owner.queue(), request);
              }) {}
 
   detail::WorkerPool pool;
 };
 
-MmapBackend::MmapBackend(const IoOptions& options)
-    : Backend(options), impl_(std::make_unique<Impl>(*this)) {}
+MmapBackend::MmapBackend(const IoOptions& options, Env& env)
+    : Backend(options, env), impl_(std::make_unique<Impl>(*this)) {}
 
 MmapBackend::~MmapBackend() {
   shut_down_queue();
@@ -102,7 +102,7 @@ MmapBackend::~MmapBackend() {
 FileId MmapBackend::open(const std::filesystem::path& path) {
   auto file = std::make_shared<MappedFile>();
   file->path = path;
-  file->fd = tensorstream::detail::FileDescriptor(path, O_RDONLY);
+  file->fd = env().open(path, O_RDONLY);
   struct stat st {};
   TS_SYSCALL_CHECK(::fstat(file->fd.get(), &st), "cannot stat '", path.string(), "'");
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
@@ -138,7 +138,7 @@ void MmapBackend::prefetch(FileId file, std::uint64_t offset, std::uint64_t size
   const auto& mapped = static_cast<const MappedFile&>(*open_file);
   if (offset >= mapped.map_size || size == 0) return;
   const std::uint64_t end = offset + std::min<std::uint64_t>(size, mapped.map_size - offset);
-  const std::uint64_t page_begin = offset / kPageSize * kPageSize;
+  const std::uint64_t page_begin = offset / kIoAlignment * kIoAlignment;
   TS_SYSCALL_CHECK(
       ::madvise(const_cast<std::byte*>(mapped.map + page_begin), end - page_begin, MADV_WILLNEED),
       "madvise(MADV_WILLNEED) of ", end - page_begin, " bytes at offset ", page_begin, " of '",

@@ -26,8 +26,8 @@ namespace {
 // Direct-I/O alignment of an open file; offset == 0 means direct I/O is not supported and
 // `note` says why.
 struct DirectAlignment {
-  std::uint32_t offset = kReadAlignment;
-  std::uint32_t memory = kReadAlignment;
+  std::uint32_t offset = kIoAlignment;
+  std::uint32_t memory = kIoAlignment;
   std::string note;
 };
 
@@ -79,10 +79,10 @@ DirectAlignment query_direct_alignment(const tensorstream::detail::FileDescripto
 }  // namespace
 
 std::shared_ptr<PosixFile> PosixFile::open(const std::filesystem::path& path,
-                                           const IoOptions& options) {
+                                           const IoOptions& options, Env& env) {
   auto file = std::make_shared<PosixFile>();
   file->path = path;
-  file->fd = tensorstream::detail::FileDescriptor(path, O_RDONLY);
+  file->fd = env.open(path, O_RDONLY);
   struct stat st {};
   TS_SYSCALL_CHECK(::fstat(file->fd.get(), &st), "cannot stat '", path.string(), "'");
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
@@ -100,9 +100,9 @@ std::shared_ptr<PosixFile> PosixFile::open(const std::filesystem::path& path,
     file->note_ = align.note;
     return file;
   }
-  if (align.offset > kReadAlignment || align.memory > kReadAlignment) {
+  if (align.offset > kIoAlignment || align.memory > kIoAlignment) {
     file->note_ = concat("O_DIRECT needs an alignment of ", align.offset, " bytes (memory ",
-                         align.memory, "), more than the ", kReadAlignment,
+                         align.memory, "), more than the ", kIoAlignment,
                          " the reads are planned on: using buffered reads");
     return file;
   }
@@ -110,19 +110,10 @@ std::shared_ptr<PosixFile> PosixFile::open(const std::filesystem::path& path,
   file->memory_align = align.memory;
 
   int code = 0;
-  if (options.fault_injector) {
-    FaultContext context;
-    context.point = FaultPoint::kOpenDirect;
-    context.path = &file->path;
-    context.direct = true;
-    code = options.fault_injector(context).error;
-  }
-  if (code == 0) {
-    try {
-      file->direct_fd = tensorstream::detail::FileDescriptor(path, O_RDONLY | O_DIRECT);
-    } catch (const IoError& e) {
-      code = e.code();
-    }
+  try {
+    file->direct_fd = env.open(path, O_RDONLY | O_DIRECT);
+  } catch (const IoError& e) {
+    code = e.code();
   }
   if (code != 0) {
     file->note_ = code == EINVAL ? std::string(
@@ -153,22 +144,22 @@ std::string PosixFile::direct_note() const {
   return note_;
 }
 
-void pread_request(const IoOptions& options, Counters& counters, RequestQueue& queue,
-                   const Request& request) {
+void pread_request(Env* env, Counters& counters, RequestQueue& queue, const Request& request) {
   auto& file = static_cast<PosixFile&>(request.state->file());
   std::uint64_t limit = request.length;  // where this request sees the end of the file
   std::uint64_t first_cap = request.length;
-  int injected = 0;
-  if (options.fault_injector) [[unlikely]] {
-    const Fault fault = consult_injector(
-        options, request, file.use_direct(request.offset, request.length, request.dest));
-    if (fault.delay.count() > 0 && !queue.sleep_until(Clock::now() + fault.delay, *request.state)) {
+  int injected = 0;           // errno the first transfer reports instead of reading
+  bool asked_direct = false;  // the descriptor the environment was asked about
+  if (env != nullptr) [[unlikely]] {
+    asked_direct = file.use_direct(request.offset, request.length, request.dest);
+    const ReadStep step = read_step(*env, request, asked_direct);
+    if (step.delay.count() > 0 && !queue.sleep_until(Clock::now() + step.delay, *request.state)) {
       // Cancelled (the read already holds its error) or the backend is being destroyed.
       std::rethrow_exception(make_cancelled(*request.state, "was interrupted"));
     }
-    injected = fault.error;
-    if (fault.eof_after) limit = std::min(limit, *fault.eof_after);
-    if (fault.partial) first_cap = std::max<std::uint64_t>(*fault.partial, 1);
+    injected = step.error;
+    if (step.end_after) limit = std::min(limit, *step.end_after);
+    if (step.first_transfer) first_cap = std::max<std::uint64_t>(*step.first_transfer, 1);
   }
   counters.requests.fetch_add(1, std::memory_order_relaxed);
 
@@ -179,10 +170,13 @@ void pread_request(const IoOptions& options, Counters& counters, RequestQueue& q
     std::byte* const out = request.dest + done;
     std::uint64_t length = limit - done;
     if (first) length = std::min(length, first_cap);
-    const bool direct = file.use_direct(at, length, out);
+    const bool injecting = first && injected != 0;
+    // An injected error belongs to the descriptor it was asked for, even if another request
+    // has turned direct I/O off for the file since.
+    const bool direct = injecting ? asked_direct : file.use_direct(at, length, out);
     ssize_t n;
     int code = 0;
-    if (first && injected != 0) {
+    if (injecting) {
       n = -1;
       code = injected;
     } else {
@@ -220,14 +214,14 @@ struct PreadBackend::Impl {
       : pool(owner.queue(), owner.counters(),
              std::min(owner.options().num_threads, owner.options().queue_depth),
              [&owner](const detail::Request& request) {
-               detail::pread_request(owner.options(), owner.counters(), owner.queue(), request);
+               detail::pread_request(owner.request_env(), owner.counters(), owner.queue(), request);
              }) {}
 
   detail::WorkerPool pool;
 };
 
-PreadBackend::PreadBackend(const IoOptions& options)
-    : Backend(options), impl_(std::make_unique<Impl>(*this)) {}
+PreadBackend::PreadBackend(const IoOptions& options, Env& env)
+    : Backend(options, env), impl_(std::make_unique<Impl>(*this)) {}
 
 PreadBackend::~PreadBackend() {
   shut_down_queue();
@@ -235,7 +229,7 @@ PreadBackend::~PreadBackend() {
 }
 
 FileId PreadBackend::open(const std::filesystem::path& path) {
-  return add_file(detail::PosixFile::open(path, options()));
+  return add_file(detail::PosixFile::open(path, options(), env()));
 }
 
 }  // namespace tensorstream::io

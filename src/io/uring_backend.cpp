@@ -40,20 +40,22 @@ struct UringBackend::Impl {
     detail::Request request;
     std::uint64_t done = 0;       // bytes of the request transferred
     std::uint64_t limit = 0;      // where the request sees the end of the file
-    std::uint64_t first_cap = 0;  // cap of the first transfer (Fault::partial)
+    std::uint64_t first_cap = 0;  // cap of the first transfer (ReadStep::first_transfer)
     std::uint64_t asked = 0;      // length of the transfer in flight
-    int injected = 0;             // errno the first transfer reports (Fault::error)
+    int injected = 0;             // errno the first transfer reports (ReadStep::error)
     bool first = true;
-    bool direct = false;  // the transfer in flight uses the O_DIRECT descriptor
+    bool direct = false;        // the transfer in flight uses the O_DIRECT descriptor
+    bool asked_direct = false;  // the descriptor the environment was asked about
   };
   struct Delayed {
     detail::Clock::time_point due;
     detail::Request request;
-    Fault fault;
+    ReadStep step;
+    bool asked_direct = false;
   };
 
   explicit Impl(UringBackend& owner)
-      : options(owner.options()),
+      : env(owner.request_env()),
         counters(owner.counters()),
         queue(owner.queue()),
         depth(owner.options().queue_depth) {
@@ -121,32 +123,34 @@ struct UringBackend::Impl {
     }
   }
 
-  // A request popped from the queue: consult the fault injector, then delay or start it.
+  // A request popped from the queue: ask the environment, then delay or start it.
   void admit(detail::Request request) {
     if (request.state->stopped()) {
       request.state->finish_request();
       return;
     }
-    Fault fault;
-    if (options.fault_injector) [[unlikely]] {
+    ReadStep step;
+    bool asked_direct = false;
+    if (env != nullptr) [[unlikely]] {
       auto& file = static_cast<detail::PosixFile&>(request.state->file());
+      asked_direct = file.use_direct(request.offset, request.length, request.dest);
       try {
-        fault = detail::consult_injector(
-            options, request, file.use_direct(request.offset, request.length, request.dest));
+        step = detail::read_step(*env, request, asked_direct);
       } catch (...) {
         request.state->fail(std::current_exception());
         request.state->finish_request();
         return;
       }
-      if (fault.delay.count() > 0) {
-        delayed.push_back(Delayed{detail::Clock::now() + fault.delay, std::move(request), fault});
+      if (step.delay.count() > 0) {
+        delayed.push_back(
+            Delayed{detail::Clock::now() + step.delay, std::move(request), step, asked_direct});
         return;
       }
     }
-    start(std::move(request), fault);
+    start(std::move(request), step, asked_direct);
   }
 
-  void start(detail::Request request, const Fault& fault) {
+  void start(detail::Request request, const ReadStep& step, bool asked_direct) {
     const std::uint32_t index = free_slots.back();
     free_slots.pop_back();
     Slot& slot = slots[index];
@@ -154,9 +158,10 @@ struct UringBackend::Impl {
     slot.limit = request.length;
     slot.first_cap = request.length;
     slot.request = std::move(request);
-    slot.injected = fault.error;
-    if (fault.eof_after) slot.limit = std::min(slot.limit, *fault.eof_after);
-    if (fault.partial) slot.first_cap = std::max<std::uint64_t>(*fault.partial, 1);
+    slot.injected = step.error;
+    slot.asked_direct = asked_direct;
+    if (step.end_after) slot.limit = std::min(slot.limit, *step.end_after);
+    if (step.first_transfer) slot.first_cap = std::max<std::uint64_t>(*step.first_transfer, 1);
     counters.requests.fetch_add(1, std::memory_order_relaxed);
     counters.io_begin();
     if (slot.limit == 0) {
@@ -176,7 +181,10 @@ struct UringBackend::Impl {
     std::uint64_t length = slot.limit - slot.done;
     if (slot.first) length = std::min(length, slot.first_cap);
     slot.asked = length;
-    slot.direct = file.use_direct(at, length, out);
+    // An injected error belongs to the descriptor it was asked for, even if another request
+    // has turned direct I/O off for the file since.
+    slot.direct =
+        slot.first && slot.injected != 0 ? slot.asked_direct : file.use_direct(at, length, out);
     (slot.direct ? counters.reads_direct : counters.reads_buffered)
         .fetch_add(1, std::memory_order_relaxed);
     if (slot.first && slot.injected != 0) {
@@ -311,7 +319,7 @@ struct UringBackend::Impl {
         } else if (d.due <= now) {
           Delayed due = std::move(d);
           delayed.erase(delayed.begin() + static_cast<std::ptrdiff_t>(k));
-          start(std::move(due.request), due.fault);
+          start(std::move(due.request), due.step, due.asked_direct);
           continue;
         } else {
           ++k;
@@ -334,7 +342,7 @@ struct UringBackend::Impl {
     }
   }
 
-  const IoOptions& options;
+  Env* const env;  // nullptr: the system, nothing to ask before a request
   detail::Counters& counters;
   detail::RequestQueue& queue;
   const unsigned depth;
@@ -347,8 +355,8 @@ struct UringBackend::Impl {
   std::thread thread;  // last: started once everything above is ready
 };
 
-UringBackend::UringBackend(const IoOptions& options)
-    : Backend(options), impl_(std::make_unique<Impl>(*this)) {}
+UringBackend::UringBackend(const IoOptions& options, Env& env)
+    : Backend(options, env), impl_(std::make_unique<Impl>(*this)) {}
 
 UringBackend::~UringBackend() {
   shut_down_queue();
@@ -356,7 +364,7 @@ UringBackend::~UringBackend() {
 }
 
 FileId UringBackend::open(const std::filesystem::path& path) {
-  return add_file(detail::PosixFile::open(path, options()));
+  return add_file(detail::PosixFile::open(path, options(), env()));
 }
 
 bool UringBackend::compiled_in() noexcept { return true; }
@@ -386,7 +394,7 @@ constexpr const char* kNotCompiledIn =
 
 struct UringBackend::Impl {};
 
-UringBackend::UringBackend(const IoOptions& options) : Backend(options) {
+UringBackend::UringBackend(const IoOptions& options, Env& env) : Backend(options, env) {
   throw Error(kNotCompiledIn);
 }
 

@@ -236,35 +236,44 @@ CuFileStatus cufile_open_driver(const Device& device) noexcept {
   return cufile_status();
 }
 
-CuFileHandle::CuFileHandle(const Device& device, const std::filesystem::path& path)
-    : device_(&device), path_(path) {
+namespace {
+
+// Registration needs the driver: say so before touching the file.
+void require_driver(const std::filesystem::path& path) {
   const Library& lib = library();
-  {
-    auto& d = driver_state();
-    std::lock_guard lock(d.mutex);
-    if (!d.opened) {
-      throw CudaError(concat("cannot register '", path.string(), "' with cuFile: ",
-                             !lib.loaded   ? lib.reason
-                             : d.attempted ? d.reason
-                                           : std::string("the cuFile driver is not open")));
-    }
+  auto& d = driver_state();
+  std::lock_guard lock(d.mutex);
+  if (!d.opened) {
+    throw CudaError(concat("cannot register '", path.string(), "' with cuFile: ",
+                           !lib.loaded   ? lib.reason
+                           : d.attempted ? d.reason
+                                         : std::string("the cuFile driver is not open")));
   }
-  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  if (fd == -1) {
+}
+
+tensorstream::detail::FileDescriptor open_direct(const std::filesystem::path& path) {
+  try {
+    return tensorstream::detail::FileDescriptor(path, O_RDONLY | O_DIRECT);
+  } catch (const IoError& e) {
     tensorstream::detail::throw_errno(
-        concat("cannot open '", path.string(), "' with O_DIRECT for GPUDirect Storage"));
+        concat("cannot open '", path.string(), "' with O_DIRECT for GPUDirect Storage"), e.code());
   }
-  struct Guard {
-    int fd;
-    ~Guard() {
-      if (fd != -1) ::close(fd);
-    }
-  } guard{fd};
+}
+
+}  // namespace
+
+CuFileHandle::CuFileHandle(const Device& device, const std::filesystem::path& path)
+    : CuFileHandle(device, (require_driver(path), open_direct(path))) {}
+
+CuFileHandle::CuFileHandle(const Device& device, tensorstream::detail::FileDescriptor file)
+    : device_(&device), path_(file.path()) {
+  const Library& lib = library();
+  require_driver(path_);
   struct stat st {};
-  TS_SYSCALL_CHECK(::fstat(fd, &st), "cannot stat '", path.string(), "'");
+  TS_SYSCALL_CHECK(::fstat(file.get(), &st), "cannot stat '", path_.string(), "'");
   CUfileDescr_t descr{};
   descr.type = CU_FILE_HANDLE_TYPE_OPAQUE_FD;
-  descr.handle.fd = fd;
+  descr.handle.fd = file.get();
   descr.fs_ops = nullptr;
   CUfileHandle_t handle = nullptr;
   {
@@ -272,10 +281,10 @@ CuFileHandle::CuFileHandle(const Device& device, const std::filesystem::path& pa
     const CUfileError_t e = lib.api.cuFileHandleRegister(&handle, &descr);
     if (e.err != CU_FILE_SUCCESS) {
       throw CudaError(
-          concat("cuFileHandleRegister of '", path.string(), "' failed: ", describe(e)));
+          concat("cuFileHandleRegister of '", path_.string(), "' failed: ", describe(e)));
     }
   }
-  fd_ = std::exchange(guard.fd, -1);
+  fd_ = file.release();
   handle_ = handle;
   size_ = static_cast<std::uint64_t>(st.st_size);
 }
@@ -358,6 +367,10 @@ CuFileStatus cufile_open_driver(const Device&) noexcept { return cufile_status()
 CuFileHandle::CuFileHandle(const Device& device, const std::filesystem::path& path)
     : device_(&device), path_(path) {
   throw CudaError(concat("cannot read '", path.string(), "' with cuFile: ", no_support_reason()));
+}
+CuFileHandle::CuFileHandle(const Device& device, tensorstream::detail::FileDescriptor file)
+    : device_(&device), path_(file.path()) {
+  throw CudaError(concat("cannot read '", path_.string(), "' with cuFile: ", no_support_reason()));
 }
 CuFileHandle::~CuFileHandle() = default;
 CuFileHandle::CuFileHandle(CuFileHandle&& other) noexcept

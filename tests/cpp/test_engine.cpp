@@ -3,6 +3,7 @@
 // reach the waiter with context.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -21,6 +22,11 @@
 namespace ts = tensorstream;
 namespace eng = tensorstream::engine;
 using ts::testing::TempDir;
+
+using ts::testing::Fault;
+using ts::testing::FaultContext;
+using ts::testing::FaultInjectionEnv;
+using ts::testing::FaultPoint;
 
 namespace {
 
@@ -219,14 +225,14 @@ TEST(Engine, IoErrorReachesTheWaiterAndTheBlockCanBeRetried) {
   options.device_budget = 2 * 68 * KiB;
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && fail.load() &&
-        ctx.offset == store.blocks()[2].offset) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && fail.load() && ctx.offset == store.blocks()[2].offset) {
       fault.error = EIO;
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   check_block(engine, store, 0);
   try {
@@ -271,11 +277,12 @@ TEST(Engine, SlowIoTimesOutWithinTheBoundAndClosesCleanly) {
   options.device_budget = 1 << 20;
   options.backend = ts::io::BackendType::kPread;
   options.wait_timeout = std::chrono::milliseconds(200);
-  options.io.fault_injector = [](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead) fault.delay = std::chrono::seconds(5);
+  FaultInjectionEnv env([](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead) fault.delay = std::chrono::seconds(5);
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   const auto start = std::chrono::steady_clock::now();
   EXPECT_THROW((void)engine.acquire(0), ts::Error);
@@ -285,6 +292,46 @@ TEST(Engine, SlowIoTimesOutWithinTheBoundAndClosesCleanly) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(4))
       << "close() waited for the slow read";
   EXPECT_THROW((void)engine.acquire(0), ts::Error);
+}
+
+// Every file the engine reads, it opens through EngineOptions::env, whichever path reads it;
+// an environment is not a reason to choose another path.
+TEST(Engine, OpensEveryFileThroughItsEnvironment) {
+  class CountingEnv final : public ts::io::EnvWrapper {
+   public:
+    CountingEnv() : ts::io::EnvWrapper(ts::io::Env::posix()) {}
+    ts::detail::FileDescriptor open(const std::filesystem::path& path, int flags) override {
+      std::lock_guard lock(mutex);
+      opened.push_back(path.filename().string());
+      return target().open(path, flags);
+    }
+    std::mutex mutex;
+    std::vector<std::string> opened;
+  };
+  TempDir dir;
+  const auto path = make_store(dir, 3, 16 * KiB, 16 * KiB, 30);
+  const auto store = ts::Store::open(path);
+  for (const auto backend :
+       {ts::io::BackendType::kAuto, ts::io::BackendType::kPread, ts::io::BackendType::kMmap}) {
+    SCOPED_TRACE(ts::io::backend_name(backend));
+    CountingEnv env;
+    eng::EngineOptions options;
+    options.device_budget = 1 << 20;
+    options.backend = backend;
+    options.env = &env;
+    eng::Engine engine(path, options);
+    for (std::uint32_t b = 0; b < 3; ++b) check_block(engine, store, b);
+    {
+      std::lock_guard lock(env.mutex);
+      EXPECT_NE(std::find(env.opened.begin(), env.opened.end(), path.filename().string()),
+                env.opened.end());
+    }
+    // The same choice of path as without an environment of its own.
+    options.env = &ts::io::Env::posix();
+    eng::Engine plain(path, options);
+    EXPECT_EQ(engine.stats().in_place, plain.stats().in_place) << engine.stats().backend_note;
+    EXPECT_EQ(engine.stats().backend, plain.stats().backend);
+  }
 }
 
 TEST(Engine, MisuseIsRejected) {
@@ -371,13 +418,14 @@ TEST(Engine, ShortReadIsReportedNotHidden) {
   options.device_budget = 1 << 20;
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && ctx.offset == store.blocks()[1].offset) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && ctx.offset == store.blocks()[1].offset) {
       fault.eof_after = 1000;  // the file "ends" inside the block
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   check_block(engine, store, 0);
   try {
@@ -400,13 +448,14 @@ TEST(Engine, DemandCancelsQueuedPrefetches) {
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
   options.io.num_threads = 1;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && slow.load()) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && slow.load()) {
       fault.delay = std::chrono::milliseconds(100);
     }
     return fault;
-  };
+  });
+  options.env = &env;
   eng::Engine engine(path, options);
   // Three prefetches fill every slot's queue; the demand for another block must not wait
   // for all of them.

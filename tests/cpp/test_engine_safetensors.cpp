@@ -23,6 +23,11 @@ namespace ts = tensorstream;
 namespace eng = tensorstream::engine;
 using ts::testing::TempDir;
 
+using ts::testing::Fault;
+using ts::testing::FaultContext;
+using ts::testing::FaultInjectionEnv;
+using ts::testing::FaultPoint;
+
 namespace {
 
 constexpr std::uint64_t KiB = 1024;
@@ -311,14 +316,14 @@ TEST(EngineSafetensors, EioReachesTheWaiterNamingTheFile) {
   options.device_budget = minimum_budget(ckpt.dir, 2);
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.backend = ts::io::BackendType::kPread;
-  options.io.fault_injector = [&](const ts::io::FaultContext& ctx) {
-    ts::io::Fault fault;
-    if (ctx.point == ts::io::FaultPoint::kRead && fail &&
-        ctx.path->filename() == shard.filename()) {
+  FaultInjectionEnv env([&](const FaultContext& ctx) {
+    Fault fault;
+    if (ctx.point == FaultPoint::kRead && fail && ctx.path->filename() == shard.filename()) {
       fault.error = EIO;
     }
     return fault;
-  };
+  });
+  options.env = &env;
   auto engine = eng::Engine::from_safetensors(ckpt.dir, options);
   // model.layers.0 has its attn.q in shard 2 (layer i's q goes to shard (i + 1) % 3).
   ASSERT_EQ(engine.block_name(1), "model.layers.0");

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -102,22 +103,27 @@ bool on_tmpfs(const std::filesystem::path& path) {
   return ::statfs(path.c_str(), &fs) == 0 && fs.f_type == TMPFS_MAGIC;
 }
 
-// tmpfs refused O_DIRECT until Linux 6.6. Where it takes it, the engine's test hook makes the
-// open fail for `path` exactly as such a kernel does (EINVAL), so the fallback is exercised.
-void refuse_o_direct_like_old_tmpfs(eng::EngineOptions& options,
-                                    const std::filesystem::path& path) {
+// tmpfs refused O_DIRECT until Linux 6.6. Where it takes it, an environment makes the open
+// fail for `path` exactly as such a kernel does (EINVAL), so the fallback is exercised. The
+// returned environment (null where the file system refuses O_DIRECT itself) must outlive the
+// engine made with `options`.
+std::unique_ptr<ts::testing::FaultInjectionEnv> refuse_o_direct_like_old_tmpfs(
+    eng::EngineOptions& options, const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
-  if (fd == -1) return;  // the file system refuses it itself
+  if (fd == -1) return nullptr;  // the file system refuses it itself
   ::close(fd);
   const auto target = std::filesystem::weakly_canonical(path);
-  options.io.fault_injector = [target](const ts::io::FaultContext& c) {
-    ts::io::Fault fault;
-    if (c.point == ts::io::FaultPoint::kOpenDirect &&
-        std::filesystem::weakly_canonical(*c.path) == target) {
-      fault.error = EINVAL;
-    }
-    return fault;
-  };
+  auto env = std::make_unique<ts::testing::FaultInjectionEnv>(
+      [target](const ts::testing::FaultContext& c) {
+        ts::testing::Fault fault;
+        if (c.point == ts::testing::FaultPoint::kOpenDirect &&
+            std::filesystem::weakly_canonical(*c.path) == target) {
+          fault.error = EINVAL;
+        }
+        return fault;
+      });
+  options.env = env.get();
+  return env;
 }
 
 // One safetensors file of `tensors` (name -> bytes, uint8, 1-D), header unpadded so every
@@ -498,7 +504,8 @@ TEST(GdsGpu, AutoFallsBackPerFileOnTmpfs) {
   options.device = "cuda:0";
   options.device_budget = 64 * MiB;
   options.gds = eng::GdsMode::kAuto;
-  refuse_o_direct_like_old_tmpfs(options, memory / "model-00002-of-00002.safetensors");
+  const auto env =
+      refuse_o_direct_like_old_tmpfs(options, memory / "model-00002-of-00002.safetensors");
   auto engine = eng::Engine::from_safetensors(disk.path(), options);
   const ts::cuda::Device device(0);
   const ts::cuda::Stream stream(device);
@@ -547,7 +554,7 @@ TEST(GdsGpu, OnFailsLoudlyWhereRegistrationFails) {
   options.device = "cuda:0";
   options.device_budget = 8 * MiB;
   options.gds = eng::GdsMode::kOn;
-  refuse_o_direct_like_old_tmpfs(options, path);
+  const auto env = refuse_o_direct_like_old_tmpfs(options, path);
   try {
     eng::Engine engine(path, options);
     FAIL() << "gds=on accepted a store on tmpfs";

@@ -1,10 +1,13 @@
 #include "test_helpers.hpp"
 
+#include <fcntl.h>
 #include <stdlib.h>
 
 #include <fstream>
 #include <stdexcept>
+#include <utility>
 
+#include "tensorstream/errors.hpp"
 #include "tensorstream/store.hpp"
 
 namespace tensorstream::testing {
@@ -60,6 +63,41 @@ std::filesystem::path make_random_store(const std::filesystem::path& dir, int bl
   }
   writer.commit();
   return path;
+}
+
+FaultInjectionEnv::FaultInjectionEnv(Rule rule, io::Env& target)
+    : io::EnvWrapper(target), rule_(std::move(rule)) {}
+
+tensorstream::detail::FileDescriptor FaultInjectionEnv::open(const std::filesystem::path& path,
+                                                             int flags) {
+  if ((flags & O_DIRECT) != 0) {
+    FaultContext context;
+    context.point = FaultPoint::kOpenDirect;
+    context.path = &path;
+    context.direct = true;
+    if (const int code = rule_(context).error; code != 0) {
+      tensorstream::detail::throw_errno(
+          tensorstream::detail::concat("cannot open '", path.string(), "'"), code);
+    }
+  }
+  return target().open(path, flags);
+}
+
+io::ReadStep FaultInjectionEnv::before_request(const io::RequestInfo& request) {
+  FaultContext context;
+  context.point = FaultPoint::kRead;
+  context.file = request.file;
+  context.path = request.path;
+  context.offset = request.offset;
+  context.size = request.size;
+  context.direct = request.direct;
+  const Fault fault = rule_(context);
+  io::ReadStep step = target().before_request(request);
+  step.delay += fault.delay;
+  if (fault.error != 0) step.error = fault.error;
+  if (fault.eof_after) step.end_after = fault.eof_after;
+  if (fault.partial) step.first_transfer = fault.partial;
+  return step;
 }
 
 }  // namespace tensorstream::testing

@@ -1,12 +1,18 @@
-// Helpers shared by the GoogleTest suites: temporary directories, random data.
+// Helpers shared by the GoogleTest suites: temporary directories, random data, and an I/O
+// environment that injects faults.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "tensorstream/io/env.hpp"
 
 namespace tensorstream::testing {
 
@@ -40,5 +46,52 @@ void write_file(const std::filesystem::path& path, const std::vector<std::byte>&
 std::filesystem::path make_random_store(const std::filesystem::path& dir, int blocks,
                                         std::uint64_t min_size, std::uint64_t max_size,
                                         std::uint64_t seed);
+
+// ---- fault injection -------------------------------------------------------------------------
+
+/// Where a FaultInjectionEnv consults its rule.
+enum class FaultPoint {
+  kOpenDirect,  ///< before a file is opened with O_DIRECT (offset, size: 0)
+  kRead,        ///< before each request of a backend (once per request, not per retry)
+};
+
+/// What the rule sees.
+struct FaultContext {
+  FaultPoint point = FaultPoint::kRead;
+  std::uint32_t file = 0;               ///< the FileId's value (0 at kOpenDirect: not yet known)
+  const std::filesystem::path* path{};  ///< never null
+  std::uint64_t offset = 0;             ///< file offset of the request
+  std::uint64_t size = 0;               ///< length of the request
+  bool direct = false;                  ///< the request would start on the O_DIRECT descriptor
+};
+
+/// What the rule asks for; a default-constructed Fault changes nothing.
+struct Fault {
+  /// Non-zero: the request's first transfer fails with this errno (at kOpenDirect: the open
+  /// fails with it, as open(2) would).
+  int error = 0;
+  /// The request sees the end of the file after this many bytes ("short read").
+  std::optional<std::uint64_t> eof_after;
+  /// The first transfer of the request returns at most this many bytes.
+  std::optional<std::uint64_t> partial;
+  /// The request starts this much later (cut short when the read is cancelled).
+  std::chrono::nanoseconds delay{0};
+};
+
+/// An io::Env that asks `rule` before every O_DIRECT open and every request, and delivers the
+/// Fault it answers; everything else goes to `target` (the system by default). The rule is
+/// called from I/O threads at once: it must be thread-safe.
+class FaultInjectionEnv final : public io::EnvWrapper {
+ public:
+  using Rule = std::function<Fault(const FaultContext&)>;
+  explicit FaultInjectionEnv(Rule rule, io::Env& target = io::Env::posix());
+
+  [[nodiscard]] tensorstream::detail::FileDescriptor open(const std::filesystem::path& path,
+                                                          int flags) override;
+  [[nodiscard]] io::ReadStep before_request(const io::RequestInfo& request) override;
+
+ private:
+  Rule rule_;
+};
 
 }  // namespace tensorstream::testing

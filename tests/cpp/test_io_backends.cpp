@@ -44,6 +44,10 @@ using tio::AlignedBuffer;
 using tio::BackendType;
 using tio::FileId;
 using tio::IoOptions;
+using ts::testing::Fault;
+using ts::testing::FaultContext;
+using ts::testing::FaultInjectionEnv;
+using ts::testing::FaultPoint;
 
 // Sanitized builds are several times slower: scale the data down there.
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
@@ -171,9 +175,10 @@ class IoBackendTest : public ::testing::TestWithParam<Param> {
     if (!dir_->ok()) GTEST_SKIP() << "cannot create a directory in " << base;
   }
 
-  [[nodiscard]] std::unique_ptr<tio::Backend> make(IoOptions options = {}) const {
+  [[nodiscard]] std::unique_ptr<tio::Backend> make(IoOptions options = {},
+                                                   tio::Env& env = tio::Env::posix()) const {
     if (options.request_size == IoOptions{}.request_size) options.request_size = kRequest;
-    return tio::make_backend(GetParam().type, options);
+    return tio::make_backend(GetParam().type, options, env);
   }
   [[nodiscard]] fs::path file(const std::string& name) const { return dir_->path() / name; }
   [[nodiscard]] bool is_mmap() const { return GetParam().type == BackendType::kMmap; }
@@ -433,12 +438,12 @@ TEST_P(IoBackendTest, DirectOpenRefusedFallsBackToBuffered) {
   const std::uint64_t size = kRequest + 5000;
   const auto content = write_random_file(file("data.bin"), size, 4);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kOpenDirect) f.error = EINVAL;  // like an old tmpfs
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kOpenDirect) f.error = EINVAL;  // like an old tmpfs
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   expect_range(*backend, id, content, 0, size);
   const auto stats = backend->stats();
@@ -455,12 +460,12 @@ TEST_P(IoBackendTest, DirectReadRefusedFallsBackToBuffered) {
   const std::uint64_t size = 2 * kRequest + 5000;
   const auto content = write_random_file(file("data.bin"), size, 5);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead && c.direct) f.error = EINVAL;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead && c.direct) f.error = EINVAL;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   EXPECT_TRUE(backend->stats().files[0].direct);
   expect_range(*backend, id, content, 0, size);
@@ -477,12 +482,12 @@ TEST_P(IoBackendTest, InjectedEioNamesFileAndOffset) {
   const std::uint64_t size = 3 * kRequest;
   write_random_file(file("data.bin"), size, 6);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead && c.offset == kRequest) f.error = EIO;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead && c.offset == kRequest) f.error = EIO;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   AlignedBuffer buffer(tio::required_capacity(100, 2 * kRequest));
   auto ticket = backend->submit(id, 100, 2 * kRequest, buffer.span());
@@ -511,12 +516,12 @@ TEST_P(IoBackendTest, TransientErrorsAreRetried) {
   const auto content = write_random_file(file("data.bin"), kRequest + 3000, 23);
   std::atomic<int> calls{0};
   IoOptions options;
-  options.fault_injector = [&calls](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) f.error = calls++ % 2 ? EAGAIN : EINTR;
+  FaultInjectionEnv env([&calls](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) f.error = calls++ % 2 ? EAGAIN : EINTR;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   expect_range(*backend, id, content, 0, kRequest + 3000);
   EXPECT_EQ(calls.load(), 2);
@@ -526,12 +531,12 @@ TEST_P(IoBackendTest, TransientErrorsAreRetried) {
 TEST_P(IoBackendTest, InjectedShortReadIsAnError) {
   write_random_file(file("data.bin"), kRequest, 8);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) f.eof_after = 1000;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) f.eof_after = 1000;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   AlignedBuffer buffer(kRequest);
   auto ticket = backend->submit(id, 0, 5000, buffer.span());
@@ -548,12 +553,12 @@ TEST_P(IoBackendTest, PartialTransfersAreResumed) {
   for (std::uint64_t partial : {std::uint64_t{1}, std::uint64_t{4096}, std::uint64_t{4097}}) {
     SCOPED_TRACE(partial);
     IoOptions options;
-    options.fault_injector = [partial](const tio::FaultContext& c) {
-      tio::Fault f;
-      if (c.point == tio::FaultPoint::kRead) f.partial = partial;
+    FaultInjectionEnv env([partial](const FaultContext& c) {
+      Fault f;
+      if (c.point == FaultPoint::kRead) f.partial = partial;
       return f;
-    };
-    auto backend = make(options);
+    });
+    auto backend = make(options, env);
     const FileId id = backend->open(file("data.bin"));
     expect_range(*backend, id, content, 0, size);
     expect_range(*backend, id, content, 4097, kRequest);
@@ -564,12 +569,12 @@ TEST_P(IoBackendTest, PartialTransfersAreResumed) {
 TEST_P(IoBackendTest, SlowReadWaitForIsBounded) {
   const auto content = write_random_file(file("data.bin"), 100000, 10);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) f.delay = 400ms;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) f.delay = 400ms;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   AlignedBuffer buffer(tio::required_capacity(5, 99990));
   const auto start = std::chrono::steady_clock::now();
@@ -594,9 +599,9 @@ TEST_P(IoBackendTest, CancelQueuedReadsAndPriorities) {
   IoOptions options;
   options.num_threads = 1;
   options.queue_depth = 1;
-  options.fault_injector = [&](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point != tio::FaultPoint::kRead) return f;
+  FaultInjectionEnv env([&](const FaultContext& c) {
+    Fault f;
+    if (c.point != FaultPoint::kRead) return f;
     std::lock_guard lock(mutex);
     started.push_back(c.offset);
     if (c.offset == 0) {
@@ -604,8 +609,8 @@ TEST_P(IoBackendTest, CancelQueuedReadsAndPriorities) {
       slow_started = true;
     }
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   std::vector<AlignedBuffer> buffers;
   for (int i = 0; i < 6; ++i) buffers.emplace_back(4096);
@@ -643,15 +648,15 @@ TEST_P(IoBackendTest, CancelOfRunningReadWaitsForItsRequests) {
   IoOptions options;
   options.num_threads = 1;
   options.queue_depth = 1;
-  options.fault_injector = [&](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) {
+  FaultInjectionEnv env([&](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) {
       ++calls;
       f.delay = 150ms;
     }
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   AlignedBuffer buffer(3 * kRequest);
   auto ticket = backend->submit(id, 0, 3 * kRequest, buffer.span());
@@ -666,12 +671,12 @@ TEST_P(IoBackendTest, CancelOfRunningReadWaitsForItsRequests) {
 TEST_P(IoBackendTest, DroppingATicketCancelsIt) {
   write_random_file(file("data.bin"), 100000, 14);
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) f.delay = 2s;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) f.delay = 2s;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const FileId id = backend->open(file("data.bin"));
   const auto start = std::chrono::steady_clock::now();
   {
@@ -694,12 +699,12 @@ TEST_P(IoBackendTest, DestroyWithReadsInFlight) {
     IoOptions options;
     options.num_threads = 2;
     options.queue_depth = 2;
-    options.fault_injector = [](const tio::FaultContext& c) {
-      tio::Fault f;
-      if (c.point == tio::FaultPoint::kRead) f.delay = 200ms;
+    FaultInjectionEnv env([](const FaultContext& c) {
+      Fault f;
+      if (c.point == FaultPoint::kRead) f.delay = 200ms;
       return f;
-    };
-    auto backend = make(options);
+    });
+    auto backend = make(options, env);
     const FileId a = backend->open(file("a.bin"));
     const FileId b = backend->open(file("b.bin"));
     for (int i = 0; i < 16; ++i) {
@@ -726,12 +731,12 @@ TEST_P(IoBackendTest, CloseWithReadInFlight) {
   const auto content = write_random_file(file("data.bin"), 50000, 17);
   const int fds_before = count_open_fds();
   IoOptions options;
-  options.fault_injector = [](const tio::FaultContext& c) {
-    tio::Fault f;
-    if (c.point == tio::FaultPoint::kRead) f.delay = 100ms;
+  FaultInjectionEnv env([](const FaultContext& c) {
+    Fault f;
+    if (c.point == FaultPoint::kRead) f.delay = 100ms;
     return f;
-  };
-  auto backend = make(options);
+  });
+  auto backend = make(options, env);
   const int fds_backend = count_open_fds();
   const FileId id = backend->open(file("data.bin"));
   AlignedBuffer buffer(tio::required_capacity(1, 49999));
@@ -944,7 +949,7 @@ TEST(AlignedBuffer, AllocatesAlignedZeroedMemory) {
        {std::size_t{1}, std::size_t{4096}, std::size_t{4097}, std::size_t{3 << 20}}) {
     AlignedBuffer buffer(size);
     ASSERT_NE(buffer.data(), nullptr);
-    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(buffer.data()) % tio::kPageSize, 0u);
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(buffer.data()) % ts::kIoAlignment, 0u);
     EXPECT_EQ(buffer.size(), size);
     EXPECT_EQ(buffer.span().size(), size);
     EXPECT_FALSE(buffer.adopted());

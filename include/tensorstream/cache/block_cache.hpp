@@ -46,6 +46,8 @@
 #include <span>
 #include <string_view>
 
+#include "tensorstream/host_memory.hpp"
+
 namespace tensorstream::cache {
 
 // ---- keys --------------------------------------------------------------------------------
@@ -77,39 +79,8 @@ std::ostream& operator<<(std::ostream& out, const BlockKey& key);
 
 // ---- host memory -------------------------------------------------------------------------
 
-/// Where the cache gets the memory of its entries. One allocation per entry, of exactly the
-/// entry's size; the same size is passed back to deallocate().
-///
-/// Thread-safety: implementations must be thread-safe; the cache calls them from any thread
-/// and without holding its lock.
-class HostAllocator {
- public:
-  virtual ~HostAllocator() = default;
-
-  /// Returns a buffer of at least `bytes` bytes (`bytes` > 0), or throws (std::bad_alloc, or
-  /// CudaError for a pinned allocator). Never returns nullptr.
-  [[nodiscard]] virtual void* allocate(std::size_t bytes) = 0;
-
-  /// Returns a buffer obtained from allocate(bytes) of this allocator.
-  virtual void deallocate(void* pointer, std::size_t bytes) noexcept = 0;
-
-  /// A short name for logs and stats ("page-aligned", "cuda-pinned", ...).
-  [[nodiscard]] virtual std::string_view name() const noexcept { return "host"; }
-};
-
-/// Ordinary host memory aligned to the page size (so O_DIRECT reads may land in it and a
-/// later cuMemHostRegister would cover whole pages). Sizes are rounded up to whole pages.
-class PageAlignedAllocator final : public HostAllocator {
- public:
-  [[nodiscard]] void* allocate(std::size_t bytes) override;
-  void deallocate(void* pointer, std::size_t bytes) noexcept override;
-  [[nodiscard]] std::string_view name() const noexcept override { return "page-aligned"; }
-  /// The alignment (and rounding) used: the system page size.
-  [[nodiscard]] static std::size_t alignment() noexcept;
-};
-
-/// A process-wide PageAlignedAllocator, used when a cache is given no allocator.
-[[nodiscard]] std::shared_ptr<HostAllocator> default_host_allocator();
+// Entries' memory comes from a HostAllocator (host_memory.hpp: PageAlignedAllocator by
+// default, PinnedHostAllocator on a GPU); cache::HostAllocator names the same class.
 
 // ---- policies ----------------------------------------------------------------------------
 

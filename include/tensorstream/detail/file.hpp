@@ -46,6 +46,9 @@ class FileDescriptor {
   /// Closes now, reporting a close error as IoError (the destructor only logs it).
   void close();
 
+  /// Gives up ownership: returns the descriptor (-1 if none), which the caller must close.
+  [[nodiscard]] int release() noexcept;
+
  private:
   int fd_ = -1;
   std::filesystem::path path_;

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "tensorstream/alignment.hpp"
+
 namespace tensorstream::engine {
 
 /// Raised when no plan fits the budget; `minimum_budget()` is the smallest budget that would.
@@ -39,8 +41,8 @@ struct ResidencyPlan {
   }
 };
 
-/// Rounds a block size up to the granularity of device allocations inside the budget.
-inline constexpr std::uint64_t kSlotAlignment = 4096;
+// Every block size is counted rounded up to kSlotAlignment (alignment.hpp), the granularity
+// of device buffers inside the budget.
 
 /// The smallest budget under which some plan with `min_slots` slots exists for blocks of
 /// `sizes`: all blocks streamed (min_slots × largest), or the largest resident and the rest

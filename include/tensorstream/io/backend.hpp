@@ -45,6 +45,13 @@
 // Nothing crashes and nothing hangs: the destructor of a backend cancels the reads that have
 // not started, waits for those in flight, joins its threads and closes its descriptors.
 //
+// ## The environment
+//
+// A backend opens its files and runs each request through an io::Env (io/env.hpp):
+// Env::posix(), the system itself, unless another is given. Tests give one that injects
+// faults (an errno from open(O_DIRECT) or from a request, a short read, a partial first
+// transfer, a delay); every backend then behaves exactly as when the system does that.
+//
 // Thread-safety: every member of Backend may be called from any number of threads at once.
 // A ReadTicket is owned by one thread at a time (like std::future), but cancel() may race
 // with the backend completing the read.
@@ -66,8 +73,10 @@
 #include <utility>
 #include <vector>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/errors.hpp"
-#include "tensorstream/io/aligned_buffer.hpp"
+#include "tensorstream/host_memory.hpp"
+#include "tensorstream/io/env.hpp"
 
 namespace tensorstream::io {
 
@@ -96,42 +105,6 @@ enum class BackendType {
 
 // ---- options --------------------------------------------------------------------------------
 
-/// Where a fault injector is consulted.
-enum class FaultPoint {
-  kOpenDirect,  ///< before opening the O_DIRECT descriptor of a file (offset, size: 0)
-  kRead,        ///< before each request (once per request, not per retry)
-};
-
-/// What a fault injector sees.
-struct FaultContext {
-  FaultPoint point = FaultPoint::kRead;
-  std::uint32_t file = 0;               ///< the FileId's value (0 at kOpenDirect: not yet known)
-  const std::filesystem::path* path{};  ///< never null
-  std::uint64_t offset = 0;             ///< file offset of the request
-  std::uint64_t size = 0;               ///< length of the request
-  bool direct = false;                  ///< the request would start on the O_DIRECT descriptor
-};
-
-/// What a fault injector asks for; a default-constructed Fault changes nothing.
-struct Fault {
-  /// Non-zero: the request fails with this errno, as if the system call had returned it
-  /// (at kOpenDirect: as if open(O_DIRECT) had failed). EINVAL on a direct request, or at
-  /// kOpenDirect, exercises the fallback to buffered reads.
-  int error = 0;
-  /// The request sees the end of the file after this many bytes ("short read").
-  std::optional<std::uint64_t> eof_after;
-  /// The first transfer of the request returns at most this many bytes; a correct backend
-  /// resumes with the rest (the bytes end up exact).
-  std::optional<std::uint64_t> partial;
-  /// The request starts this much later (slow I/O). The wait is cut short when the read is
-  /// cancelled or the backend destroyed.
-  std::chrono::nanoseconds delay{0};
-};
-
-/// Test-only hook, consulted on the backend's I/O threads (concurrently: it must be
-/// thread-safe). When unset it costs one branch per request.
-using FaultInjector = std::function<Fault(const FaultContext&)>;
-
 /// Tunables of a backend. `normalized()` is applied by every backend's constructor.
 struct IoOptions {
   /// Worker threads of the pread and mmap backends (1–64). More threads keep more requests
@@ -147,8 +120,6 @@ struct IoOptions {
   /// Try O_DIRECT (bypassing the page cache) where the file system supports it; reads fall
   /// back to buffered I/O per file, with the reason in stats(). Ignored by mmap.
   bool direct = true;
-  /// Test-only fault injection (see FaultInjector).
-  FaultInjector fault_injector;
 
   /// A copy with every field clamped into its documented range.
   [[nodiscard]] IoOptions normalized() const;
@@ -164,14 +135,12 @@ struct ReadPlan {
   friend bool operator==(const ReadPlan&, const ReadPlan&) = default;
 };
 
-/// Alignment used by every backend's plan (see the read contract above).
-inline constexpr std::uint32_t kReadAlignment = 4096;
-
-/// Plans a read of `size` bytes at `offset` on `alignment` boundaries (a power of two).
+/// Plans a read of `size` bytes at `offset` on `alignment` boundaries (a power of two; every
+/// backend plans on kIoAlignment, see the read contract above).
 /// A zero-byte read plans to nothing: {offset rounded down, 0, skip}. Throws
 /// std::invalid_argument if `alignment` is not a power of two or offset + size overflows.
 [[nodiscard]] ReadPlan plan_read(std::uint64_t offset, std::uint64_t size,
-                                 std::uint32_t alignment = kReadAlignment);
+                                 std::uint32_t alignment = kIoAlignment);
 
 /// Bytes a destination needs for submit(…, offset, size, …): plan_read(offset, size)
 /// .aligned_size.
@@ -302,6 +271,8 @@ class Backend {
   /// Why make_backend chose this backend, e.g. "io_uring unusable (...): using pread";
   /// empty for a backend constructed directly or requested by name.
   [[nodiscard]] const std::string& selection_note() const noexcept { return selection_note_; }
+  /// The environment the backend opens files and runs requests in.
+  [[nodiscard]] Env& env() const noexcept { return env_; }
 
   /// Opens `path` for reading (the same path may be opened several times, giving distinct
   /// ids). Throws IoError naming the path.
@@ -327,7 +298,7 @@ class Backend {
   [[nodiscard]] IoStats stats() const;
 
  protected:
-  explicit Backend(const IoOptions& options);
+  Backend(const IoOptions& options, Env& env);
 
   /// Registers an opened file and returns its new id (sets file->id).
   FileId add_file(std::shared_ptr<detail::OpenFile> file);
@@ -341,11 +312,16 @@ class Backend {
   [[nodiscard]] detail::Counters& counters() const noexcept { return *counters_; }
   /// The open file `file`; throws std::invalid_argument for an unknown id.
   [[nodiscard]] std::shared_ptr<detail::OpenFile> find(FileId file) const;
+  /// The environment to consult before each request, or nullptr when it never changes one
+  /// (Env::shapes_requests() is false: the system itself), so the hot path skips it.
+  [[nodiscard]] Env* request_env() const noexcept { return request_env_; }
 
  private:
-  friend std::unique_ptr<Backend> make_backend(BackendType, const IoOptions&);
+  friend std::unique_ptr<Backend> make_backend(BackendType, const IoOptions&, Env&);
 
   IoOptions options_;
+  Env& env_;
+  Env* const request_env_;
   std::string selection_note_;
   std::shared_ptr<detail::Counters> counters_;
   std::shared_ptr<detail::RequestQueue> queue_;
@@ -354,12 +330,13 @@ class Backend {
   std::uint32_t next_id_ = 1;
 };
 
-/// Creates a backend. kAuto: io_uring when compiled in and io_uring_queue_init works here
-/// (it fails with ENOSYS on old kernels and EPERM/ENOMEM in restricted containers), else
-/// pread; the reason is in selection_note(). kIoUring when it is not compiled in or not
-/// usable: throws Error naming the reason. Throws std::invalid_argument for a bad type.
-[[nodiscard]] std::unique_ptr<Backend> make_backend(BackendType type,
-                                                    const IoOptions& options = {});
+/// Creates a backend working in `env` (which must outlive it). kAuto: io_uring when compiled
+/// in and io_uring_queue_init works here (it fails with ENOSYS on old kernels and EPERM/ENOMEM
+/// in restricted containers), else pread; the reason is in selection_note(). kIoUring when it
+/// is not compiled in or not usable: throws Error naming the reason. Throws
+/// std::invalid_argument for a bad type.
+[[nodiscard]] std::unique_ptr<Backend> make_backend(BackendType type, const IoOptions& options = {},
+                                                    Env& env = Env::posix());
 
 /// Whether O_DIRECT reads work on the file system of `dir`: nullopt if they do, else why not
 /// (tries a small temporary file in `dir`, removed afterwards).

@@ -35,7 +35,7 @@ namespace tensorstream::io {
 
 class MmapBackend final : public Backend {
  public:
-  explicit MmapBackend(const IoOptions& options = {});
+  explicit MmapBackend(const IoOptions& options = {}, Env& env = Env::posix());
   /// Cancels queued reads, waits for copies in flight, joins the pool, unmaps the files.
   ~MmapBackend() override;
 

@@ -24,7 +24,7 @@ namespace tensorstream::io {
 
 class PreadBackend final : public Backend {
  public:
-  explicit PreadBackend(const IoOptions& options = {});
+  explicit PreadBackend(const IoOptions& options = {}, Env& env = Env::posix());
   /// Cancels queued reads, waits for those in flight, joins the workers, closes the files.
   ~PreadBackend() override;
 

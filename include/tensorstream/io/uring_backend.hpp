@@ -27,7 +27,7 @@ class UringBackend final : public Backend {
  public:
   /// Sets up the ring and its thread. Throws Error naming the reason if io_uring is not
   /// compiled in or not usable here.
-  explicit UringBackend(const IoOptions& options = {});
+  explicit UringBackend(const IoOptions& options = {}, Env& env = Env::posix());
   /// Cancels queued reads, waits for the reads in flight, stops the thread, tears down the
   /// ring and closes the files.
   ~UringBackend() override;

@@ -120,6 +120,8 @@ class DeviceBuffer {
 
 /// Page-locked host memory from cuMemHostAlloc (portable: usable from every context), so
 /// host-to-device copies from it run as DMA at full link speed and asynchronously.
+/// The driver-level allocation; the engine takes its host memory through host_memory.hpp
+/// (PinnedHostAllocator hands these out).
 class PinnedHostBuffer {
  public:
   PinnedHostBuffer(const Device& device, std::size_t bytes);

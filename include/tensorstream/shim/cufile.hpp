@@ -39,6 +39,7 @@
 #include <filesystem>
 #include <string>
 
+#include "tensorstream/detail/file.hpp"
 #include "tensorstream/shim/cuda.hpp"
 
 namespace tensorstream::cuda {
@@ -87,6 +88,10 @@ class CuFileHandle {
   /// the driver is not open or registration fails (e.g. a file system GDS does not support
   /// with compatibility mode off). Messages name the path.
   CuFileHandle(const Device& device, const std::filesystem::path& path);
+  /// Registers `file`, already opened read-only with O_DIRECT by the caller (e.g. through an
+  /// io::Env), and takes ownership of it. Throws as above (CudaError, IoError if it cannot be
+  /// stat'ed).
+  CuFileHandle(const Device& device, tensorstream::detail::FileDescriptor file);
   ~CuFileHandle();
   CuFileHandle(CuFileHandle&& other) noexcept;
   CuFileHandle& operator=(CuFileHandle&&) = delete;

@@ -17,10 +17,10 @@
 namespace tensorstream::io::detail {
 
 struct PosixFile final : OpenFile {
-  /// Opens `path` buffered, then with O_DIRECT if `options.direct` and the file system
-  /// allows it (recording why not otherwise). Throws IoError if the buffered open fails.
+  /// Opens `path` through `env` buffered, then with O_DIRECT if `options.direct` and the file
+  /// system allows it (recording why not otherwise). Throws IoError if the buffered open fails.
   static std::shared_ptr<PosixFile> open(const std::filesystem::path& path,
-                                         const IoOptions& options);
+                                         const IoOptions& options, Env& env);
 
   /// True if a transfer of `length` bytes at `offset` into `dest` may use the O_DIRECT
   /// descriptor: direct I/O is on for this file and all three are aligned to its
@@ -36,8 +36,8 @@ struct PosixFile final : OpenFile {
   [[nodiscard]] std::string direct_note() const override;
 
   tensorstream::detail::FileDescriptor direct_fd;  ///< O_DIRECT; invalid when not usable
-  std::uint32_t offset_align = kReadAlignment;     ///< direct I/O offset/length alignment
-  std::uint32_t memory_align = kReadAlignment;     ///< direct I/O buffer alignment
+  std::uint32_t offset_align = kIoAlignment;       ///< direct I/O offset/length alignment
+  std::uint32_t memory_align = kIoAlignment;       ///< direct I/O buffer alignment
   std::atomic<bool> direct_ok{false};
 
  private:
@@ -47,8 +47,8 @@ struct PosixFile final : OpenFile {
 
 /// Reads one request with pread(2), retrying EINTR/EAGAIN and short transfers, falling back
 /// to the buffered descriptor when a direct read fails with EINVAL. Throws the read's error.
-/// `queue` serves the interruptible sleep of an injected delay.
-void pread_request(const IoOptions& options, Counters& counters, RequestQueue& queue,
-                   const Request& request);
+/// `env`: consulted before the request (nullptr: the system, nothing to ask); `queue` serves
+/// the interruptible sleep of a delay it asks for.
+void pread_request(Env* env, Counters& counters, RequestQueue& queue, const Request& request);
 
 }  // namespace tensorstream::io::detail

@@ -194,8 +194,9 @@ class WorkerPool {
   std::vector<std::thread> threads_;
 };
 
-/// The fault injector's verdict for `request` (a default Fault when none is set).
-Fault consult_injector(const IoOptions& options, const Request& request, bool direct);
+/// What `env` says about `request` before it starts (`direct`: it would start on the
+/// O_DIRECT descriptor).
+ReadStep read_step(Env& env, const Request& request, bool direct);
 
 /// IoError for `request` failing with `code` on the transfer at `at` of `length` bytes.
 std::exception_ptr make_read_error(const Request& request, std::uint64_t at, std::uint64_t length,

@@ -1,17 +1,23 @@
-#include "tensorstream/io/aligned_buffer.hpp"
+#include "tensorstream/host_memory.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <new>
 #include <stdexcept>
 #include <utility>
 
 #include "tensorstream/errors.hpp"
 
-namespace tensorstream::io {
+namespace tensorstream {
+
+// ---- AlignedBuffer -------------------------------------------------------------------------
 
 AlignedBuffer::AlignedBuffer(std::size_t size) {
   if (size == 0) return;
@@ -37,10 +43,10 @@ AlignedBuffer AlignedBuffer::adopt(std::byte* data, std::size_t size, Deleter de
   if (data == nullptr && size != 0) {
     throw std::invalid_argument("AlignedBuffer::adopt: null pointer with a non-zero size");
   }
-  if (reinterpret_cast<std::uintptr_t>(data) % kPageSize != 0) {
+  if (reinterpret_cast<std::uintptr_t>(data) % kIoAlignment != 0) {
     throw std::invalid_argument(detail::concat("AlignedBuffer::adopt: address ",
                                                static_cast<const void*>(data),
-                                               " is not aligned to ", kPageSize, " bytes"));
+                                               " is not aligned to ", kIoAlignment, " bytes"));
   }
   AlignedBuffer out;
   out.data_ = data;
@@ -78,4 +84,61 @@ void AlignedBuffer::reset() noexcept {
   }
 }
 
-}  // namespace tensorstream::io
+// ---- allocators ----------------------------------------------------------------------------
+
+std::size_t PageAlignedAllocator::alignment() noexcept {
+  static const std::size_t page = [] {
+    const long size = ::sysconf(_SC_PAGESIZE);
+    // The system page size; where sysconf cannot tell, the I/O alignment is a safe guess.
+    return size > 0 ? static_cast<std::size_t>(size) : std::size_t{kIoAlignment};
+  }();
+  return page;
+}
+
+void* PageAlignedAllocator::allocate(std::size_t bytes) {
+  const std::size_t page = alignment();
+  if (bytes == 0 || bytes > std::numeric_limits<std::size_t>::max() - (page - 1)) {
+    throw std::bad_alloc();
+  }
+  // aligned_alloc wants a size that is a multiple of the alignment.
+  const std::size_t rounded = (bytes + page - 1) / page * page;
+  void* pointer = std::aligned_alloc(page, rounded);
+  if (pointer == nullptr) throw std::bad_alloc();
+  return pointer;
+}
+
+void PageAlignedAllocator::deallocate(void* pointer, std::size_t /*bytes*/) noexcept {
+  std::free(pointer);
+}
+
+std::shared_ptr<HostAllocator> default_host_allocator() {
+  static const auto allocator = std::make_shared<PageAlignedAllocator>();
+  return allocator;
+}
+
+void* PinnedHostAllocator::allocate(std::size_t bytes) {
+  cuda::PinnedHostBuffer buffer(device_, bytes);
+  void* p = buffer.data();
+  std::lock_guard lock(mutex_);
+  buffers_.emplace(p, std::move(buffer));
+  return p;
+}
+
+void PinnedHostAllocator::deallocate(void* pointer, std::size_t /*bytes*/) noexcept {
+  std::lock_guard lock(mutex_);
+  buffers_.erase(pointer);
+}
+
+AlignedBuffer allocate_buffer(const std::shared_ptr<HostAllocator>& allocator, std::size_t bytes) {
+  void* p = allocator->allocate(bytes);
+  try {
+    return AlignedBuffer::adopt(
+        static_cast<std::byte*>(p), bytes,
+        [allocator](std::byte* data, std::size_t size) { allocator->deallocate(data, size); });
+  } catch (...) {
+    allocator->deallocate(p, bytes);  // misaligned: adopt took nothing
+    throw;
+  }
+}
+
+}  // namespace tensorstream

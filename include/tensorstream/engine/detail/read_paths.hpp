@@ -1,0 +1,78 @@
+// Which reader reads each block of an engine, decided once at construction with the reasons.
+//
+//   device "cpu"   choose_cpu_read_path(): in place (InPlaceReader) or through a backend
+//                  (HostReader); the note says why
+//   device GPU     a HostReader always (the backend's selection note says which backend), and
+//                  GdsFiles per source file; a block whose extents all lie in files cuFile
+//                  reads goes to the GdsReader, every other block to the HostReader
+//
+// The engine asks reader(block) for every fill and never looks at which reader it got.
+//
+// Thread-safety: reader() and the readers' fills may be called from the fill workers at
+// once; the rest is called under the engine's mutex (prepare() before any fill, close()
+// after the last).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tensorstream/engine/detail/block_reader.hpp"
+#include "tensorstream/engine/detail/gds_reader.hpp"
+#include "tensorstream/engine/detail/host_reader.hpp"
+#include "tensorstream/engine/detail/in_place_reader.hpp"
+#include "tensorstream/engine/detail/slot_ring.hpp"
+#include "tensorstream/engine/options.hpp"
+#include "tensorstream/engine/trace.hpp"
+#include "tensorstream/shim/cuda.hpp"
+
+namespace tensorstream::engine::detail {
+
+class ReadPaths {
+ public:
+  /// Builds the readers of `layout` for `device` (nullptr: the CPU; then `copy_stream` is
+  /// null too). References must outlive the object. Throws what the readers' constructors
+  /// throw (a file that cannot be opened, gds=on where cuFile cannot read).
+  ReadPaths(const Layout& layout, const EngineOptions& options, const cuda::Device* device,
+            const cuda::Stream* copy_stream, TraceLog& trace);
+
+  /// The reader of `block` (not after close()).
+  [[nodiscard]] BlockReader& reader(std::uint32_t block) const noexcept {
+    return *by_block_[block];
+  }
+  /// False when blocks are read in place: the buffers then need no memory of their own.
+  [[nodiscard]] bool buffers_need_memory() const noexcept { return !in_place_; }
+
+  /// Once the buffers exist: registers the ring's slots with cuFile where blocks are read with
+  /// GDS (optional: stops at the first failure), and gives a GPU's host path its staging
+  /// (`fill_workers` buffers for the largest block).
+  void prepare(SlotRing& ring, std::uint64_t largest_block, unsigned fill_workers);
+
+  // ---- what EngineStats reports ----
+  [[nodiscard]] const std::string& backend_name() const noexcept { return backend_name_; }
+  [[nodiscard]] bool in_place() const noexcept { return in_place_; }
+  [[nodiscard]] const std::string& backend_note() const noexcept { return backend_note_; }
+  [[nodiscard]] const GdsFiles& gds() const noexcept { return *gds_; }
+  /// Zeros when reading in place or closed.
+  [[nodiscard]] io::IoStats io_stats() const;
+  [[nodiscard]] cache::Stats ram_tier_stats() const;
+
+  /// Frees staging and the RAM tier, closes the backend, the cuFile handles and the windows
+  /// (no fill may run; the buffers are gone already). Names and outcomes stay for stats().
+  void close();
+
+ private:
+  const cuda::Device* device_;
+  bool in_place_ = false;
+  std::string backend_name_;
+  std::string backend_note_;
+  std::unique_ptr<InPlaceReader> in_place_reader_;
+  std::unique_ptr<HostReader> host_reader_;
+  std::optional<GdsFiles> gds_;  // set in the constructor, after the host path is open
+  std::unique_ptr<GdsReader> gds_reader_;
+  std::vector<BlockReader*> by_block_;
+};
+
+}  // namespace tensorstream::engine::detail

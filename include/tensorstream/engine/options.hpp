@@ -1,0 +1,93 @@
+// The engine's options (engine.hpp explains what each one changes in the data path).
+//
+// Every field has its default in place, and docs/runtime-settings.md lists each with its
+// trade-off; the Python Config maps onto these one to one (bindings/module.cpp).
+//
+// Thread-safety: values; the name/parse functions are pure.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "tensorstream/cache/block_cache.hpp"
+#include "tensorstream/io/backend.hpp"
+#include "tensorstream/io/env.hpp"
+
+namespace tensorstream::engine {
+
+enum class PrefetchStrategy { kNone, kNextLayer, kAdaptive };
+
+/// "none", "next_layer", "adaptive"; parse throws std::invalid_argument naming the value.
+[[nodiscard]] std::string_view prefetch_strategy_name(PrefetchStrategy strategy) noexcept;
+[[nodiscard]] PrefetchStrategy parse_prefetch_strategy(std::string_view name);
+
+/// Memory for the engine's device buffers supplied by the caller (e.g. taken from torch's
+/// caching allocator, so one allocator sees all device memory). `allocate(bytes)` returns an
+/// address: a host pointer (device "cpu"; kIoAlignment-aligned) or a CUDA device pointer
+/// (256-aligned), valid until `release(address, bytes)`, which the engine calls from close().
+struct MemoryProvider {
+  std::function<std::uint64_t(std::size_t bytes)> allocate;
+  std::function<void(std::uint64_t address, std::size_t bytes)> release;
+};
+
+/// Whether blocks are read with GPUDirect Storage (engine.hpp, "GPUDirect Storage").
+enum class GdsMode {
+  kAuto,  ///< use it for every file where it works; the host path elsewhere, with the reason
+  kOn,    ///< use it for every file, or throw from the constructor saying why it cannot
+  kOff,   ///< never (libcufile is not even loaded)
+};
+
+/// "auto", "on", "off"; parse throws std::invalid_argument naming the value.
+[[nodiscard]] std::string_view gds_mode_name(GdsMode mode) noexcept;
+[[nodiscard]] GdsMode parse_gds_mode(std::string_view name);
+
+struct EngineOptions {
+  /// "cpu" or "cuda:N" (also "cuda" for device 0).
+  std::string device = "cpu";
+  /// Hard cap on bytes of weights held in device memory (resident blocks + streaming slots).
+  std::uint64_t device_budget = 0;
+  /// Pinned-RAM tier between storage and device (0: none).
+  std::uint64_t ram_cache_bytes = 0;
+  cache::Policy cache_policy = cache::Policy::kAuto;
+  /// Device "cpu": kMmap reads in place (engine.hpp, "In place"); kAuto reads in place when
+  /// ram_cache_bytes is 0 and the source is at most 3/4 of MemAvailable, else as below.
+  /// Elsewhere kAuto is io_uring where usable, else pread (both with O_DIRECT).
+  io::BackendType backend = io::BackendType::kAuto;
+  io::IoOptions io;
+  /// How the engine reaches the operating system (opening files, running requests): the
+  /// system itself by default. Must outlive the engine. Tests wrap it to inject faults.
+  io::Env* env = &io::Env::posix();
+  PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
+  /// Blocks to prefetch ahead; nullopt: chosen from measured I/O vs compute time.
+  std::optional<unsigned> prefetch_depth;
+  /// Streaming slots in the ring (≥ 2); more allow deeper prefetch at the cost of budget.
+  unsigned slots = 2;
+  /// Check every block read against the store's checksum. Checking happens in host memory,
+  /// so it keeps blocks off the GPUDirect Storage path.
+  bool verify_checksums = false;
+  /// GPUDirect Storage: kAuto (default) reads straight into device memory wherever cuFile
+  /// works with the nvidia-fs kernel module, and falls back per file; kOn insists (the
+  /// constructor throws if it cannot, and a CPU device is std::invalid_argument); kOff never
+  /// touches cuFile. No GDS on the CPU in kAuto and kOff.
+  GdsMode gds = GdsMode::kAuto;
+  /// Upper bound on any wait inside the engine (a block that takes longer fails with an
+  /// Error saying so, instead of hanging).
+  std::chrono::milliseconds wait_timeout{120'000};
+  /// Where resident buffers and slots come from; unset: the engine allocates them itself.
+  std::optional<MemoryProvider> device_memory;
+  /// Spans kept in the trace ring.
+  std::size_t trace_capacity = 1u << 16;
+};
+
+namespace detail {
+/// The device ordinal of `device`: -1 for "cpu", N for "cuda:N" (0 for "cuda"). Throws
+/// std::invalid_argument naming the value for anything else.
+[[nodiscard]] int parse_device(const std::string& device);
+}  // namespace detail
+
+}  // namespace tensorstream::engine

@@ -1,0 +1,118 @@
+// What the engine streams, independent of the source's format: the source layout.
+//
+// A source is a list of files and a list of blocks. A block is the set of tensors loaded and
+// released together (typically one decoder layer); in memory it is one buffer of `size`
+// bytes, and on disk a list of extents, each one read:
+//
+//     Extent {file, file_offset, length}  ──read──►  buffer [buffer_offset + skip, ... + length)
+//
+// Every extent's *read region* is its file range widened to kIoAlignment boundaries
+// (io::plan_read): it starts at a kIoAlignment-aligned `buffer_offset`, just past the
+// previous extent's region, so the concurrent O_DIRECT reads of one block never overlap and
+// an over-read never clobbers a neighbour; the extent's bytes start `skip` (= file_offset mod
+// kIoAlignment) into it. A tensor therefore sits in memory with the alignment it has in its
+// file, and a block's size in memory is the sum of its extents' regions. Placements
+// (TensorPlacement) say where each tensor lies in the buffer; they are the same whichever
+// reader fills it (host, in place or GPUDirect Storage), and Engine::tensors() hands them out.
+//
+// Two sources exist today:
+//   layout_of_store        a TensorStream store: one extent per block (the block's aligned
+//                          extent, with the stored block checksum), its tensors at their
+//                          offsets in the block
+//   layout_of_safetensors  a Hugging Face safetensors checkpoint read in place: blocks are
+//                          caller-given tensor groups (or grouped by layer from the names),
+//                          each laid out by layout_of_tensors
+// layout_of_tensors is general: any tensors of any files, in any order, become one block
+// whose runs of adjacent tensors are one extent each. A store block made of caller-given
+// tensors would be laid out by it too.
+//
+// Thread-safety: values and pure functions (they read the files they are given).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensorstream/dtype.hpp"
+
+namespace tensorstream::engine {
+
+/// Where one tensor of a block lies in the block's buffer (BlockView::host / device).
+struct TensorPlacement {
+  std::string name;
+  DType dtype{};
+  std::vector<std::int64_t> shape;
+  std::uint64_t offset = 0;  ///< byte offset in the block's buffer
+  std::uint64_t nbytes = 0;
+};
+
+/// Blocks given by the caller: block name -> names of its tensors, in the order blocks run.
+using TensorGroups = std::vector<std::pair<std::string, std::vector<std::string>>>;
+
+/// One read of a block: `length` bytes at `file_offset` of files[file], landing at
+/// `buffer_offset` + `skip` of the block's buffer (`buffer_offset` is kIoAlignment-aligned).
+struct Extent {
+  std::uint32_t file = 0;
+  std::uint64_t file_offset = 0;
+  std::uint64_t length = 0;
+  std::uint64_t buffer_offset = 0;        ///< start of the aligned read region
+  std::uint64_t skip = 0;                 ///< where the bytes start inside the region
+  std::string label;                      ///< tensor(s) read, for messages; empty for a store block
+  std::optional<std::uint64_t> checksum;  ///< stored XXH3-64 of the bytes (a store), else none
+};
+
+struct BlockLayout {
+  std::string name;
+  std::uint64_t size = 0;  ///< bytes in memory (view size, what the residency plan counts)
+  std::vector<Extent> extents;
+  std::vector<TensorPlacement> tensors;
+};
+
+struct Layout {
+  std::filesystem::path source;  ///< for messages
+  std::string kind;              ///< "store" or "checkpoint", for messages
+  std::vector<std::filesystem::path> files;
+  std::vector<BlockLayout> blocks;
+
+  /// Sum of the blocks' sizes in memory.
+  [[nodiscard]] std::uint64_t bytes() const noexcept;
+};
+
+/// One tensor where a source holds it, the input of layout_of_tensors.
+struct SourceTensor {
+  std::string name;
+  DType dtype{};
+  std::vector<std::int64_t> shape;
+  std::uint32_t file = 0;  ///< index into Layout::files
+  std::uint64_t file_offset = 0;
+  std::uint64_t nbytes = 0;
+};
+
+/// The block `name` made of `tensors`: read in (file, offset) order, each run of tensors
+/// adjacent in one file one extent (labelled "first" or "first .. last"; a run of zero bytes
+/// reads nothing), regions laid out as described at the top of this file. Placements keep
+/// the order of `tensors`. Throws std::invalid_argument if offsets overflow.
+[[nodiscard]] BlockLayout layout_of_tensors(std::string name,
+                                            std::span<const SourceTensor> tensors);
+
+/// Opens the store at `path` (Store::open: FormatError / IoError for a bad store).
+[[nodiscard]] Layout layout_of_store(const std::filesystem::path& path);
+
+/// Opens the safetensors checkpoint at `path` (SafetensorsCheckpoint::open). Blocks: `groups`
+/// (block name -> tensor names; tensors listed in no group are not streamed), or, when empty,
+/// group_into_blocks over every tensor's name. Throws FormatError for a checkpoint without
+/// tensors, std::invalid_argument for bad groups (an unknown or repeated tensor, a repeated or
+/// empty block).
+[[nodiscard]] Layout layout_of_safetensors(const std::filesystem::path& path,
+                                           const TensorGroups& groups);
+
+/// What a failure names: "block 'B' (N bytes at offset O of 'F')", or with the tensor(s)
+/// of the extent: "block 'B', tensor 'T' (...)".
+[[nodiscard]] std::string describe_extent(const Layout& layout, std::uint32_t block,
+                                          std::size_t extent);
+
+}  // namespace tensorstream::engine
