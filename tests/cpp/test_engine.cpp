@@ -81,7 +81,8 @@ TEST(Engine, ExactBytesForEveryStrategyTierAndPolicy) {
                    std::string(ts::io::backend_name(backend)));
       eng::EngineOptions options;
       options.backend = backend;
-      options.device_budget = eng::minimum_budget({store.max_block_size()}, 3) + 600 * KiB;
+      options.device_budget =
+          eng::minimum_budget(std::vector<std::uint64_t>{store.max_block_size()}, 3) + 600 * KiB;
       options.slots = 3;
       options.prefetch = v.prefetch;
       options.ram_cache_bytes = v.ram_cache;
@@ -119,13 +120,34 @@ TEST(Engine, BudgetBelowMinimumIsRefusedWithTheFigure) {
   TempDir dir;
   const auto path = make_store(dir, 4, 100 * KiB, 100 * KiB, 2);
   eng::EngineOptions options;
-  options.device_budget = 150 * KiB;
+  options.device_budget = 100 * KiB - 1;
   try {
     eng::Engine engine(path, options);
-    FAIL() << "engine accepted a budget below two slots";
+    FAIL() << "engine accepted a budget below the largest block";
   } catch (const eng::BudgetTooSmall& e) {
-    EXPECT_EQ(e.minimum_budget(), 2 * 100 * KiB);  // two slots of the largest block
+    EXPECT_EQ(e.minimum_budget(), 100 * KiB);  // the physical minimum: the largest block
     EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
+  }
+}
+
+TEST(Engine, RunsAtThePhysicalMinimumWithoutOverlapAndOverlapsWithRoomForTwo) {
+  TempDir dir;
+  const auto path = make_store(dir, 4, 100 * KiB, 100 * KiB, 2);
+  const auto store = ts::Store::open(path);
+  for (const std::uint64_t budget : {100 * KiB, 150 * KiB, 200 * KiB}) {
+    SCOPED_TRACE(budget);
+    eng::EngineOptions options;
+    options.device_budget = budget;
+    options.backend = ts::io::BackendType::kPread;
+    eng::Engine engine(path, options);
+    for (int pass = 0; pass < 3; ++pass) {
+      for (std::uint32_t b = 0; b < 4; ++b) check_block(engine, store, b);
+    }
+    const auto stats = engine.stats();
+    EXPECT_EQ(stats.overlap, budget >= 200 * KiB);
+    EXPECT_EQ(engine.plan().overlap, budget >= 200 * KiB);
+    EXPECT_LE(stats.arena_bytes_peak, stats.arena_bytes);
+    EXPECT_LE(stats.device_bytes_peak, budget);
   }
 }
 
@@ -136,7 +158,7 @@ TEST(Engine, EverythingResidentWhenItFits) {
   eng::EngineOptions options;
   options.device_budget = 1 << 20;
   eng::Engine engine(path, options);
-  EXPECT_EQ(engine.plan().slots, 0u);
+  EXPECT_EQ(engine.plan().arena_bytes, 0u);
   for (int pass = 0; pass < 3; ++pass) {
     for (std::uint32_t b = 0; b < 5; ++b) check_block(engine, store, b);
   }
@@ -345,7 +367,10 @@ TEST(Engine, MisuseIsRejected) {
   options.device = "tpu:0";
   EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
   options.device = "cpu";
-  options.slots = 1;
+  options.slots = 0;
+  EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
+  options.slots = 2;
+  options.unit_needs = {1, 2};  // three units
   EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
 }
 

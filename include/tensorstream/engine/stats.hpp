@@ -38,9 +38,20 @@ struct EngineStats {
   double stall_seconds = 0;                ///< time acquire() waited for blocks
   double io_seconds = 0;                   ///< summed time of storage reads
   double fill_seconds = 0;                 ///< summed time of fills (read + copy)
-  std::uint64_t device_bytes_in_use = 0;   ///< resident buffers + slots allocated
+  std::uint64_t device_bytes_in_use = 0;   ///< resident buffers + the arena, allocated
   std::uint64_t device_bytes_peak = 0;
   std::uint64_t device_budget = 0;
+  /// The streaming arena: its size, the bytes of the units placed in it now and at most, and
+  /// whether it holds two of the largest streamed units (false: every load is waited for;
+  /// the budget is below what overlapping loads with compute takes).
+  std::uint64_t arena_bytes = 0;
+  std::uint64_t arena_bytes_in_use = 0;
+  std::uint64_t arena_bytes_peak = 0;
+  bool overlap = true;
+  /// Rows read by acquire_rows (embeddings streamed by rows): calls, rows and bytes.
+  std::uint64_t row_reads = 0;
+  std::uint64_t rows_read = 0;
+  std::uint64_t bytes_of_rows = 0;
   cache::Stats ram_tier;  ///< zeros when there is no RAM tier
   io::IoStats io;         ///< zeros when blocks are read in place (no backend)
   /// How blocks are read: "pread", "io_uring" or "mmap" (with in_place: mapped, no copy).
