@@ -67,9 +67,9 @@ class StoreSource:
         return _core.Engine(str(self.path), options, memory.allocate, memory.release)
 
     def streaming_minimum(self, options: dict[str, Any]) -> int:
-        """The smallest engine budget for this store's blocks with ``options``' slots."""
+        """The smallest engine budget for this store's blocks (the physical minimum)."""
         sizes = [b["raw_size"] for b in _core.Store(str(self.path)).blocks]
-        return int(_core.minimum_budget(sizes, options["slots"]))
+        return int(_core.minimum_budget(sizes, 1))
 
     @classmethod
     def of_blocks(cls, storage: Path, blocks: list[Block]) -> StoreSource:

@@ -72,8 +72,10 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     * ``block_bytes``: ``{block name: bytes}`` for each block that would stream (as laid out
       in a store);
     * ``largest_block_bytes``, ``slots`` (streaming slots of this config);
-    * ``minimum_budget``: the smallest ``vram_budget`` that works: the resident bytes plus
-      ``_core.minimum_budget`` of the blocks for these slots;
+    * ``minimum_budget``: the smallest ``vram_budget`` that works (the physical minimum: the
+      resident bytes plus the largest streamed block; loads then never overlap compute);
+    * ``overlap_budget``: the smallest budget under which a block loads while another
+      computes (room for two of the largest streamed blocks);
     * ``all_resident_budget``: the budget under which nothing streams;
     * ``suggested_budget``: ``all_resident_budget`` when the device's automatic budget holds
       it, else the automatic budget, but never less than ``minimum_budget``.
@@ -104,7 +106,8 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     resident = sum(size_of(p) for pid, p in unique.items() if pid not in streamed_ids)
     slots = config.engine_options(device="cpu")["slots"]
     sizes = list(block_bytes.values())
-    minimum = resident + (_core.minimum_budget(sizes, slots) if sizes else 0)
+    minimum = resident + (_core.minimum_budget(sizes, 1) if sizes else 0)
+    overlap = resident + (_core.minimum_budget(sizes, max(slots, 2)) if sizes else 0)
     all_resident = resident + sum(_align(size, _SLOT_ALIGNMENT) for size in sizes)
     device = config.device
     if device is None:
@@ -126,6 +129,7 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
         "largest_block_bytes": max(sizes, default=0),
         "slots": slots,
         "minimum_budget": minimum,
+        "overlap_budget": min(overlap, all_resident),
         "all_resident_budget": all_resident,
         "suggested_budget": suggested,
         "device": device,

@@ -21,8 +21,8 @@ void ExtentVerifier::check(std::uint32_t block, std::size_t extent,
     for (const auto& t : e.tensor_checksums) {
       const auto actual = checksum64(data.subspan(t.offset, t.nbytes));
       TS_EXPECT(actual == t.checksum, ChecksumError, "checksum mismatch in tensor '", t.name,
-                "' of ", describe_extent(layout_, block, extent), ": stored ", std::hex,
-                t.checksum, ", computed ", actual);
+                "' of ", describe_extent(layout_, block, extent), ": stored ", std::hex, t.checksum,
+                ", computed ", actual);
     }
     return;
   }

@@ -117,7 +117,8 @@ void BlockBuffer::record_ready(cuda::StreamHandle copy_stream) {
 }
 
 void BlockBuffer::copy_from_host(const std::byte* source, std::size_t bytes,
-                                 std::span<const CopyRange> copies, cuda::StreamHandle copy_stream) {
+                                 std::span<const CopyRange> copies,
+                                 cuda::StreamHandle copy_stream) {
   if (device_ != nullptr) {
     order_after_uses(copy_stream);
     if (copies.empty()) {

@@ -26,9 +26,8 @@ double seconds_since(std::int64_t start_ns) {
 int validated_device(const EngineOptions& options, std::size_t units) {
   TS_EXPECT(options.slots >= 1, std::invalid_argument, "slots must be at least 1, got ",
             options.slots);
-  TS_EXPECT(options.unit_needs.empty() || options.unit_needs.size() == units,
-            std::invalid_argument, "unit_needs gives ", options.unit_needs.size(), " values for ",
-            units, " units");
+  TS_EXPECT(options.unit_needs.empty() || options.unit_needs.size() == units, std::invalid_argument,
+            "unit_needs gives ", options.unit_needs.size(), " values for ", units, " units");
   TS_EXPECT(options.unit_partial.empty() || options.unit_partial.size() == units,
             std::invalid_argument, "unit_partial gives ", options.unit_partial.size(),
             " values for ", units, " units");
@@ -255,8 +254,8 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
                   "' needs ", need, " bytes of device memory at once, but the streaming arena ",
                   "holds ", places_->arena().capacity(), " (read it by rows, or give a larger ",
                   "budget)");
-        const bool placed = place(block, true) || (cancel_queued_prefetches() > 0 &&
-                                                   place(block, true));
+        const bool placed =
+            place(block, true) || (cancel_queued_prefetches() > 0 && place(block, true));
         if (!placed) {
           waited = true;
           if (!wait_for_room(lock, deadline)) {
@@ -419,16 +418,15 @@ RowsView Engine::Impl::acquire_rows(std::uint32_t block, std::uint32_t tensor,
         rows_copied_.emplace(*cuda_device_);
       }
       const auto per_chunk = std::max<std::uint64_t>(kRowsStagingBytes / row, 1);
-      TS_EXPECT(row <= kRowsStagingBytes, std::invalid_argument, "a row of tensor '", t.name,
-                "' (", row, " bytes) is larger than the rows staging buffer");
+      TS_EXPECT(row <= kRowsStagingBytes, std::invalid_argument, "a row of tensor '", t.name, "' (",
+                row, " bytes) is larger than the rows staging buffer");
       memory->order_after_uses(copy_stream_->handle());
       for (std::size_t i = 0; i < rows.size(); i += per_chunk) {
         const auto count = std::min<std::uint64_t>(per_chunk, rows.size() - i);
         rows_copied_->synchronize();  // the last copy out of the staging buffer is over
         rows_reader_->read(block, t, rows.subspan(i, count), rows_staging_.data());
-        cuda::memcpy_htod_async(*cuda_device_, memory->device_ptr() + i * row,
-                                rows_staging_.data(), static_cast<std::size_t>(count * row),
-                                copy_stream_->handle());
+        cuda::memcpy_htod_async(*cuda_device_, memory->device_ptr() + i * row, rows_staging_.data(),
+                                static_cast<std::size_t>(count * row), copy_stream_->handle());
         rows_copied_->record(copy_stream_->handle());
       }
       memory->record_ready(copy_stream_->handle());
@@ -465,9 +463,8 @@ RowsView Engine::Impl::acquire_rows(std::uint32_t block, std::uint32_t tensor,
 void Engine::Impl::release_rows(std::uint64_t handle, cuda::StreamHandle stream) {
   std::lock_guard lock(mutex_);
   const auto id = static_cast<std::uint32_t>(handle);
-  auto* memory = places_ && handle >= detail::kRowsBase && handle <= 0xFFFFFFFFu
-                     ? places_->rows(id)
-                     : nullptr;
+  auto* memory =
+      places_ && handle >= detail::kRowsBase && handle <= 0xFFFFFFFFu ? places_->rows(id) : nullptr;
   TS_EXPECT(memory != nullptr, std::logic_error, "release of rows ", handle,
             " that are not acquired");
   memory->record_done(stream);

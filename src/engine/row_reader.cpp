@@ -13,9 +13,8 @@ RowReader::RowReader(const Layout& layout, io::Env& env) : layout_(layout) {
 }
 
 std::uint64_t RowReader::row_bytes(const TensorPlacement& tensor) {
-  TS_EXPECT(!tensor.shape.empty() && tensor.shape.front() > 0, std::invalid_argument,
-            "tensor '", tensor.name, "' has no rows to read (shape of rank ",
-            tensor.shape.size(), ")");
+  TS_EXPECT(!tensor.shape.empty() && tensor.shape.front() > 0, std::invalid_argument, "tensor '",
+            tensor.name, "' has no rows to read (shape of rank ", tensor.shape.size(), ")");
   return tensor.nbytes / static_cast<std::uint64_t>(tensor.shape.front());
 }
 

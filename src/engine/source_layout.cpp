@@ -130,7 +130,8 @@ Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& gr
       BlockLayout block;
       block.name = info.name;
       block.size = info.raw_size;
-      block.extents.push_back(Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum, {}});
+      block.extents.push_back(
+          Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum, {}});
       for (const auto& t : store.block_tensors(i)) {
         block.tensors.push_back(TensorPlacement{t.name, t.dtype, t.shape, t.offset_in_block,
                                                 t.nbytes, 0, info.offset + t.offset_in_block});
@@ -140,7 +141,8 @@ Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& gr
     return layout;
   }
   const auto where = detail::concat("store '", store.path().string(), "'");
-  check_groups(groups, where, [&](const std::string& t) { return store.find_tensor(t).has_value(); });
+  check_groups(groups, where,
+               [&](const std::string& t) { return store.find_tensor(t).has_value(); });
   for (const auto& [name, tensor_names] : groups) {
     std::vector<SourceTensor> tensors;
     std::vector<const TensorInfo*> infos;
@@ -156,7 +158,8 @@ Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& gr
     for (auto& e : block.extents) {
       for (std::size_t i = 0; i < tensors.size(); ++i) {
         const auto& t = tensors[i];
-        if (t.file_offset >= e.file_offset && t.file_offset + t.nbytes <= e.file_offset + e.length) {
+        if (t.file_offset >= e.file_offset &&
+            t.file_offset + t.nbytes <= e.file_offset + e.length) {
           e.tensor_checksums.push_back(
               TensorChecksum{t.name, t.file_offset - e.file_offset, t.nbytes, infos[i]->checksum});
         }

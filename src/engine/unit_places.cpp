@@ -108,8 +108,7 @@ std::vector<UnitPlaces::Displaced> UnitPlaces::evict(const std::vector<std::uint
   return out;
 }
 
-std::vector<UnitPlaces::Displaced> UnitPlaces::take(std::uint32_t unit,
-                                                    const Arena::Place& where) {
+std::vector<UnitPlaces::Displaced> UnitPlaces::take(std::uint32_t unit, const Arena::Place& where) {
   TS_EXPECT(!units_[unit].resident && !arena_.contains(unit), std::logic_error, "unit ", unit,
             " cannot take a place");
   std::vector<BlockBuffer> left;

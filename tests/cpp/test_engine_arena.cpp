@@ -227,7 +227,7 @@ TEST(EngineArena, UnitsHeldTogetherRunAtTheMinimum) {
   EXPECT_FALSE(engine.stats().overlap) << "at the minimum nothing overlaps";
   for (int pass = 0; pass < 4; ++pass) {
     for (std::uint32_t l = 0; l < 3; ++l) {
-      (void)engine.acquire(2 * l + 1);  // the bias, held ...
+      (void)engine.acquire(2 * l + 1);      // the bias, held ...
       expect_unit_bytes(engine, m, 2 * l);  // ... while the matrix loads beside it
       engine.release(2 * l + 1);
     }
@@ -243,7 +243,7 @@ TEST(EngineArena, CyclicLoopLargerThanTheArenaKeepsHittingWithoutPrefetch) {
   options.backend = ts::io::BackendType::kPread;
   options.prefetch = eng::PrefetchStrategy::kNone;
   options.device_budget = 3 * 40 * KiB;  // 3 of the 6 blocks
-  options.slots = 3;                      // all three in the arena, none resident
+  options.slots = 3;                     // all three in the arena, none resident
   eng::Engine engine(path, options);
   ASSERT_EQ(engine.plan().resident_bytes, 0u);
   for (int pass = 0; pass < 5; ++pass) {
@@ -299,7 +299,8 @@ TEST(EngineArena, NeverExceedsItsBudgetUnderRandomConcurrentSchedules) {
           if (rng() % 4 == 0) {
             std::vector<std::int64_t> rows;
             const auto n = 1 + rng() % 50;
-            for (std::uint64_t k = 0; k < n; ++k) rows.push_back(static_cast<std::int64_t>(rng() % 2000));
+            for (std::uint64_t k = 0; k < n; ++k)
+              rows.push_back(static_cast<std::int64_t>(rng() % 2000));
             std::sort(rows.begin(), rows.end());
             rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
             const auto view = engine.acquire_rows(0, 0, rows);

@@ -177,8 +177,8 @@ class Engine {
   /// waits for the copy. A resident block's rows are read the same way (the caller may use
   /// its whole view instead). At most max_rows() rows at once (std::invalid_argument beyond,
   /// and for a row out of range or a tensor without rows). Blocks until the rows are read.
-  RowsView acquire_rows(std::uint32_t block, std::uint32_t tensor, std::span<const std::int64_t> rows,
-                        cuda::StreamHandle stream = nullptr);
+  RowsView acquire_rows(std::uint32_t block, std::uint32_t tensor,
+                        std::span<const std::int64_t> rows, cuda::StreamHandle stream = nullptr);
   /// Unpins rows acquired with acquire_rows(); on a GPU records on `stream` what the place's
   /// next user waits for. std::logic_error for an unknown handle.
   void release_rows(std::uint64_t handle, cuda::StreamHandle stream = nullptr);

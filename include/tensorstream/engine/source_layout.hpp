@@ -136,8 +136,7 @@ struct SourceTensor {
 /// reads nothing), regions laid out as described at the top of this file. Tensors at most
 /// `max_gap` bytes apart count as adjacent (the gap, alignment padding, is read with them).
 /// Placements keep the order of `tensors`. Throws std::invalid_argument if offsets overflow.
-[[nodiscard]] BlockLayout layout_of_tensors(std::string name,
-                                            std::span<const SourceTensor> tensors,
+[[nodiscard]] BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors,
                                             std::uint64_t max_gap = 0);
 
 /// Opens the store at `path` (Store::open: FormatError / IoError for a bad store). Blocks:

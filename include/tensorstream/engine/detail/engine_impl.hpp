@@ -107,14 +107,14 @@ class Engine::Impl {
   void worker_loop();
   void run_fill(const Job& job);
 
-  const EngineOptions options_;               // immutable
-  std::optional<cuda::Device> cuda_device_;   // immutable; unset on the CPU
-  std::optional<cuda::Stream> copy_stream_;   // immutable; the fills' copies go here
-  TraceLog trace_;                            // thread-safe
-  std::optional<detail::ReadPaths> readers_;  // set in the constructor; fills use it
-                                              // unlocked, close() and stats() under mutex_
-  std::optional<detail::UnitPlaces> places_;  // guarded by mutex_ (a unit's memory: see
-                                              // BlockBuffer); set in the constructor
+  const EngineOptions options_;                   // immutable
+  std::optional<cuda::Device> cuda_device_;       // immutable; unset on the CPU
+  std::optional<cuda::Stream> copy_stream_;       // immutable; the fills' copies go here
+  TraceLog trace_;                                // thread-safe
+  std::optional<detail::ReadPaths> readers_;      // set in the constructor; fills use it
+                                                  // unlocked, close() and stats() under mutex_
+  std::optional<detail::UnitPlaces> places_;      // guarded by mutex_ (a unit's memory: see
+                                                  // BlockBuffer); set in the constructor
   std::optional<detail::RowReader> rows_reader_;  // immutable after the constructor;
                                                   // thread-safe
 
