@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "tensorstream/dtype.hpp"
+
 namespace tensorstream::testing {
 
 /// A fresh directory under the system temp dir, removed with its content on destruction.
@@ -28,6 +30,11 @@ class TempDir {
 
 /// `n` bytes from a seeded generator.
 std::vector<std::byte> random_bytes(std::size_t n, std::uint64_t seed);
+
+/// `numel` elements of `dtype` that look like model weights: N(0, 0.02) rounded to the dtype
+/// for floating types (bf16 by rounding float32, fp8 by truncating bf16-like bit patterns),
+/// small integers for integer types, as raw little-endian bytes.
+std::vector<std::byte> weight_bytes(DType dtype, std::size_t numel, std::uint64_t seed);
 
 /// Whole content of a file.
 std::vector<std::byte> read_file(const std::filesystem::path& path);
