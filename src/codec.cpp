@@ -140,7 +140,7 @@ int zstd_level(int level) {
             level, " is not in 1..9");
   // Level 1 tries zstd level 1 only; level N > 1 also tries this stronger level on every
   // chunk and keeps the smaller result (docs/store-format.md, "Compression levels").
-  static constexpr int kZstdLevels[] = {1, 3, 5, 7, 9, 12, 15, 17, 19};
+  static constexpr int kZstdLevels[] = {1, 2, 3, 5, 7, 9, 12, 15, 19};
   return kZstdLevels[level - 1];
 }
 

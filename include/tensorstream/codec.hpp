@@ -24,6 +24,21 @@
 // stored checksum does not match) naming the file, the block and the chunk: never a crash, a
 // short decode or bytes outside the destination written.
 //
+// Decoding one block (or one tensor) on a fill path:
+//   1. chunks = store.block_chunks(b) (kept from Store::open; no I/O).
+//   2. Read the block's stored extent, BlockInfo::offset + [0, stored_size), into any buffer
+//      (any alignment; an O_DIRECT over-read is fine, point `stored` at the block's first
+//      byte). For one tensor t only: r = chunks_covering(chunks, t.offset_in_block,
+//      t.nbytes) and read stored bytes [r.stored_begin, r.stored_end) of the block.
+//   3. BlockDecode{..., stored, stored_offset (0, or r.stored_begin), raw = the destination
+//      (the slot, or exactly the tensor's bytes), raw_offset (0, or t.offset_in_block)}, then
+//      decode_block(job, parallel) with the caller's pool, or decode_chunk(job, i, decoder)
+//      for each chunk i of r from the caller's own tasks (one ChunkDecoder per thread).
+//   4. Check BlockInfo::raw_checksum over the block (or the tensor's checksum) if verifying;
+//      `verify` in the job checks each chunk's stored checksum before decoding it.
+// A thread's decoder holds a zstd context (~150 KiB) and a scratch buffer as large as the
+// largest chunk it decoded (1 MiB with the writer's default chunks).
+//
 // Builds without zstd (zstd.h absent at configure time) compile this API; available() is then
 // false, encoders refuse to compress and decoders refuse zstd chunks with an error saying so.
 #pragma once
@@ -183,7 +198,8 @@ struct BlockDecode {
   std::span<const std::byte> stored;
   std::uint64_t stored_offset = 0;
   /// Destination of raw bytes [raw_offset, raw_offset + raw.size()) of the block. Only these
-  /// bytes are written; chunks that overlap the range partly are decoded and clipped.
+  /// bytes are written; chunks that overlap the range partly are decoded and clipped. Any
+  /// alignment; must not overlap `stored` (decoding is never in place).
   std::span<std::byte> raw;
   std::uint64_t raw_offset = 0;
   /// Check each chunk's stored checksum before decoding it.
