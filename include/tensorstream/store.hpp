@@ -6,6 +6,12 @@
 // `tensor_alignment` (256) bytes, so a device view of it is aligned for any kernel. The full
 // format is documented field by field in docs/store-format.md.
 //
+// A block may be stored compressed (format 1.1): as independently decodable chunks, each
+// raw, zstd, or zstd over byte planes, listed in a chunk table (ChunkInfo); codec.hpp
+// decodes them, read_block()/read_range()/read_tensor() do it for callers that read through
+// the Store. Checksums of tensors and the model fingerprint are over decoded bytes, so they
+// do not change with compression.
+//
 // Store::open validates every header field before use, with checked arithmetic, and throws
 // FormatError naming the file and the field; nothing is read from a position that was not
 // checked to lie inside the file.
