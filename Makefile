@@ -23,7 +23,7 @@ CMAKE         := $(VENV)/bin/cmake
 CTEST         := $(VENV)/bin/ctest
 
 .PHONY: help demo test test-unit test-integration test-gpu test-gpu-venv gpu-run test-cpp test-python \
-        test-latest test-asan test-tsan test-nocuda fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
+        test-latest test-asan test-tsan test-nocuda test-nozstd fuzz fuzz-smoke format lint deps deps-system venv build-cpp \
         install-python clean
 
 help:
@@ -37,6 +37,7 @@ help:
 	@echo "make test-latest      Python tests against the newest transformers, accelerate, ... (drift check)"
 	@echo "make test-asan        C++ tests under AddressSanitizer + UBSan"
 	@echo "make test-tsan        C++ tests under ThreadSanitizer"
+	@echo "make test-nozstd      build without zstd.h: compression refused and reported, the rest works"
 	@echo "make fuzz             build libFuzzer targets, run each FUZZ_SECONDS (default 60)"
 	@echo "make format / lint    clang-format + ruff format / clang-format check, clang-tidy, ruff"
 
@@ -142,11 +143,23 @@ test-nocuda: deps
 	build/nocuda/tests/cpp/test_gds
 	build/nocuda/tensorstream doctor | grep -q "CUDA support compiled in: no"
 
+# Store compression is optional too: without zstd.h the build must succeed, compressed stores
+# be refused with a clear error and every other store test pass.
+test-nozstd: deps
+	$(CMAKE) -S . -B build/nozstd -G Ninja -DTS_BUILD_TESTS=ON -DTS_WITH_ZSTD=OFF -DTS_WITH_CUDA=OFF \
+	  -DTS_WERROR=ON >/dev/null
+	$(CMAKE) --build build/nozstd -j $(JOBS) --target test_codec test_store_compression test_store \
+	  test_store_validation test_cli tensorstream_tool
+	for t in codec store_compression store store_validation cli; do build/nozstd/tests/cpp/test_$$t || exit 1; done
+	build/nozstd/tensorstream convert --compress fuzz/seeds/safetensors/basic.safetensors \
+	  build/nozstd/x.tstore 2>&1 | grep -q "compiled without zstd"
+	build/nozstd/tensorstream verify fuzz/seeds/store/compressed.tstore 2>&1 | grep -q "compiled without zstd"
+
 fuzz: deps
 	CC=clang CXX=clang++ $(CMAKE) -S . -B build/fuzz -G Ninja -DTS_BUILD_FUZZERS=ON \
 	  -DTS_BUILD_TOOLS=OFF -DTS_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug >/dev/null
 	$(CMAKE) --build build/fuzz -j $(JOBS)
-	@for t in store safetensors json; do \
+	@for t in store chunk safetensors json; do \
 	  corpus=build/fuzz/corpus/$$t; mkdir -p $$corpus; cp -n fuzz/seeds/$$t/* $$corpus/; \
 	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
 	  build/fuzz/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \

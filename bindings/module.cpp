@@ -14,6 +14,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -34,6 +35,7 @@
 #include "cli.hpp"
 #include "tensorstream/block_naming.hpp"
 #include "tensorstream/checksum.hpp"
+#include "tensorstream/codec.hpp"
 #include "tensorstream/convert.hpp"
 #include "tensorstream/dtype.hpp"
 #include "tensorstream/engine/engine.hpp"
@@ -198,13 +200,7 @@ std::span<std::byte> mutable_bytes(std::uintptr_t ptr, std::uint64_t nbytes,
   return {const_cast<std::byte*>(bytes.data()), bytes.size()};
 }
 
-const char* codec_name(ts::Codec codec) {
-  switch (codec) {
-    case ts::Codec::kNone:
-      return "none";
-  }
-  return "unknown";
-}
+const char* codec_name(ts::Codec codec) { return ts::codec::name(codec); }
 
 nb::dict info_dict(const ts::Store& store) {
   const auto& info = store.info();
@@ -787,6 +783,80 @@ void bind_safetensors(nb::module_& m) {
                                   " files, ", c.entries().size(), " tensors>");
       });
 }
+
+// ---- compression: codec facts and chunk tables --------------------------------------------
+void bind_compression(nb::module_& m) {
+  m.def(
+      "compression_info",
+      [] {
+        nb::dict d;
+        d["available"] = ts::codec::available();
+        d["codec"] = ts::codec::describe();
+        d["min_level"] = ts::codec::kMinLevel;
+        d["max_level"] = ts::codec::kMaxLevel;
+        d["default_level"] = ts::codec::kDefaultLevel;
+        d["chunk_size"] = ts::codec::kDefaultChunkSize;
+        return d;
+      },
+      "Whether this build compresses stores (zstd), with the codec's version or why not.");
+  m.def(
+      "store_compression",
+      [](const ts::Store& store) {
+        nb::dict d;
+        std::uint64_t raw = 0;
+        std::uint64_t stored = 0;
+        std::size_t compressed = 0;
+        for (const auto& b : store.blocks()) {
+          raw += b.raw_size;
+          stored += b.stored_size;
+          compressed += b.codec != ts::Codec::kNone;
+        }
+        int level = 0;
+        std::size_t raw_chunks = 0;
+        for (const auto& c : store.chunks()) {
+          level = std::max<int>(level, c.level);
+          raw_chunks += c.codec == ts::ChunkCodec::kRaw;
+        }
+        d["raw_size"] = raw;
+        d["stored_size"] = stored;
+        d["ratio"] = stored ? static_cast<double>(raw) / static_cast<double>(stored) : 1.0;
+        d["compressed_blocks"] = compressed;
+        d["chunks"] = store.chunks().size();
+        d["raw_chunks"] = raw_chunks;
+        d["level"] = level;  // the highest level any chunk was written with, 0 if none
+        return d;
+      },
+      "store"_a, "Compression of an open store: sizes, ratio, chunk counts and level.");
+  m.def(
+      "block_chunks",
+      [](const ts::Store& store, std::size_t block) {
+        nb::list out;
+        for (const auto& c : store.block_chunks(block)) {
+          nb::dict d;
+          d["raw_offset"] = c.raw_offset;
+          d["raw_size"] = c.raw_size;
+          d["stored_offset"] = c.stored_offset;
+          d["stored_size"] = c.stored_size;
+          d["checksum"] = c.checksum;
+          d["codec"] = ts::codec::name(c.codec);
+          d["plane_width"] = c.plane_width;
+          d["level"] = c.level;
+          out.append(d);
+        }
+        return out;
+      },
+      "store"_a, "block"_a, "The chunk table of block `block` (empty when uncompressed).");
+  m.def(
+      "read_tensor_into",
+      [](const ts::Store& store, std::size_t tensor, std::uintptr_t ptr, std::uint64_t nbytes,
+         bool verify) {
+        store.read_tensor(tensor, mutable_bytes(ptr, nbytes, "read_tensor_into"), verify);
+      },
+      "store"_a, "tensor"_a, "ptr"_a, "nbytes"_a, "verify"_a = true, ReleaseGil(),
+      "Reads tensor `tensor` alone (only the chunks holding it, of a compressed block) into "
+      "`nbytes` bytes at `ptr` (its nbytes); with `verify`, checks its checksum.");
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -802,6 +872,7 @@ NB_MODULE(_core, m) {
   register_exceptions(m);
   bind_engine(m);
   bind_safetensors(m);
+  bind_compression(m);
 
   // ---- dtypes ----
   m.def(
@@ -831,12 +902,19 @@ NB_MODULE(_core, m) {
                         "threads).")
       .def(
           "__init__",
-          [](ts::Store* self, const fs::path& path) {
-            new (self) ts::Store(ts::Store::open(path));
+          [](ts::Store* self, const fs::path& path, bool decode_compressed) {
+            new (self) ts::Store(ts::Store::open(path, ts::OpenOptions{decode_compressed}));
           },
-          "path"_a, ReleaseGil(), "Opens and validates the store file `path`.")
-      .def_static("open", &ts::Store::open, "path"_a, ReleaseGil(),
-                  "Opens and validates the store file `path`.")
+          "path"_a, "decode_compressed"_a = false, ReleaseGil(),
+          "Opens and validates the store file `path`. A store with compressed blocks is "
+          "refused unless `decode_compressed` (its blocks are then read decoded).")
+      .def_static(
+          "open",
+          [](const fs::path& path, bool decode_compressed) {
+            return ts::Store::open(path, ts::OpenOptions{decode_compressed});
+          },
+          "path"_a, "decode_compressed"_a = false, ReleaseGil(),
+          "Opens and validates the store file `path` (see __init__).")
       .def_prop_ro("path", [](const ts::Store& s) { return s.path().string(); })
       .def_prop_ro("info", &info_dict, "Store-wide facts from the superblock, as a dict.")
       .def_prop_ro(
@@ -897,15 +975,22 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](PyStoreWriter* self, const fs::path& path, std::uint32_t block_alignment,
-             std::uint32_t tensor_alignment, bool durable) {
+             std::uint32_t tensor_alignment, bool durable, int compression_level,
+             std::uint32_t chunk_size) {
             ts::WriterOptions options;
             options.block_alignment = block_alignment;
             options.tensor_alignment = tensor_alignment;
             options.durable = durable;
+            options.compression.enabled = compression_level != 0;
+            if (compression_level != 0) options.compression.level = compression_level;
+            options.compression.chunk_size = chunk_size;
             new (self) PyStoreWriter(path, options);
           },
           "path"_a, "block_alignment"_a = ts::kBlockAlignment,
-          "tensor_alignment"_a = ts::kTensorAlignment, "durable"_a = true, ReleaseGil())
+          "tensor_alignment"_a = ts::kTensorAlignment, "durable"_a = true,
+          "compression_level"_a = 0, "chunk_size"_a = ts::codec::kDefaultChunkSize, ReleaseGil(),
+          "A writer for `path`. `compression_level` 1..9 compresses the blocks losslessly "
+          "(0: no compression); `chunk_size` is the raw bytes per compressed chunk.")
       .def_prop_ro("destination",
                    [](const PyStoreWriter& w) { return w.writer.destination().string(); })
       .def_prop_ro("temp_path",
@@ -1041,11 +1126,14 @@ NB_MODULE(_core, m) {
   m.def(
       "convert_safetensors",
       [](const fs::path& source, const fs::path& destination, std::optional<nb::callable> progress,
-         std::uint32_t block_alignment, std::uint32_t tensor_alignment, bool durable) {
+         std::uint32_t block_alignment, std::uint32_t tensor_alignment, bool durable,
+         int compression_level) {
         ts::ConvertOptions options;
         options.writer.block_alignment = block_alignment;
         options.writer.tensor_alignment = tensor_alignment;
         options.writer.durable = durable;
+        options.writer.compression.enabled = compression_level != 0;
+        if (compression_level != 0) options.writer.compression.level = compression_level;
         if (progress) {
           options.progress = [&progress](std::uint64_t done, std::uint64_t total) {
             nb::gil_scoped_acquire acquire;
@@ -1065,10 +1153,10 @@ NB_MODULE(_core, m) {
       },
       "source"_a, "destination"_a, "progress"_a = nb::none(),
       "block_alignment"_a = ts::kBlockAlignment, "tensor_alignment"_a = ts::kTensorAlignment,
-      "durable"_a = true,
+      "durable"_a = true, "compression_level"_a = 0,
       "Converts a .safetensors file or a Hugging Face checkpoint directory into a store. "
       "`progress(done_bytes, total_bytes)` is called along the way; returning False cancels "
-      "(OperationCancelled).");
+      "(OperationCancelled). `compression_level` 1..9 compresses it (0: no compression).");
   m.def(
       "resolve_store_path",
       [](const fs::path& path) { return ts::resolve_store_path(path).string(); }, "path"_a,

@@ -115,6 +115,26 @@ else()
   message(STATUS "TensorStream: liburing not found; io_uring backend not built")
 endif()
 
+# zstd: store compression (Debian: libzstd-dev). Optional like CUDA: without zstd.h the build
+# succeeds, writing compressed stores is refused and opening one fails with an error saying
+# the build lacks zstd. Linked dynamically (Debian's libzstd.a is not position-independent);
+# libzstd.so.1 is part of every common Linux base system. -DTS_WITH_ZSTD=OFF skips it.
+option(TS_WITH_ZSTD "Compile store compression when zstd.h is found" ON)
+set(TS_HAVE_ZSTD OFF)
+if(TS_WITH_ZSTD)
+  find_path(TS_ZSTD_INCLUDE_DIR zstd.h)
+  find_library(TS_ZSTD_LIBRARY NAMES zstd)
+  if(TS_ZSTD_INCLUDE_DIR AND TS_ZSTD_LIBRARY)
+    set(TS_HAVE_ZSTD ON)
+    message(STATUS "TensorStream: store compression enabled (${TS_ZSTD_LIBRARY})")
+  else()
+    message(STATUS "TensorStream: zstd.h or libzstd not found; building without store "
+                   "compression (install libzstd-dev)")
+  endif()
+else()
+  message(STATUS "TensorStream: store compression disabled (TS_WITH_ZSTD=OFF)")
+endif()
+
 # What this build has, for scripts that must not run on a build that silently lacks a part
 # (bench/gpu_run.sh fails its GPU run when cufile.h was not found).
 file(WRITE "${CMAKE_BINARY_DIR}/tensorstream-features.txt"
@@ -124,4 +144,5 @@ file(WRITE "${CMAKE_BINARY_DIR}/tensorstream-features.txt"
   "cufile_include_dir=${TS_CUFILE_INCLUDE_DIR}\n"
   "cufile_searched=${TS_CUFILE_SEARCHED}\n"
   "cufile_site_packages=${_ts_site_dirs}\n"
-  "liburing=${TS_HAVE_LIBURING}\n")
+  "liburing=${TS_HAVE_LIBURING}\n"
+  "zstd=${TS_HAVE_ZSTD}\n")

@@ -57,6 +57,19 @@ std::string field_name(std::string_view table, std::size_t index, std::string_vi
   return concat(table, "[", index, "].", field);
 }
 
+// Bytes of the block, tensor, dims and string sections; false on overflow.
+bool fixed_sections_size(const Superblock& sb, std::uint64_t& out) noexcept {
+  std::uint64_t expected = 0;
+  std::uint64_t part = 0;
+  bool ok = checked_mul(sb.block_count, kBlockRecordSize, part) && checked_add(0, part, expected);
+  ok = ok && checked_mul(sb.tensor_count, kTensorRecordSize, part) &&
+       checked_add(expected, part, expected);
+  ok = ok && checked_mul(sb.dims_count, 8, part) && checked_add(expected, part, expected);
+  ok = ok && checked_add(expected, sb.strings_size, expected);
+  out = expected;
+  return ok;
+}
+
 }  // namespace
 
 bool checked_add(std::uint64_t a, std::uint64_t b, std::uint64_t& out) noexcept {
@@ -114,11 +127,13 @@ std::vector<std::byte> encode_superblock(const Superblock& sb) {
 
 std::vector<std::byte> encode_metadata(const std::vector<BlockInfo>& blocks,
                                        const std::vector<TensorInfo>& tensors,
+                                       const std::vector<ChunkInfo>& chunks,
                                        std::string_view user_metadata, Superblock& sb) {
   std::string strings;
   std::vector<std::uint64_t> dims;
   std::vector<std::byte> table(blocks.size() * kBlockRecordSize +
-                               tensors.size() * kTensorRecordSize);
+                               tensors.size() * kTensorRecordSize +
+                               chunks.size() * kChunkRecordSize);
   auto add_string = [&strings](std::string_view s) {
     const auto offset = strings.size();
     strings.append(s);
@@ -138,6 +153,7 @@ std::vector<std::byte> encode_metadata(const std::vector<BlockInfo>& blocks,
     store_le(p + 48, static_cast<std::uint32_t>(name_offset));
     store_le(p + 52, static_cast<std::uint32_t>(b.name.size()));
     store_le(p + 56, static_cast<std::uint16_t>(b.codec));
+    store_le(p + 60, b.chunk_count);
     p += kBlockRecordSize;
   }
   for (const auto& t : tensors) {
@@ -153,6 +169,17 @@ std::vector<std::byte> encode_metadata(const std::vector<BlockInfo>& blocks,
     store_le(p + 46, static_cast<std::uint16_t>(t.shape.size()));
     for (const auto d : t.shape) dims.push_back(static_cast<std::uint64_t>(d));
     p += kTensorRecordSize;
+  }
+  for (const auto& c : chunks) {
+    store_le(p + 0, c.raw_offset);
+    store_le(p + 8, c.stored_offset);
+    store_le(p + 16, c.raw_size);
+    store_le(p + 20, c.stored_size);
+    store_le(p + 24, c.checksum);
+    store_le(p + 32, static_cast<std::uint8_t>(c.codec));
+    store_le(p + 33, c.plane_width);
+    store_le(p + 34, c.level);
+    p += kChunkRecordSize;
   }
   sb.user_metadata_offset = add_string(user_metadata);
   sb.user_metadata_size = user_metadata.size();
@@ -244,15 +271,12 @@ Superblock decode_superblock(std::span<const std::byte> bytes, std::uint64_t fil
                " bytes exceeds the limit of ", kMaxMetadataSize);
 
   // Every count must be consistent with the metadata size: this bounds all allocations
-  // made while decoding by the (capped) metadata size.
+  // made while decoding by the (capped) metadata size. The chunk table (format 1.1) takes
+  // the rest; its size follows from the block table and is checked by decode_metadata.
   std::uint64_t expected = 0;
-  std::uint64_t part = 0;
-  bool ok = checked_mul(sb.block_count, kBlockRecordSize, part) && checked_add(0, part, expected);
-  ok = ok && checked_mul(sb.tensor_count, kTensorRecordSize, part) &&
-       checked_add(expected, part, expected);
-  ok = ok && checked_mul(sb.dims_count, 8, part) && checked_add(expected, part, expected);
-  ok = ok && checked_add(expected, sb.strings_size, expected);
-  check.expect(ok && expected == sb.metadata_size, "metadata_size",
+  check.expect(fixed_sections_size(sb, expected) && expected <= sb.metadata_size &&
+                   (sb.metadata_size - expected) % kChunkRecordSize == 0,
+               "metadata_size",
                "does not match block_count, tensor_count, dims_count and strings_size");
   std::uint64_t user_end = 0;
   check.expect(checked_add(sb.user_metadata_offset, sb.user_metadata_size, user_end) &&
@@ -270,9 +294,27 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
     check.expect(checksum64(metadata) == sb.metadata_checksum, "metadata_checksum",
                  "metadata region is corrupt (checksum mismatch)");
   }
+  // The chunk table's length follows from the block table: sum the blocks' chunk counts
+  // first (each is checked against its codec below).
   const std::byte* blocks_at = metadata.data();
+  std::uint64_t fixed_size = 0;
+  check.expect(fixed_sections_size(sb, fixed_size) && fixed_size <= metadata.size(),
+               "metadata_size",
+               "does not match block_count, tensor_count, dims_count and strings_size");
+  std::uint64_t chunk_total = 0;
+  for (std::uint32_t i = 0; i < sb.block_count; ++i) {
+    chunk_total += load_le<std::uint32_t>(blocks_at + std::size_t{i} * kBlockRecordSize + 60);
+  }
+  std::uint64_t chunk_bytes = 0;
+  check.expect(checked_mul(chunk_total, kChunkRecordSize, chunk_bytes) &&
+                   chunk_bytes == metadata.size() - fixed_size,
+               "metadata_size", "the blocks record ", chunk_total,
+               " chunks, but the metadata has room for ",
+               (metadata.size() - fixed_size) / kChunkRecordSize, " chunk records (",
+               metadata.size() - fixed_size, " bytes)");
   const std::byte* tensors_at = blocks_at + std::size_t{sb.block_count} * kBlockRecordSize;
-  const std::byte* dims_at = tensors_at + std::size_t{sb.tensor_count} * kTensorRecordSize;
+  const std::byte* chunks_at = tensors_at + std::size_t{sb.tensor_count} * kTensorRecordSize;
+  const std::byte* dims_at = chunks_at + chunk_bytes;
   const std::byte* strings_at = dims_at + sb.dims_count * 8;
   const std::string_view strings(reinterpret_cast<const char*>(strings_at), sb.strings_size);
 
@@ -288,10 +330,12 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
   out.user_metadata = std::string(strings.substr(sb.user_metadata_offset, sb.user_metadata_size));
   out.blocks.resize(sb.block_count);
   out.tensors.resize(sb.tensor_count);
+  out.chunks.resize(chunk_total);
 
   std::unordered_set<std::string_view> block_names;
   std::unordered_set<std::string_view> tensor_names;
   std::uint64_t next_tensor = 0;
+  std::uint32_t next_chunk = 0;
   const std::uint64_t data_end = sb.data_offset + sb.data_size;  // checked by decode_superblock
   for (std::uint32_t i = 0; i < sb.block_count; ++i) {
     const std::byte* r = blocks_at + std::size_t{i} * kBlockRecordSize;
@@ -310,11 +354,21 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
     check.expect(block_names.insert(name).second, field("name"), "duplicate block name '", name,
                  "'");
     const auto codec = load_le<std::uint16_t>(r + 56);
-    check.expect(codec == static_cast<std::uint16_t>(Codec::kNone), field("codec"), "codec ", codec,
-                 " of block '", name, "' is not supported by this version");
+    const bool chunked = codec == static_cast<std::uint16_t>(Codec::kChunked);
+    check.expect(codec == static_cast<std::uint16_t>(Codec::kNone) || chunked, field("codec"),
+                 "codec ", codec, " of block '", name, "' is not supported by this version");
+    check.expect(!chunked || sb.version_minor >= 1, field("codec"), "block '", name,
+                 "' is compressed, which format version ", sb.version_major, ".", sb.version_minor,
+                 " does not allow (compressed blocks need 1.1)");
     b.codec = static_cast<Codec>(codec);
-    check.expect(load_le<std::uint16_t>(r + 58) == 0 && load_le<std::uint32_t>(r + 60) == 0,
-                 field("flags"), "reserved bits set in block '", name, "'");
+    check.expect(load_le<std::uint16_t>(r + 58) == 0, field("flags"),
+                 "reserved bits set in block '", name, "'");
+    b.chunk_count = load_le<std::uint32_t>(r + 60);
+    check.expect(chunked ? b.chunk_count > 0 : b.chunk_count == 0, field("chunk_count"), "block '",
+                 name, "' ",
+                 chunked ? "is compressed but has no chunks" : "is not compressed but has chunks");
+    b.first_chunk = next_chunk;
+    next_chunk += b.chunk_count;  // the sum was checked against the metadata size above
     check.expect(b.offset % sb.block_alignment == 0 && b.offset >= sb.data_offset, field("offset"),
                  "block '", name, "' at ", b.offset,
                  " is not block-aligned inside the data region");
@@ -322,13 +376,79 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
     check.expect(checked_add(b.offset, b.stored_size, end) && end <= data_end, field("stored_size"),
                  "block '", name, "' [", b.offset, ", +", b.stored_size,
                  ") extends past the data region (ends at ", data_end, ")");
-    check.expect(b.raw_size == b.stored_size && b.raw_checksum == b.checksum, field("raw_size"),
-                 "block '", name, "' is not encoded, so raw and stored size/checksum must match");
+    if (!chunked) {
+      check.expect(b.raw_size == b.stored_size && b.raw_checksum == b.checksum, field("raw_size"),
+                   "block '", name, "' is not encoded, so raw and stored size/checksum must match");
+    }
     check.expect(b.first_tensor == next_tensor, field("first_tensor"), "block '", name,
                  "' starts at tensor ", b.first_tensor, ", expected ", next_tensor);
     check.expect(
         checked_add(next_tensor, b.tensor_count, next_tensor) && next_tensor <= sb.tensor_count,
         field("tensor_count"), "block '", name, "' claims tensors beyond the table");
+
+    // Chunks tile the block's raw bytes and its stored bytes, in order, without gaps.
+    std::uint64_t raw_at = 0;
+    std::uint64_t stored_at = 0;
+    for (std::uint32_t k = 0; k < b.chunk_count; ++k) {
+      const std::uint32_t ci = b.first_chunk + k;
+      const std::byte* cr = chunks_at + std::size_t{ci} * kChunkRecordSize;
+      ChunkInfo& c = out.chunks[ci];
+      const auto cfield = [&](std::string_view f) { return field_name("chunks", ci, f); };
+      c.raw_offset = load_le<std::uint64_t>(cr + 0);
+      c.stored_offset = load_le<std::uint64_t>(cr + 8);
+      c.raw_size = load_le<std::uint32_t>(cr + 16);
+      c.stored_size = load_le<std::uint32_t>(cr + 20);
+      c.checksum = load_le<std::uint64_t>(cr + 24);
+      const auto chunk_codec = load_le<std::uint8_t>(cr + 32);
+      c.plane_width = load_le<std::uint8_t>(cr + 33);
+      c.level = load_le<std::uint8_t>(cr + 34);
+      check.expect(c.raw_offset == raw_at, cfield("raw_offset"), "chunk ", k, " of block '", name,
+                   "' starts at raw byte ", c.raw_offset, ", expected ", raw_at);
+      check.expect(c.stored_offset == stored_at, cfield("stored_offset"), "chunk ", k,
+                   " of block '", name, "' starts at stored byte ", c.stored_offset, ", expected ",
+                   stored_at);
+      check.expect(c.raw_size > 0 && c.raw_size <= kMaxChunkRawSize, cfield("raw_size"), "chunk ",
+                   k, " of block '", name, "' has ", c.raw_size, " raw bytes (must be 1..",
+                   kMaxChunkRawSize, ")");
+      check.expect(load_le<std::uint8_t>(cr + 35) == 0 && load_le<std::uint32_t>(cr + 36) == 0,
+                   cfield("reserved"), "reserved bytes set in chunk ", k, " of block '", name, "'");
+      switch (chunk_codec) {
+        case static_cast<std::uint8_t>(ChunkCodec::kRaw):
+          check.expect(c.stored_size == c.raw_size, cfield("stored_size"), "raw chunk ", k,
+                       " of block '", name, "' has ", c.stored_size, " stored bytes for ",
+                       c.raw_size, " raw bytes");
+          check.expect(c.plane_width == 1 && c.level == 0, cfield("codec"), "raw chunk ", k,
+                       " of block '", name, "' records a plane width or a level");
+          break;
+        case static_cast<std::uint8_t>(ChunkCodec::kZstd):
+        case static_cast<std::uint8_t>(ChunkCodec::kBytePlanesZstd): {
+          const bool planar = chunk_codec == static_cast<std::uint8_t>(ChunkCodec::kBytePlanesZstd);
+          check.expect(c.stored_size > 0 && c.stored_size <= c.raw_size, cfield("stored_size"),
+                       "compressed chunk ", k, " of block '", name, "' has ", c.stored_size,
+                       " stored bytes for ", c.raw_size, " raw bytes");
+          check.expect(planar ? (c.plane_width == 2 || c.plane_width == 4 || c.plane_width == 8)
+                              : c.plane_width == 1,
+                       cfield("plane_width"), "chunk ", k, " of block '", name,
+                       "' has byte-plane width ", static_cast<int>(c.plane_width));
+          check.expect(c.level >= 1 && c.level <= 9, cfield("level"), "compressed chunk ", k,
+                       " of block '", name, "' records level ", static_cast<int>(c.level),
+                       " (must be 1..9)");
+          break;
+        }
+        default:
+          check.expect(false, cfield("codec"), "chunk ", k, " of block '", name,
+                       "' has unknown codec ", static_cast<int>(chunk_codec));
+      }
+      c.codec = static_cast<ChunkCodec>(chunk_codec);
+      raw_at += c.raw_size;
+      stored_at += c.stored_size;
+    }
+    if (chunked) {
+      check.expect(raw_at == b.raw_size, field("raw_size"), "the chunks of block '", name,
+                   "' hold ", raw_at, " raw bytes, the block records ", b.raw_size);
+      check.expect(stored_at == b.stored_size, field("stored_size"), "the chunks of block '", name,
+                   "' hold ", stored_at, " stored bytes, the block records ", b.stored_size);
+    }
   }
   check.expect(next_tensor == sb.tensor_count, "tensor_count", "blocks hold ", next_tensor,
                " tensors but the table has ", sb.tensor_count);
@@ -398,6 +518,20 @@ StoreTables decode_metadata(const Superblock& sb, std::span<const std::byte> met
                    field("nbytes"), "tensor '", name, "' extends past the end of block '", b.name,
                    "'");
       prev_end = end;
+    }
+    // No tensor may start inside a chunk: a chunk then holds bytes of one tensor at most
+    // (and padding), so one tensor can be decoded without its neighbours.
+    std::uint32_t k = 0;
+    for (std::uint32_t ti = b.first_tensor; ti < b.first_tensor + b.tensor_count && b.chunk_count;
+         ++ti) {
+      const TensorInfo& t = out.tensors[ti];
+      if (t.nbytes == 0) continue;
+      const ChunkInfo* c = &out.chunks[b.first_chunk + k];
+      while (c->raw_offset + c->raw_size <= t.offset_in_block) c = &out.chunks[b.first_chunk + ++k];
+      check.expect(c->raw_offset == t.offset_in_block,
+                   field_name("chunks", b.first_chunk + k, "raw_offset"), "chunk ", k,
+                   " of block '", b.name, "' crosses the start of tensor '", t.name,
+                   "' (a chunk may hold bytes of one tensor only)");
     }
   }
   return out;

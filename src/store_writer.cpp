@@ -1,10 +1,15 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
+#include "tensorstream/codec.hpp"
+#include "tensorstream/detail/chunk_encoder_pool.hpp"
 #include "tensorstream/detail/store_format.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/store.hpp"
@@ -35,6 +40,19 @@ StoreWriter::StoreWriter(std::filesystem::path destination, WriterOptions option
                 options_.tensor_alignment <= options_.block_alignment,
             std::invalid_argument, "tensor_alignment ", options_.tensor_alignment,
             " must be a power of two between 256 and block_alignment");
+  const auto& compression = options_.compression;
+  if (compression.enabled) {
+    TS_EXPECT(compression.level >= codec::kMinLevel && compression.level <= codec::kMaxLevel,
+              std::invalid_argument, "compression level ", compression.level,
+              " must be between 1 and 9");
+    TS_EXPECT(compression.chunk_size >= codec::kMinChunkSize &&
+                  compression.chunk_size <= codec::kMaxChunkSize &&
+                  compression.chunk_size % 4096 == 0,
+              std::invalid_argument, "compression chunk_size ", compression.chunk_size,
+              " must be a multiple of 4096 between 64 KiB and 16 MiB");
+    TS_EXPECT(codec::available(), Error, "cannot write compressed store '", destination_.string(),
+              "': ", codec::describe());
+  }
   if (std::filesystem::is_directory(destination_)) {
     throw std::invalid_argument(detail::concat("store path '", destination_.string(),
                                                "' is a directory; give a file name"));
@@ -48,6 +66,14 @@ StoreWriter::StoreWriter(std::filesystem::path destination, WriterOptions option
                   e.code());
   }
   buffer_.reserve(kWriteBufferSize);
+  if (compression.enabled) {
+    unsigned threads = compression.threads;
+    if (threads == 0) threads = std::clamp(std::thread::hardware_concurrency(), 1u, 8u);
+    // One thread means encoding inline; more means workers beside the caller's thread.
+    encoder_ =
+        std::make_unique<detail::ChunkEncoderPool>(compression.level, threads == 1 ? 0 : threads);
+    max_pending_ = 2 * static_cast<std::size_t>(threads);
+  }
   // The superblock region stays zero (an invalid magic) until commit() writes it last.
   position_ = options_.block_alignment;
   buffer_offset_ = position_;
@@ -107,7 +133,79 @@ void StoreWriter::begin_block(std::string_view name) {
   open_block_->name = std::string(name);
   open_block_->offset = position_;
   open_block_->first_tensor = static_cast<std::uint32_t>(tensors_.size());
+  open_block_->first_chunk = static_cast<std::uint32_t>(chunks_.size());
   block_checksum_.reset();
+  raw_checksum_.reset();
+  block_raw_ = 0;
+  chunk_raw_offset_ = 0;
+  chunk_width_ = 1;
+}
+
+void StoreWriter::add_raw(std::span<const std::byte> data) {
+  block_raw_ += data.size();
+  if (!encoder_) {
+    block_checksum_.update(data);
+    write_bytes(data);
+    return;
+  }
+  raw_checksum_.update(data);
+  const std::size_t chunk_size = options_.compression.chunk_size;
+  while (!data.empty()) {
+    // A full chunk is cut only when more bytes come, so that a tensor's trailing padding
+    // joins its last chunk whenever that chunk has room.
+    if (chunk_.size() == chunk_size) cut_chunk();
+    const auto n = std::min<std::size_t>(chunk_size - chunk_.size(), data.size());
+    chunk_.insert(chunk_.end(), data.begin(), data.begin() + static_cast<std::ptrdiff_t>(n));
+    data = data.subspan(n);
+  }
+}
+
+void StoreWriter::add_raw_zeros(std::uint64_t n) {
+  static constexpr std::array<std::byte, 4096> kZeros{};
+  while (n > 0) {
+    const auto step = std::min<std::uint64_t>(n, kZeros.size());
+    add_raw(std::span<const std::byte>(kZeros.data(), step));
+    n -= step;
+  }
+}
+
+void StoreWriter::cut_chunk() {
+  if (chunk_.empty()) return;
+  if (encoder_->pending() >= max_pending_) write_chunks(max_pending_ - 1);
+  const auto size = chunk_.size();
+  ChunkInfo info;
+  info.raw_offset = chunk_raw_offset_;
+  info.raw_size = static_cast<std::uint32_t>(size);
+  chunks_.push_back(info);  // stored fields are filled in by write_chunks()
+  chunk_raw_offset_ += size;
+  encoder_->submit(std::move(chunk_), chunk_width_);
+  if (!spare_.empty()) {
+    chunk_ = std::move(spare_.back());
+    spare_.pop_back();
+  } else {
+    chunk_ = std::vector<std::byte>();
+  }
+  chunk_.clear();
+  chunk_.reserve(options_.compression.chunk_size);
+}
+
+void StoreWriter::write_chunks(std::size_t keep) {
+  while (encoder_->pending() > keep) {
+    auto result = encoder_->take();
+    // The oldest pending chunk is the first of chunks_ whose stored fields are not set yet.
+    ChunkInfo& info = chunks_[chunks_.size() - encoder_->pending() - 1];
+    const auto stored = result.stored();
+    info.stored_offset = position_ - open_block_->offset;
+    info.stored_size = static_cast<std::uint32_t>(stored.size());
+    info.checksum = result.checksum;
+    info.codec = result.codec;
+    info.plane_width = result.plane_width;
+    info.level = result.level;
+    block_checksum_.update(stored);
+    write_bytes(stored);
+    result.raw.clear();
+    if (spare_.size() < 2) spare_.push_back(std::move(result.raw));
+  }
 }
 
 void StoreWriter::begin_tensor(std::string_view name, DType dtype,
@@ -126,9 +224,12 @@ void StoreWriter::begin_tensor(std::string_view name, DType dtype,
   require(detail::tensor_nbytes(dtype, shape, nbytes),
           detail::concat("tensor '", name, "': negative dimension or size overflow"));
   std::uint64_t start = 0;
-  require(detail::align_up(position_, options_.tensor_alignment, start), "file too large");
-  block_checksum_.update_zeros(start - position_);
-  write_zeros(start - position_);
+  require(detail::align_up(block_raw_, options_.tensor_alignment, start), "block too large");
+  add_raw_zeros(start - block_raw_);
+  if (encoder_) {
+    cut_chunk();  // a chunk never holds bytes of two tensors
+    chunk_width_ = codec::plane_width(dtype);
+  }
 
   open_tensor_.emplace();
   open_tensor_->written = 0;
@@ -137,7 +238,7 @@ void StoreWriter::begin_tensor(std::string_view name, DType dtype,
   info.dtype = dtype;
   info.shape.assign(shape.begin(), shape.end());
   info.block = static_cast<std::uint32_t>(blocks_.size());
-  info.offset_in_block = position_ - open_block_->offset;
+  info.offset_in_block = block_raw_;
   info.nbytes = nbytes;
 }
 
@@ -148,8 +249,7 @@ void StoreWriter::append(std::span<const std::byte> data) {
           detail::concat("tensor '", t.info.name, "': ", t.written + data.size(),
                          " bytes appended but dtype × shape is ", t.info.nbytes));
   t.checksum.update(data);
-  block_checksum_.update(data);
-  write_bytes(data);
+  add_raw(data);
   t.written += data.size();
 }
 
@@ -175,8 +275,26 @@ void StoreWriter::end_block() {
   require(open_block_.has_value(), "end_block() outside a block");
   require(!open_tensor_, "end_block() while a tensor is open");
   BlockInfo& b = *open_block_;
-  b.raw_size = b.stored_size = position_ - b.offset;
-  b.checksum = b.raw_checksum = block_checksum_.digest();
+  if (encoder_) {
+    cut_chunk();
+    write_chunks(0);
+  }
+  b.raw_size = block_raw_;
+  b.stored_size = position_ - b.offset;
+  b.checksum = block_checksum_.digest();
+  b.raw_checksum = encoder_ ? raw_checksum_.digest() : b.checksum;
+  b.chunk_count = static_cast<std::uint32_t>(chunks_.size() - b.first_chunk);
+  const bool any_compressed =
+      std::any_of(chunks_.begin() + b.first_chunk, chunks_.end(),
+                  [](const ChunkInfo& c) { return c.codec != ChunkCodec::kRaw; });
+  if (any_compressed) {
+    b.codec = Codec::kChunked;
+  } else {
+    // Raw chunks lie back to back, so the stored bytes are the raw bytes: a plain block.
+    chunks_.resize(b.first_chunk);
+    b.chunk_count = 0;
+    b.codec = Codec::kNone;
+  }
   b.tensor_count = static_cast<std::uint32_t>(tensors_.size() - b.first_tensor);
   blocks_.push_back(std::move(b));
   open_block_.reset();
@@ -191,7 +309,7 @@ WriteSummary StoreWriter::commit() {
 
   detail::Superblock sb;
   sb.version_major = kStoreVersionMajor;
-  sb.version_minor = kStoreVersionMinor;
+  sb.version_minor = chunks_.empty() ? kStoreVersionMinorUncompressed : kStoreVersionMinor;
   sb.block_alignment = options_.block_alignment;
   sb.tensor_alignment = options_.tensor_alignment;
   sb.data_offset = options_.block_alignment;
@@ -205,7 +323,7 @@ WriteSummary StoreWriter::commit() {
   for (const auto& t : tensors_) fingerprint.add(t.name, t.dtype, t.shape, t.checksum);
   sb.fingerprint = fingerprint.finish();
 
-  const auto metadata = detail::encode_metadata(blocks_, tensors_, user_metadata_, sb);
+  const auto metadata = detail::encode_metadata(blocks_, tensors_, chunks_, user_metadata_, sb);
   TS_EXPECT(metadata.size() <= kMaxMetadataSize, std::invalid_argument, "store '",
             destination_.string(), "': metadata of ", metadata.size(),
             " bytes exceeds the format limit");

@@ -3,12 +3,14 @@
 #include "cli_util.hpp"
 #include "commands.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <iomanip>
 #include <iostream>
 #include <map>
 #include <sstream>
 
+#include "tensorstream/codec.hpp"
 #include "tensorstream/convert.hpp"
 #include "tensorstream/detail/json_writer.hpp"
 #include "tensorstream/errors.hpp"
@@ -25,21 +27,59 @@ constexpr const char* kUsage =
     "store tools (native):\n"
     "  convert SRC STORE    convert a .safetensors file or a Hugging Face checkpoint\n"
     "                       directory (sharded + index) into a store; STORE is a file\n"
-    "                       or a directory (then STORE/model.tstore)\n"
-    "  inspect STORE        list blocks and tensors (--json for machine-readable output)\n"
-    "  verify STORE         check every checksum; exit code 0 only if all are good\n"
+    "                       or a directory (then STORE/model.tstore); --compress[=N]\n"
+    "                       compresses it losslessly (level 1..9, default 3)\n"
+    "  inspect STORE        list blocks and tensors with each block's compression ratio\n"
+    "                       (--json for machine-readable output)\n"
+    "  verify STORE         check every checksum (stored and decoded bytes, tensors);\n"
+    "                       exit code 0 only if all are good\n"
+    "  bench-codec [STORE]  compression ratio and decode GB/s per thread of a store's\n"
+    "                       tensors (or of synthetic weights), beside plain zstd; --json\n"
     "  bench-io STORE       stream every block with each I/O backend and report GB/s beside\n"
     "                       a plain O_DIRECT read (and fio, where installed); --json\n"
     "  doctor               report which backends work here and why not (CUDA driver,\n"
     "                       cuFile, O_DIRECT, io_uring, locked-memory limit)\n"
     "  version              print the version\n";
 
+using util::fixed;
 using util::human_bytes;
 
 std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+double ratio(std::uint64_t raw, std::uint64_t stored) {
+  return stored ? static_cast<double>(raw) / static_cast<double>(stored) : 1.0;
+}
+
+struct Totals {
+  std::uint64_t raw = 0;
+  std::uint64_t stored = 0;
+  std::size_t compressed_blocks = 0;
+};
+
+Totals store_totals(const Store& store) {
+  Totals t;
+  for (const auto& b : store.blocks()) {
+    t.raw += b.raw_size;
+    t.stored += b.stored_size;
+    if (b.codec != Codec::kNone) ++t.compressed_blocks;
+  }
+  return t;
+}
+
+// "1.46x, 120 chunks (3 raw)" or "uncompressed".
+std::string compression_text(const Store& store, std::size_t block) {
+  const auto& b = store.blocks()[block];
+  if (b.codec == Codec::kNone) return "uncompressed";
+  std::size_t raw_chunks = 0;
+  for (const auto& c : store.block_chunks(block)) raw_chunks += c.codec == ChunkCodec::kRaw;
+  std::string text = fixed(ratio(b.raw_size, b.stored_size), 3) + "x, " +
+                     std::to_string(b.chunk_count) + " chunks";
+  if (raw_chunks) text += " (" + std::to_string(raw_chunks) + " raw)";
+  return text;
 }
 
 // A one-line progress bar on stderr, redrawn at most ten times a second.
@@ -85,22 +125,61 @@ class ProgressBar {
   bool drawn_ = false;
 };
 
+constexpr const char* kConvertUsage =
+    "usage: tensorstream convert [--compress[=LEVEL]] [--chunk-mib N] SRC STORE\n"
+    "  --compress[=LEVEL]   compress blocks losslessly (byte planes + zstd), LEVEL 1 (fastest\n"
+    "                       to write) .. 9 (smallest), default 3\n"
+    "  --chunk-mib N        raw MiB per independently decodable chunk (1..16, default 1)\n";
+
 int cmd_convert(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
                 bool interactive) {
-  if (args.size() != 2) {
-    err << "usage: tensorstream convert SRC STORE\n";
+  ConvertOptions options;
+  std::vector<std::string> paths;
+  try {
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      const auto& a = args[i];
+      if (a == "--compress") {
+        options.writer.compression.enabled = true;
+      } else if (a.rfind("--compress=", 0) == 0) {
+        options.writer.compression.enabled = true;
+        options.writer.compression.level = static_cast<int>(util::parse_uint(
+            "--compress", std::string_view(a).substr(11), codec::kMinLevel, codec::kMaxLevel));
+      } else if (a == "--chunk-mib" && i + 1 < args.size()) {
+        options.writer.compression.chunk_size =
+            static_cast<std::uint32_t>(util::parse_uint("--chunk-mib", args[++i], 1, 16) << 20);
+      } else if (a == "-h" || a == "--help") {
+        out << kConvertUsage;
+        return kExitOk;
+      } else if (a.rfind("--", 0) == 0) {
+        throw util::UsageError("unknown option '" + a + "'");
+      } else {
+        paths.push_back(a);
+      }
+    }
+  } catch (const util::UsageError& e) {
+    err << "tensorstream convert: " << e.what() << "\n" << kConvertUsage;
+    return kExitUsage;
+  }
+  if (paths.size() != 2) {
+    err << kConvertUsage;
     return kExitUsage;
   }
   ProgressBar bar(err, interactive, "convert");
-  ConvertOptions options;
   options.progress = [&bar](std::uint64_t done, std::uint64_t total) { return bar(done, total); };
   const auto start = std::chrono::steady_clock::now();
-  const auto summary = convert_safetensors(args[0], args[1], options);
+  const auto summary = convert_safetensors(paths[0], paths[1], options);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  out << "wrote " << resolve_store_path(args[1]).string() << ": " << summary.block_count
-      << " blocks, " << summary.tensor_count << " tensors, " << human_bytes(summary.file_size)
-      << " in " << std::fixed << std::setprecision(2) << seconds << " s (fingerprint "
+  out << "wrote " << resolve_store_path(paths[1]).string() << ": " << summary.block_count
+      << " blocks, " << summary.tensor_count << " tensors, " << human_bytes(summary.file_size);
+  if (options.writer.compression.enabled) {
+    const auto store = Store::open(resolve_store_path(paths[1]), OpenOptions{true});
+    const auto totals = store_totals(store);
+    out << " (level " << options.writer.compression.level << ", "
+        << fixed(ratio(totals.raw, totals.stored), 3) << "x smaller than "
+        << human_bytes(totals.raw) << ")";
+  }
+  out << " in " << std::fixed << std::setprecision(2) << seconds << " s (fingerprint "
       << summary.fingerprint.hex() << ")\n";
   return kExitOk;
 }
@@ -111,12 +190,25 @@ void inspect_json(const Store& store, std::ostream& out) {
       << info.version_major << "." << info.version_minor << "\""
       << ",\"file_size\":" << info.file_size << ",\"block_alignment\":" << info.block_alignment
       << ",\"tensor_alignment\":" << info.tensor_alignment << ",\"fingerprint\":\""
-      << info.fingerprint.hex() << "\",\"blocks\":[";
+      << info.fingerprint.hex() << "\"";
+  const auto totals = store_totals(store);
+  out << ",\"raw_size\":" << totals.raw << ",\"stored_size\":" << totals.stored
+      << ",\"ratio\":" << util::json_number(ratio(totals.raw, totals.stored))
+      << ",\"compressed_blocks\":" << totals.compressed_blocks << ",\"blocks\":[";
   for (std::size_t b = 0; b < store.blocks().size(); ++b) {
     const auto& block = store.blocks()[b];
     out << (b ? "," : "") << "{\"name\":" << detail::json::quote(block.name)
         << ",\"offset\":" << block.offset << ",\"size\":" << block.raw_size
-        << ",\"stored_size\":" << block.stored_size << ",\"codec\":\"none\",\"tensors\":[";
+        << ",\"stored_size\":" << block.stored_size << ",\"codec\":\"" << codec::name(block.codec)
+        << "\",\"ratio\":" << util::json_number(ratio(block.raw_size, block.stored_size))
+        << ",\"chunks\":" << block.chunk_count;
+    std::size_t raw_chunks = 0;
+    int level = 0;
+    for (const auto& c : store.block_chunks(b)) {
+      raw_chunks += c.codec == ChunkCodec::kRaw;
+      level = std::max<int>(level, c.level);
+    }
+    out << ",\"raw_chunks\":" << raw_chunks << ",\"level\":" << level << ",\"tensors\":[";
     const auto tensors = store.block_tensors(b);
     for (std::size_t t = 0; t < tensors.size(); ++t) {
       const auto& tensor = tensors[t];
@@ -143,7 +235,7 @@ int cmd_inspect(const std::vector<std::string>& args, std::ostream& out, std::os
     err << "usage: tensorstream inspect STORE [--json]\n";
     return kExitUsage;
   }
-  const auto store = Store::open(resolve_store_path(paths[0]));
+  const auto store = Store::open(resolve_store_path(paths[0]), OpenOptions{true});
   if (json) {
     inspect_json(store, out);
     return kExitOk;
@@ -154,8 +246,17 @@ int cmd_inspect(const std::vector<std::string>& args, std::ostream& out, std::os
   out << "store        " << store.path().string() << "\n"
       << "format       " << info.version_major << "." << info.version_minor << "\n"
       << "file size    " << human_bytes(info.file_size) << " (" << info.file_size << " bytes)\n"
-      << "tensor data  " << human_bytes(tensor_bytes) << "\n"
-      << "blocks       " << store.blocks().size() << " (largest "
+      << "tensor data  " << human_bytes(tensor_bytes) << "\n";
+  const auto totals = store_totals(store);
+  if (totals.compressed_blocks) {
+    out << "compression  " << fixed(ratio(totals.raw, totals.stored), 3)
+        << "x: " << human_bytes(totals.stored) << " stored for " << human_bytes(totals.raw)
+        << " raw (" << totals.compressed_blocks << " of " << store.blocks().size()
+        << " blocks compressed, " << store.chunks().size() << " chunks)\n";
+  } else {
+    out << "compression  none\n";
+  }
+  out << "blocks       " << store.blocks().size() << " (largest "
       << human_bytes(store.max_block_size()) << ", aligned to " << info.block_alignment << ")\n"
       << "tensors      " << store.tensors().size() << " (aligned to " << info.tensor_alignment
       << ")\n"
@@ -163,7 +264,11 @@ int cmd_inspect(const std::vector<std::string>& args, std::ostream& out, std::os
   for (std::size_t b = 0; b < store.blocks().size(); ++b) {
     const auto& block = store.blocks()[b];
     out << "block " << b << "  " << block.name << "  " << human_bytes(block.raw_size) << " at "
-        << block.offset << ", " << block.tensor_count << " tensors\n";
+        << block.offset << ", " << block.tensor_count << " tensors";
+    if (block.codec != Codec::kNone) {
+      out << ", " << human_bytes(block.stored_size) << " stored, " << compression_text(store, b);
+    }
+    out << "\n";
     for (const auto& t : store.block_tensors(b)) {
       out << "    " << std::left << std::setw(48) << t.name << " " << std::setw(16)
           << dtype_name(t.dtype) << " " << std::setw(20) << shape_string(t.shape) << std::right
@@ -179,7 +284,7 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
     err << "usage: tensorstream verify STORE\n";
     return kExitUsage;
   }
-  const auto store = Store::open(resolve_store_path(args[0]));
+  const auto store = Store::open(resolve_store_path(args[0]), OpenOptions{true});
   std::vector<BlockProblem> problems;
   {
     ProgressBar bar(err, interactive, "verify");
@@ -189,12 +294,15 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
     out << "BAD block " << p.block << " '" << store.blocks()[p.block].name << "': " << p.message
         << "\n";
   }
-  std::uint64_t bytes = 0;
-  for (const auto& b : store.blocks()) bytes += b.stored_size;
+  const auto totals = store_totals(store);
   if (problems.empty()) {
     out << "OK " << store.path().string() << ": " << store.blocks().size() << " blocks, "
-        << store.tensors().size() << " tensors, " << human_bytes(bytes) << " verified (fingerprint "
-        << store.info().fingerprint.hex() << ")\n";
+        << store.tensors().size() << " tensors, " << human_bytes(totals.stored) << " verified";
+    if (totals.compressed_blocks) {
+      out << " (" << totals.compressed_blocks << " compressed blocks: stored and decoded "
+          << "checksums, " << human_bytes(totals.raw) << " decoded)";
+    }
+    out << " (fingerprint " << store.info().fingerprint.hex() << ")\n";
     return kExitOk;
   }
   out << "FAILED " << store.path().string() << ": " << problems.size() << " of "
@@ -205,8 +313,8 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
 }  // namespace
 
 const std::vector<std::string>& native_commands() {
-  static const std::vector<std::string> commands{"convert",  "inspect", "verify",
-                                                 "bench-io", "doctor",  "version"};
+  static const std::vector<std::string> commands{"convert",     "inspect", "verify", "bench-io",
+                                                 "bench-codec", "doctor",  "version"};
   return commands;
 }
 
@@ -224,6 +332,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (command == "verify") return cmd_verify(rest, out, err, interactive);
     if (command == "doctor") return cmd_doctor(rest, out, err);
     if (command == "bench-io") return cmd_bench_io(rest, out, err);
+    if (command == "bench-codec") return cmd_bench_codec(rest, out, err);
     if (command == "version" || command == "--version") {
       out << "tensorstream " << kVersion << "\n";
       return kExitOk;

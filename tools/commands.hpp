@@ -10,6 +10,9 @@ namespace tensorstream::cli {
 /// `tensorstream bench-io STORE [options]`: see tools/bench_io.cpp.
 int cmd_bench_io(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
+/// `tensorstream bench-codec [STORE] [options]`: see tools/bench_codec.cpp.
+int cmd_bench_codec(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+
 /// `tensorstream doctor [--storage-path DIR] [--json]`: see tools/doctor.cpp.
 int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 

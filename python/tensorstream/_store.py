@@ -131,7 +131,34 @@ def _writable_destination(path: PathLike) -> Path:
 
 
 def _open(path: PathLike) -> _core.Store:
-    return _core.Store(str(_existing_store_file(path)))
+    # Every reader here goes through read_block_into, which decodes compressed blocks.
+    return _core.Store(str(_existing_store_file(path)), decode_compressed=True)
+
+
+CompressionArg = Union[bool, int, None]
+
+
+def _compression_level(compression: CompressionArg) -> int:
+    """The native writer's compression level for a ``compression`` argument: None, False or 0
+    mean none (0); True means the default level; 1..9 is the level. Raises TypeError/ValueError
+    otherwise, and RuntimeError-derived TensorStreamError when compression is asked of a
+    build without zstd."""
+    if compression is None or compression is False:
+        return 0
+    if compression is True:
+        level = _core.compression_info()["default_level"]
+    elif isinstance(compression, int):
+        level = compression
+    else:
+        raise TypeError(
+            f"compression must be None, a bool or a level 1..9, not {type(compression).__name__}"
+        )
+    if level == 0:
+        return 0
+    info = _core.compression_info()
+    if not info["min_level"] <= level <= info["max_level"]:
+        raise ValueError(f"compression level {level} is not in 1..9 (0 or None: no compression)")
+    return level
 
 
 def _parse_metadata(text: str) -> Any:
@@ -192,15 +219,19 @@ def store_writer(
     block_alignment: int = _core.BLOCK_ALIGNMENT,
     tensor_alignment: int = _core.TENSOR_ALIGNMENT,
     durable: bool = True,
+    compression: CompressionArg = None,
 ) -> Iterator[_core.StoreWriter]:
     """A native StoreWriter for ``path`` (a directory means ``path/model.tstore``) as a
     context manager: call ``commit()`` inside the block to publish the store; leaving the block
-    without committing (or by an exception) discards everything written."""
+    without committing (or by an exception) discards everything written. ``compression``: None
+    or False (none), True (the default level, 3) or a level 1..9 (lossless, see
+    docs/store-format.md)."""
     writer = _core.StoreWriter(
         str(_writable_destination(path)),
         block_alignment=block_alignment,
         tensor_alignment=tensor_alignment,
         durable=durable,
+        compression_level=_compression_level(compression),
     )
     try:
         yield writer
@@ -215,6 +246,7 @@ def save_to_ts(
     metadata: Any = None,
     durable: bool = True,
     progress: ProgressArg = None,
+    compression: CompressionArg = None,
 ) -> dict[str, Any]:
     """Writes a tensor, a ``{name: tensor}`` mapping or an ``nn.Module``'s state dict to a store.
 
@@ -225,13 +257,20 @@ def save_to_ts(
     kept in the store's user metadata. The write is crash-safe: on any error nothing is left
     at ``path`` (a previous store there stays untouched).
 
-    Returns a summary: ``path``, ``file_size``, ``blocks``, ``tensors``, ``fingerprint``.
+    ``compression``: None or False (none), True (level 3) or a level 1..9: blocks are stored
+    losslessly compressed (byte planes + zstd, chunk by chunk; about 1.46x smaller for bf16
+    weights). The fingerprint and every tensor's bytes are the same either way;
+    ``load_from_ts`` decodes.
+
+    Returns a summary: ``path``, ``file_size``, ``blocks``, ``tensors``, ``fingerprint`` and
+    ``raw_size`` (the bytes before compression).
     Raises TypeError/ValueError naming the key for values that cannot be stored.
     """
     import torch
 
     from ._dtypes import dtype_to_name
 
+    level = _compression_level(compression)
     tensors = _named_tensors(tensor_or_state_dict)
     dtype_names = {name: dtype_to_name(t.dtype, name) for name, t in tensors.items()}
     user_metadata: dict[str, Any] = {
@@ -253,7 +292,7 @@ def save_to_ts(
     callback = progress if callable(progress) else None
     done = 0
     try:
-        with store_writer(destination, durable=durable) as writer:
+        with store_writer(destination, durable=durable, compression=level) as writer:
             writer.set_user_metadata(metadata_text)
             for block, names in groups:
                 writer.begin_block(block)
@@ -273,11 +312,12 @@ def save_to_ts(
         bar.close()
     seconds = time.monotonic() - started
     logger.info(
-        "wrote %s: %d blocks, %d tensors, %s in %.2f s",
+        "wrote %s: %d blocks, %d tensors, %s%s in %.2f s",
         summary["path"],
         summary["block_count"],
         summary["tensor_count"],
         _human_bytes(summary["file_size"]),
+        f" (compressed, level {level}, from {_human_bytes(total)})" if level else "",
         seconds,
     )
     return {
@@ -286,6 +326,7 @@ def save_to_ts(
         "blocks": summary["block_count"],
         "tensors": summary["tensor_count"],
         "fingerprint": summary["fingerprint"],
+        "raw_size": total,
     }
 
 
@@ -351,9 +392,11 @@ def read_ts_header(path: PathLike) -> dict[str, Any]:
 
     Returns ``path``, ``version``, ``file_size``, ``fingerprint``, ``block_alignment``,
     ``tensor_alignment``, ``metadata`` (parsed as JSON when it is JSON, else the raw text),
-    ``blocks`` (list of dicts, each with the names of its tensors) and ``tensors`` (name ->
-    dtype, shape, block, block_index, offset (absolute file offset), offset_in_block, nbytes,
-    checksum).
+    ``compression`` (raw_size, stored_size, ratio, compressed_blocks, chunks, raw_chunks,
+    level), ``blocks`` (list of dicts, each with the names of its tensors, its codec, sizes and
+    chunk count) and ``tensors`` (name -> dtype, shape, block, block_index, offset, offset_in_block,
+    nbytes, checksum). ``offset`` is the absolute file offset of the tensor's bytes in an
+    uncompressed block, None in a compressed one (its bytes exist only once decoded).
     """
     store = _open(path)
     info = store.info
@@ -371,7 +414,9 @@ def read_ts_header(path: PathLike) -> dict[str, Any]:
                 "shape": list(t["shape"]),
                 "block": block["name"],
                 "block_index": index,
-                "offset": block["offset"] + t["offset_in_block"],
+                "offset": block["offset"] + t["offset_in_block"]
+                if block["codec"] == "none"
+                else None,
                 "offset_in_block": t["offset_in_block"],
                 "nbytes": t["nbytes"],
                 "checksum": f"{t['checksum']:016x}",
@@ -384,7 +429,9 @@ def read_ts_header(path: PathLike) -> dict[str, Any]:
                 "size": block["raw_size"],
                 "stored_size": block["stored_size"],
                 "codec": block["codec"],
+                "chunks": len(_core.block_chunks(store, index)),
                 "checksum": f"{block['checksum']:016x}",
+                "raw_checksum": f"{block['raw_checksum']:016x}",
                 "tensors": names,
             }
         )
@@ -396,6 +443,7 @@ def read_ts_header(path: PathLike) -> dict[str, Any]:
         "block_alignment": info["block_alignment"],
         "tensor_alignment": info["tensor_alignment"],
         "metadata": _parse_metadata(info["user_metadata"]),
+        "compression": _core.store_compression(store),
         "blocks": block_list,
         "tensors": tensors,
     }
@@ -416,7 +464,8 @@ class IntegrityReport:
 
 
 def verify_storage_integrity(path: PathLike) -> IntegrityReport:
-    """Checks every checksum of a store.
+    """Checks every checksum of a store: each block's stored bytes, its decoded bytes (for a
+    compressed block, after decoding every chunk) and each tensor's bytes.
 
     A damaged store is reported, not raised: a header that does not validate gives
     ``ok=False`` with the error as the problem; damaged blocks are listed by index and name.
@@ -424,7 +473,7 @@ def verify_storage_integrity(path: PathLike) -> IntegrityReport:
     """
     store_path = _existing_store_file(path)
     try:
-        store = _core.Store(str(store_path))
+        store = _core.Store(str(store_path), decode_compressed=True)
     except _core.FormatError as e:
         return IntegrityReport(path=str(store_path), ok=False, problems=[str(e)])
     blocks = store.blocks
@@ -456,15 +505,18 @@ def convert_checkpoint(
     *,
     progress: ProgressArg = None,
     durable: bool = True,
+    compression: CompressionArg = None,
 ) -> dict[str, Any]:
     """Converts a .safetensors file or a Hugging Face checkpoint directory (sharded, with its
-    index) into a store, natively and with bounded memory; crash-safe.
+    index) into a store, natively and with bounded memory; crash-safe. ``compression`` as for
+    :func:`save_to_ts`.
 
     ``progress``: None shows a bar on a terminal, True always, False never; a callable gets
     ``(done_bytes, total_bytes)`` and may return False to cancel (OperationCancelled).
     Returns ``path``, ``file_size``, ``block_count``, ``tensor_count``, ``fingerprint`` and
     ``seconds``.
     """
+    level = _compression_level(compression)
     src = Path(os.fspath(source))
     if not src.exists():
         raise FileNotFoundError(errno.ENOENT, "no safetensors checkpoint at this path", str(src))
@@ -479,7 +531,11 @@ def convert_checkpoint(
     started = time.monotonic()
     try:
         summary = _core.convert_safetensors(
-            os.fspath(src), os.fspath(destination), progress=callback, durable=durable
+            os.fspath(src),
+            os.fspath(destination),
+            progress=callback,
+            durable=durable,
+            compression_level=level,
         )
     finally:
         if bar is not None:

@@ -167,12 +167,14 @@ def _rewrite_store(store_file: Path) -> tuple[int, int]:
     the new file's fingerprint is verified equal. Returns (bytes before, bytes after)."""
     import torch
 
-    store = _core.Store(str(store_file))
+    store = _core.Store(str(store_file), decode_compressed=True)
     info = store.info
     before = store_file.stat().st_size
     temp = store_file.with_name(f".{store_file.stem}.defrag-{os.getpid()}.tstore")
     tensors = store.tensors
-    with store_writer(temp) as writer:
+    # A compressed store stays compressed, at the level it was written with.
+    level = _core.store_compression(store)["level"]
+    with store_writer(temp, compression=level or None) as writer:
         if info.get("user_metadata"):
             writer.set_user_metadata(info["user_metadata"])
         for index, block in enumerate(store.blocks):
@@ -203,7 +205,8 @@ def defragment_storage(path: PathLike) -> dict[str, Any]:
     """Compacts the stores in the directory ``path`` (or the one store file ``path``): each is
     rewritten block by block (one block in memory at a time, checksums verified on read) into
     a fresh file by the native writer, its fingerprint checked unchanged, then renamed over the
-    original (crash-safe: an interruption leaves the original). Orphaned temporaries of
+    original (crash-safe: an interruption leaves the original). A compressed store is
+    rewritten compressed, at the level it was written with. Orphaned temporaries of
     interrupted writes are removed first (:func:`cleanup_orphaned_files`). A runtime that has
     a store open keeps reading its old file until it closes.
 

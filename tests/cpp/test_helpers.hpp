@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tensorstream/dtype.hpp"
 #include "tensorstream/io/env.hpp"
 
 namespace tensorstream::testing {
@@ -34,6 +35,11 @@ class TempDir {
 
 /// `n` bytes from a seeded generator.
 std::vector<std::byte> random_bytes(std::size_t n, std::uint64_t seed);
+
+/// `numel` elements of `dtype` that look like model weights: N(0, 0.02) rounded to the dtype
+/// for floating types (bf16 by rounding float32, fp8 by truncating bf16-like bit patterns),
+/// small integers for integer types, as raw little-endian bytes.
+std::vector<std::byte> weight_bytes(DType dtype, std::size_t numel, std::uint64_t seed);
 
 /// Whole content of a file.
 std::vector<std::byte> read_file(const std::filesystem::path& path);

@@ -134,3 +134,40 @@ def test_bench_decode_gpu_variant_dry_run(tmp_path: Path) -> None:
 
     if not torch.cuda.is_available():
         assert any("dry run" in x for x in data["lacks"])
+
+
+def test_bench_codec_smoke(tmp_path: Path) -> None:
+    """bench/bench_codec.py --smoke: a tiny Llama and gaussian weights in every dtype, each
+    measured by the native bench-codec; every row has a ratio, plain zstd's beside it, and
+    decode speeds for 1 and 2 threads."""
+    from tensorstream import _core
+
+    if not _core.compression_info()["available"]:
+        pytest.skip(_core.compression_info()["codec"])
+    out = tmp_path / "codec.json"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_codec.py"), "--smoke", "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {(r["source"], r["dtype"]) for r in rows} == {
+        (source, dtype)
+        for source in ("model", "gaussian")
+        for dtype in ("bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
+    }
+    for r in rows:
+        assert r["ratio"] >= 1.0 and r["plain_ratio"] >= 1.0
+        assert set(r["decode_gbps_per_thread"]) == {"1", "2"}
+        assert all(v > 0 for v in r["decode_gbps_per_thread"].values())
+    bf16 = next(r for r in rows if r["source"] == "gaussian" and r["dtype"] == "bfloat16")
+    assert bf16["ratio"] > 1.3 and bf16["ratio"] > bf16["plain_ratio"]
+    assert data["machine"]["cpus"] >= 1 and data["command"].startswith("python bench/")

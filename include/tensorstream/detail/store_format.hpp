@@ -26,6 +26,7 @@ inline constexpr std::size_t kSuperblockSize = 4096;
 inline constexpr std::size_t kSuperblockUsed = 128;
 inline constexpr std::size_t kBlockRecordSize = 64;
 inline constexpr std::size_t kTensorRecordSize = 48;
+inline constexpr std::size_t kChunkRecordSize = 40;
 
 /// The decoded superblock.
 struct Superblock {
@@ -53,16 +54,19 @@ struct Superblock {
 struct StoreTables {
   std::vector<BlockInfo> blocks;
   std::vector<TensorInfo> tensors;
+  std::vector<ChunkInfo> chunks;  ///< the chunks of every compressed block, in block order
   std::string user_metadata;
 };
 
 /// Encodes `sb` into kSuperblockSize bytes (checksum included).
 [[nodiscard]] std::vector<std::byte> encode_superblock(const Superblock& sb);
 
-/// Encodes the metadata region for `blocks` and `tensors` (names, dims and user metadata
-/// included) and fills the metadata-related fields of `sb` (counts, sizes, checksum).
+/// Encodes the metadata region for `blocks`, `tensors` and `chunks` (names, dims and user
+/// metadata included) and fills the metadata-related fields of `sb` (counts, sizes,
+/// checksum). Each block's chunk_count is written; its chunks are the next ones of `chunks`.
 [[nodiscard]] std::vector<std::byte> encode_metadata(const std::vector<BlockInfo>& blocks,
                                                      const std::vector<TensorInfo>& tensors,
+                                                     const std::vector<ChunkInfo>& chunks,
                                                      std::string_view user_metadata,
                                                      Superblock& sb);
 
