@@ -100,9 +100,11 @@ TEST(EngineArena, UnitsAreTheCallersGroupsOfAStoresTensors) {
     const auto stats = engine.stats();
     EXPECT_LE(stats.device_bytes_peak, options.device_budget);
     EXPECT_LE(stats.arena_bytes_peak, stats.arena_bytes);
-    // One tensor's unit reads that tensor, not its whole store block.
-    EXPECT_LT(stats.bytes_from_storage + stats.bytes_from_page_cache,
-              3 * 4 * (300 * 64 * 4 + 64 * 4 + 4096));
+    // A fill of one tensor's unit reads that tensor, not its whole store block: on average
+    // less than the larger tensor of a block.
+    ASSERT_GT(stats.fills, 0u);
+    EXPECT_LE((stats.bytes_from_storage + stats.bytes_from_page_cache) / stats.fills,
+              300u * 64 * 4);
   }
   // Bad groups are the caller's mistake, named.
   eng::EngineOptions options;
