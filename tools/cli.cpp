@@ -32,6 +32,8 @@ constexpr const char* kUsage =
     "                       a plain O_DIRECT read (and fio, where installed); --json\n"
     "  doctor               report which backends work here and why not (CUDA driver,\n"
     "                       cuFile, O_DIRECT, io_uring, locked-memory limit)\n"
+    "  settings             every setting with its default, environment variable and Config\n"
+    "                       field (--markdown: docs/runtime-settings.md; --json; --check FILE)\n"
     "  version              print the version\n";
 
 using util::human_bytes;
@@ -205,8 +207,8 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
 }  // namespace
 
 const std::vector<std::string>& native_commands() {
-  static const std::vector<std::string> commands{"convert",  "inspect", "verify",
-                                                 "bench-io", "doctor",  "version"};
+  static const std::vector<std::string> commands{"convert", "inspect",  "verify", "bench-io",
+                                                 "doctor",  "settings", "version"};
   return commands;
 }
 
@@ -224,6 +226,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (command == "verify") return cmd_verify(rest, out, err, interactive);
     if (command == "doctor") return cmd_doctor(rest, out, err);
     if (command == "bench-io") return cmd_bench_io(rest, out, err);
+    if (command == "settings") return cmd_settings(rest, out, err);
     if (command == "version" || command == "--version") {
       out << "tensorstream " << kVersion << "\n";
       return kExitOk;
