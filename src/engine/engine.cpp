@@ -399,13 +399,40 @@ Engine Engine::from_safetensors(const std::filesystem::path& path, EngineOptions
 Engine::~Engine() = default;
 Engine::Engine(Engine&&) noexcept = default;
 Engine& Engine::operator=(Engine&&) noexcept = default;
+// With check_invariants, each call is followed by the check, also when it fails (a failure
+// path is where bookkeeping goes wrong); a broken invariant replaces the call's own error.
 BlockView Engine::acquire(std::uint32_t block, cuda::StreamHandle stream) {
-  return impl_->acquire(block, stream);
+  if (!impl_->checks_invariants()) return impl_->acquire(block, stream);
+  BlockView view;
+  try {
+    view = impl_->acquire(block, stream);
+  } catch (...) {
+    impl_->check_after("acquire", block);
+    throw;
+  }
+  impl_->check_after("acquire", block);
+  return view;
 }
 void Engine::release(std::uint32_t block, cuda::StreamHandle stream) {
-  impl_->release(block, stream);
+  if (!impl_->checks_invariants()) return impl_->release(block, stream);
+  try {
+    impl_->release(block, stream);
+  } catch (...) {
+    impl_->check_after("release", block);
+    throw;
+  }
+  impl_->check_after("release", block);
 }
-void Engine::prefetch(std::uint32_t block) { impl_->prefetch(block); }
+void Engine::prefetch(std::uint32_t block) {
+  if (!impl_->checks_invariants()) return impl_->prefetch(block);
+  try {
+    impl_->prefetch(block);
+  } catch (...) {
+    impl_->check_after("prefetch", block);
+    throw;
+  }
+  impl_->check_after("prefetch", block);
+}
 void Engine::close() { impl_->close(); }
 std::size_t Engine::block_count() const noexcept { return impl_->layout_.blocks.size(); }
 const std::string& Engine::block_name(std::uint32_t block) const {
