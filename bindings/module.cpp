@@ -29,7 +29,9 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "cli.hpp"
@@ -41,6 +43,7 @@
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/safetensors.hpp"
+#include "tensorstream/settings.hpp"
 #include "tensorstream/shim/cuda.hpp"
 #include "tensorstream/shim/cufile.hpp"
 #include "tensorstream/store.hpp"
@@ -275,128 +278,165 @@ void flush_native_streams() {
 
 // ---- Engine ------------------------------------------------------------------------------
 
-// Builds EngineOptions from the plain dict of Config.engine_options(); unknown keys are an
-// error (a typo must not silently fall back to a default).
+// ---- settings and statistics ------------------------------------------------------------
+
+std::string python_type_and_repr(nb::handle value) {
+  return ts::detail::concat(Py_TYPE(value.ptr())->tp_name, " ",
+                            nb::cast<std::string>(nb::repr(value)));
+}
+
+// A Python value for option `row`, as its kind wants it: TypeError naming the key for a value
+// of another type (bool is not an integer here), ValueError for a negative or huge integer.
+ts::SettingValue setting_value_from(const ts::Setting& row, nb::handle value) {
+  const auto wrong_type = [&](std::string_view expected) {
+    return nb::type_error(ts::detail::concat("engine option '", row.name, "': expected ", expected,
+                                             row.optional ? " or None" : "", "; got ",
+                                             python_type_and_repr(value))
+                              .c_str());
+  };
+  if (value.is_none()) {
+    if (row.optional) return std::monostate{};
+    throw wrong_type(row.kind == ts::SettingKind::kBool      ? "True or False"
+                     : row.kind == ts::SettingKind::kInteger ? "an int"
+                                                             : "a str");
+  }
+  switch (row.kind) {
+    case ts::SettingKind::kBool:
+      if (!PyBool_Check(value.ptr())) throw wrong_type("True or False");
+      return value.ptr() == Py_True;
+    case ts::SettingKind::kInteger: {
+      if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) throw wrong_type("an int");
+      const nb::object index = nb::steal(PyNumber_Index(value.ptr()));
+      if (!index.is_valid()) throw nb::python_error();
+      const unsigned long long n = PyLong_AsUnsignedLongLong(index.ptr());
+      if (n == static_cast<unsigned long long>(-1) && PyErr_Occurred() != nullptr) {
+        PyErr_Clear();
+        throw std::invalid_argument(ts::detail::concat(
+            "engine option '", row.name, "': ", nb::cast<std::string>(nb::repr(value)),
+            " is not a non-negative integer below 2^64"));
+      }
+      return static_cast<std::uint64_t>(n);
+    }
+    case ts::SettingKind::kChoice:
+    case ts::SettingKind::kText:
+    case ts::SettingKind::kPath:
+      if (!PyUnicode_Check(value.ptr())) throw wrong_type("a str");
+      return nb::cast<std::string>(value);
+  }
+  throw wrong_type("a value");
+}
+
+nb::object setting_value_to_python(const ts::SettingValue& value) {
+  if (const auto* b = std::get_if<bool>(&value)) return nb::bool_(*b);
+  if (const auto* n = std::get_if<std::uint64_t>(&value)) return nb::int_(*n);
+  if (const auto* s = std::get_if<std::string>(&value)) return to_str(*s);
+  return nb::none();
+}
+
+nb::object text_or_none(std::string_view text) {
+  if (text.empty()) return nb::none();
+  return to_str(text);
+}
+
+nb::dict setting_dict(const ts::Setting& row) {
+  nb::dict d;
+  d["name"] = to_str(row.name);
+  d["scope"] = to_str(ts::setting_scope_name(row.scope));
+  d["kind"] = to_str(ts::setting_kind_name(row.kind));
+  d["unit"] = to_str(row.unit);
+  d["optional"] = row.optional;
+  d["default"] = setting_value_to_python(row.default_value);
+  d["default_text"] = to_str(row.default_text);
+  d["min"] = row.min ? nb::object(nb::int_(*row.min)) : nb::none();
+  d["max"] = row.max ? nb::object(nb::int_(*row.max)) : nb::none();
+  d["clamped"] = row.clamped;
+  nb::list choices;
+  for (const auto choice : row.choices) choices.append(to_str(choice));
+  d["choices"] = choices;
+  d["env"] = text_or_none(row.env);
+  d["config_field"] = text_or_none(row.config_field);
+  d["config_note"] = text_or_none(row.config_note);
+  d["meaning"] = to_str(row.meaning);
+  d["engine_option"] = row.is_option();
+  return d;
+}
+
+// Builds EngineOptions from the plain dict of Config.engine_options(): every key is a row of
+// the settings table, applied by name (a typo must not silently fall back to a default).
 ts::engine::EngineOptions engine_options_from(const nb::dict& d) {
   ts::engine::EngineOptions o;
   for (const auto& [key_obj, value] : d) {
-    const std::string key = nb::cast<std::string>(key_obj);
-    if (key == "device") {
-      o.device = nb::cast<std::string>(value);
-    } else if (key == "device_budget") {
-      o.device_budget = nb::cast<std::uint64_t>(value);
-    } else if (key == "ram_cache_bytes") {
-      o.ram_cache_bytes = nb::cast<std::uint64_t>(value);
-    } else if (key == "cache_policy") {
-      o.cache_policy = ts::cache::parse_policy(nb::cast<std::string>(value));
-    } else if (key == "backend") {
-      const auto name = nb::cast<std::string>(value);
-      const auto type = ts::io::parse_backend_type(name);
-      if (!type)
-        throw std::invalid_argument("backend '" + name +
-                                    "' is not one of auto, pread, io_uring, mmap");
-      o.backend = *type;
-    } else if (key == "prefetch") {
-      o.prefetch = ts::engine::parse_prefetch_strategy(nb::cast<std::string>(value));
-    } else if (key == "prefetch_depth") {
-      if (!value.is_none()) o.prefetch_depth = nb::cast<unsigned>(value);
-    } else if (key == "slots") {
-      o.slots = nb::cast<unsigned>(value);
-    } else if (key == "verify_checksums") {
-      o.verify_checksums = nb::cast<bool>(value);
-    } else if (key == "gds") {
-      o.gds = ts::engine::parse_gds_mode(nb::cast<std::string>(value));
-    } else if (key == "num_threads") {
-      o.io.num_threads = nb::cast<unsigned>(value);
-    } else if (key == "request_size") {
-      o.io.request_size = nb::cast<std::size_t>(value);
-    } else if (key == "queue_depth") {
-      o.io.queue_depth = nb::cast<unsigned>(value);
-    } else if (key == "direct") {
-      o.io.direct = nb::cast<bool>(value);
-    } else if (key == "wait_timeout_ms") {
-      o.wait_timeout = std::chrono::milliseconds(nb::cast<std::int64_t>(value));
-    } else if (key == "trace_capacity") {
-      o.trace_capacity = nb::cast<std::size_t>(value);
-    } else if (key == "unit_needs") {
-      if (!value.is_none()) o.unit_needs = nb::cast<std::vector<std::uint64_t>>(value);
-    } else if (key == "unit_partial") {
-      if (!value.is_none()) o.unit_partial = nb::cast<std::vector<bool>>(value);
-    } else if (key == "memory_stream") {
-      o.memory_stream = reinterpret_cast<ts::cuda::StreamHandle>(nb::cast<std::uintptr_t>(value));
-    } else {
-      throw std::invalid_argument("unknown engine option '" + key + "'");
+    if (!PyUnicode_Check(key_obj.ptr())) {
+      throw nb::type_error(
+          ts::detail::concat("engine option names are str; got ", python_type_and_repr(key_obj))
+              .c_str());
     }
+    const std::string key = nb::cast<std::string>(key_obj);
+    // Per-unit lists and handles: structural options (settings.hpp), not table rows.
+    if (key == "unit_needs") {
+      if (!value.is_none()) o.unit_needs = nb::cast<std::vector<std::uint64_t>>(value);
+      continue;
+    }
+    if (key == "unit_partial") {
+      if (!value.is_none()) o.unit_partial = nb::cast<std::vector<bool>>(value);
+      continue;
+    }
+    if (key == "memory_stream") {
+      o.memory_stream = reinterpret_cast<ts::cuda::StreamHandle>(nb::cast<std::uintptr_t>(value));
+      continue;
+    }
+    const ts::Setting* row = ts::find_setting(key);
+    if (row == nullptr || !row->is_option()) {
+      throw std::invalid_argument(ts::detail::concat("unknown engine option '", key,
+                                                     "'; known options: ", ts::option_names()));
+    }
+    ts::apply_setting(o, key, setting_value_from(*row, value));
   }
   return o;
 }
 
+// A statistic as Python sees it: numbers, str, lists, and dicts for the nested structs (each
+// through its own for_each_field).
+template <class T>
+struct is_vector : std::false_type {};
+template <class T>
+struct is_vector<std::vector<T>> : std::true_type {};
+
+template <class V>
+nb::object stat_to_python(const V& value);
+
+struct StatsToDict {
+  nb::dict& out;
+  template <class V>
+  void operator()(std::string_view name, const V& value, std::string_view /*meaning*/) const {
+    out[to_str(name)] = stat_to_python(value);
+  }
+};
+
+template <class V>
+nb::object stat_to_python(const V& value) {
+  if constexpr (std::is_same_v<V, bool>) {
+    return nb::bool_(value);
+  } else if constexpr (std::is_arithmetic_v<V>) {
+    return nb::cast(value);
+  } else if constexpr (std::is_same_v<V, std::string> || std::is_same_v<V, std::string_view>) {
+    return to_str(value);
+  } else if constexpr (std::is_same_v<V, fs::path>) {
+    return to_str(value.string());
+  } else if constexpr (is_vector<V>::value) {
+    nb::list list;
+    for (const auto& item : value) list.append(stat_to_python(item));
+    return list;
+  } else {
+    nb::dict d;
+    for_each_field(value, StatsToDict{d});
+    return d;
+  }
+}
+
 nb::dict engine_stats_dict(const ts::engine::EngineStats& s) {
   nb::dict d;
-  d["acquires"] = s.acquires;
-  d["device_hits"] = s.device_hits;
-  d["device_misses"] = s.device_misses;
-  d["bytes_from_storage"] = s.bytes_from_storage;
-  d["bytes_from_ram_tier"] = s.bytes_from_ram_tier;
-  d["bytes_to_device"] = s.bytes_to_device;
-  d["fills"] = s.fills;
-  d["prefetches_issued"] = s.prefetches_issued;
-  d["prefetches_used"] = s.prefetches_used;
-  d["prefetches_wasted"] = s.prefetches_wasted;
-  d["prefetches_cancelled"] = s.prefetches_cancelled;
-  d["failures"] = s.failures;
-  d["stall_seconds"] = s.stall_seconds;
-  d["io_seconds"] = s.io_seconds;
-  d["fill_seconds"] = s.fill_seconds;
-  d["storage_gbps"] = s.storage_gbps();
-  d["device_bytes_in_use"] = s.device_bytes_in_use;
-  d["device_bytes_peak"] = s.device_bytes_peak;
-  d["device_budget"] = s.device_budget;
-  d["arena_bytes"] = s.arena_bytes;
-  d["arena_bytes_in_use"] = s.arena_bytes_in_use;
-  d["arena_bytes_peak"] = s.arena_bytes_peak;
-  d["overlap"] = s.overlap;
-  d["row_reads"] = s.row_reads;
-  d["rows_read"] = s.rows_read;
-  d["bytes_of_rows"] = s.bytes_of_rows;
-  d["prefetch_depth"] = s.prefetch_depth;
-  d["order_learned"] = s.order_learned;
-  d["block_load_seconds"] = s.block_load_seconds;
-  d["backend"] = s.backend;
-  d["in_place"] = s.in_place;
-  d["backend_note"] = s.backend_note;
-  d["gds_mode"] = std::string(ts::engine::gds_mode_name(s.gds_mode));
-  d["gds_files"] = s.gds_files;
-  d["gds_bytes"] = s.gds_bytes;
-  d["gds_reason"] = to_str(s.gds_reason);
-  nb::list gds;
-  for (const auto& f : s.gds) {
-    nb::dict file;
-    file["path"] = to_str(f.path.string());
-    file["used"] = f.used;
-    file["reason"] = to_str(f.reason);
-    gds.append(file);
-  }
-  d["gds"] = gds;
-  d["bytes_from_page_cache"] = s.bytes_from_page_cache;
-  nb::dict ram;
-  ram["capacity"] = s.ram_tier.capacity;
-  ram["bytes_in_use"] = s.ram_tier.bytes_in_use;
-  ram["peak_bytes_in_use"] = s.ram_tier.peak_bytes_in_use;
-  ram["entries"] = s.ram_tier.entries;
-  ram["hits"] = s.ram_tier.hits;
-  ram["misses"] = s.ram_tier.misses;
-  ram["evictions"] = s.ram_tier.evictions;
-  ram["rejections"] = s.ram_tier.rejections;
-  ram["hit_rate"] = s.ram_tier.hit_rate();
-  d["ram_tier"] = ram;
-  nb::dict io;
-  io["bytes_read"] = s.io.bytes_read;
-  io["requests"] = s.io.requests;
-  io["reads_direct"] = s.io.reads_direct;
-  io["reads_buffered"] = s.io.reads_buffered;
-  io["busy_seconds"] = s.io.busy_seconds;
-  d["io"] = io;
+  for_each_field(s, StatsToDict{d});
   return d;
 }
 
@@ -873,6 +913,35 @@ NB_MODULE(_core, m) {
   bind_engine(m);
   bind_safetensors(m);
   bind_compression(m);
+
+  // ---- settings ----
+  m.def(
+      "settings",
+      [] {
+        nb::list out;
+        for (const auto& row : ts::settings()) out.append(setting_dict(row));
+        return out;
+      },
+      "The settings table (include/tensorstream/settings.hpp), one dict per setting: name, "
+      "scope ('engine', 'io', 'python', 'environment'), kind ('bool', 'integer', 'choice', "
+      "'text', 'path'), unit, optional, default, default_text, min, max, clamped, choices, env, "
+      "config_field, config_note, meaning and engine_option (whether the options dict of "
+      "Engine accepts it).");
+  m.def(
+      "structural_options",
+      [] {
+        nb::list out;
+        for (const auto& option : ts::structural_options()) {
+          nb::dict d;
+          d["name"] = to_str(option.name);
+          d["given_by"] = to_str(option.given_by);
+          d["meaning"] = to_str(option.meaning);
+          out.append(d);
+        }
+        return out;
+      },
+      "The engine options that are not scalars, and so not rows of settings(): name, given_by "
+      "(where a caller gives them instead), meaning.");
 
   // ---- dtypes ----
   m.def(

@@ -39,6 +39,8 @@ constexpr const char* kUsage =
     "                       a plain O_DIRECT read (and fio, where installed); --json\n"
     "  doctor               report which backends work here and why not (CUDA driver,\n"
     "                       cuFile, O_DIRECT, io_uring, locked-memory limit)\n"
+    "  settings             every setting with its default, environment variable and Config\n"
+    "                       field (--markdown: docs/runtime-settings.md; --json; --check FILE)\n"
     "  version              print the version\n";
 
 using util::fixed;
@@ -313,8 +315,8 @@ int cmd_verify(const std::vector<std::string>& args, std::ostream& out, std::ost
 }  // namespace
 
 const std::vector<std::string>& native_commands() {
-  static const std::vector<std::string> commands{"convert",     "inspect", "verify", "bench-io",
-                                                 "bench-codec", "doctor",  "version"};
+  static const std::vector<std::string> commands{
+      "convert", "inspect", "verify", "bench-io", "bench-codec", "doctor", "settings", "version"};
   return commands;
 }
 
@@ -333,6 +335,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (command == "doctor") return cmd_doctor(rest, out, err);
     if (command == "bench-io") return cmd_bench_io(rest, out, err);
     if (command == "bench-codec") return cmd_bench_codec(rest, out, err);
+    if (command == "settings") return cmd_settings(rest, out, err);
     if (command == "version" || command == "--version") {
       out << "tensorstream " << kVersion << "\n";
       return kExitOk;

@@ -16,4 +16,8 @@ int cmd_bench_codec(const std::vector<std::string>& args, std::ostream& out, std
 /// `tensorstream doctor [--storage-path DIR] [--json]`: see tools/doctor.cpp.
 int cmd_doctor(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
+/// `tensorstream settings [--markdown | --json | --check FILE | --update FILE]`: see
+/// tools/settings_command.cpp.
+int cmd_settings(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+
 }  // namespace tensorstream::cli

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import _debug
 from ._analysis import TensorSlot
 from ._dtypes import name_to_dtype
 from ._hooks import make_guarded_apply, make_post_hook, make_pre_hook
@@ -64,6 +65,8 @@ def attach(
     budgets and returns the runtime attached to ``model``. ``blocks`` are numbered as the
     source's blocks, and each block's ``params`` name their tensors as the source does;
     ``resident_bytes`` are the parameters that stay on the device (already there)."""
+    if config.debug_mode:
+        _debug.enable_logging()
     options, budget = engine_options(config, device)
     engine, memory = start_engine(source, options, budget, resident_bytes, device)
     try:

@@ -10,6 +10,8 @@
   keeps the runtime's device and dtype, moves the runtime for a whole-model device move, and
   refuses the rest before anything is touched.
 * After the runtime closes, :func:`closed_hook` makes a streamed block's forward fail clearly.
+* With ``Config.debug_mode`` the acquire and release go through :mod:`tensorstream._debug`,
+  which logs them.
 
 Hooks read the runtime's engine and memory at each call (a restart replaces them); this
 module does not import :mod:`tensorstream.runtime`.
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import _debug
 from ._pressure import is_out_of_memory, notify
 from ._torch_memory import placeholder
 
@@ -56,9 +59,11 @@ def make_pre_hook(runtime: OffloadedModel, block: Block):
         _check_input_device(runtime, block, args, kwargs)
         with block.lock:
             if block.active == 0:
-                address, size, _ = runtime._engine.acquire(
-                    block.index, _current_stream(runtime.device)
-                )
+                stream = _current_stream(runtime.device)
+                if runtime.debug:
+                    address, size, _ = _debug.acquire(runtime, block, stream)
+                else:
+                    address, size, _ = runtime._engine.acquire(block.index, stream)
                 raw = runtime._memory.view(address, size)
                 for s in block.slots:
                     s.param.data = raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
@@ -130,6 +135,8 @@ def make_post_hook(runtime: OffloadedModel, block: Block):
             for s in block.slots:
                 s.param.data = placeholder(s.dtype, s.shape, runtime.device)
             runtime._engine.release(block.index, _current_stream(runtime.device))
+            if runtime.debug:
+                _debug.released(runtime, block)
 
     return post_hook
 

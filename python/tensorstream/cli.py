@@ -1,8 +1,8 @@
 """The ``tensorstream`` command line.
 
 The store tools are native (``_core.native_commands()``: convert, inspect, verify, bench-io,
-bench-codec, doctor, version) and run in the C++ engine without torch; this front forwards
-them and adds the commands written in Python (``demo``, ``run``).
+bench-codec, doctor, settings, version) and run in the C++ engine without torch; this front
+forwards them and adds the commands written in Python (``demo``, ``run``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,11 @@ Every size may be given as a number or as a string (see :func:`parse_size`):
 
 Defaults and precedence
 -----------------------
-For every field: an explicit argument (or assignment) > the environment > the built-in default.
+The defaults, and the ranges and values the validators accept, are not written here: they come
+from the engine's one settings table (``include/tensorstream/settings.hpp``, read through
+``_core.settings()``), which also generates docs/runtime-settings.md (``tensorstream settings
+--markdown``). For every field: an explicit argument (or assignment) > the environment > the
+default.
 Only two fields read the environment, and an empty variable counts as unset:
 
 * ``storage_path``: ``None`` (the default) means ``$TENSORSTREAM_STORAGE_PATH`` if set, else
@@ -56,6 +60,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Union
 
+from . import _core
+
 if TYPE_CHECKING:
     import torch
 
@@ -75,8 +81,11 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 SizeLike = Union[int, float, str]
 
-ENV_STORAGE_PATH = "TENSORSTREAM_STORAGE_PATH"
-ENV_VRAM_BUDGET = "TENSORSTREAM_VRAM_BUDGET"
+# The settings table of the engine, one dict per setting, by name (see _core.settings()).
+_SETTINGS: dict[str, dict[str, Any]] = {row["name"]: row for row in _core.settings()}
+
+ENV_STORAGE_PATH: str = _SETTINGS["storage_path"]["env"]
+ENV_VRAM_BUDGET: str = _SETTINGS["vram_budget_gb"]["env"]
 
 GB = 10**9
 MiB = 1 << 20
@@ -368,7 +377,7 @@ def default_storage_path(environ: Mapping[str, str] | None = None) -> str:
 # Each takes (value, environ) and returns the normalised value that Config stores, or raises
 # TypeError / ValueError naming the field.
 
-_CACHE_POLICIES = ("auto", "lru", "lfu", "fifo")
+_CACHE_POLICIES = tuple(_SETTINGS["cache_policy"]["choices"])
 _DTYPE_ALIASES = {
     "float16": "float16",
     "fp16": "float16",
@@ -411,6 +420,15 @@ def _check_int(
         return number
 
     return check
+
+
+def _check_int_setting(
+    field: str, setting: str
+) -> Callable[[object, Mapping[str, str]], int | None]:
+    """``_check_int`` with the range (and whether None is accepted) of the table's row
+    ``setting``."""
+    row = _SETTINGS[setting]
+    return _check_int(field, row["min"], row["max"], optional=row["optional"])
 
 
 def _check_enum(
@@ -525,11 +543,11 @@ _VALIDATORS: dict[str, Callable[[object, Mapping[str, str]], Any]] = {
     "ram_cache_gb": _check_ram_cache,
     "backend": _check_enum("backend", BackendType),
     "prefetch_strategy": _check_enum("prefetch_strategy", PrefetchStrategy),
-    "prefetch_depth": _check_int("prefetch_depth", 1, 64, optional=True),
+    "prefetch_depth": _check_int_setting("prefetch_depth", "prefetch_depth"),
     "cache_policy": _check_cache_policy,
     "compression_enabled": _check_bool("compression_enabled"),
     "compression_level": _check_int("compression_level", 1, 9),
-    "num_io_threads": _check_int("num_io_threads", 1, 64),
+    "num_io_threads": _check_int_setting("num_io_threads", "num_threads"),
     "memory_pressure_mode": _check_enum("memory_pressure_mode", MemoryPressureMode),
     "verify_checksums": _check_bool("verify_checksums"),
     "min_layer_size": _check_min_layer_size,
@@ -560,6 +578,38 @@ def _field(name: str, doc: str) -> property:
     return property(fget, fset, doc=doc)
 
 
+# ---- defaults, from the settings table -----------------------------------------------------
+
+
+def _backend_default() -> BackendType:
+    """The BackendType that gives the engine's default ``backend`` and ``gds``."""
+    engine = (_SETTINGS["backend"]["default"], _SETTINGS["gds"]["default"])
+    return next(m for m in BackendType if (_ENGINE_BACKEND[m], _ENGINE_GDS[m]) == engine)
+
+
+# The default of each field that the table gives (storage_path, vram_budget_gb and device are
+# None, "decide later": the environment, the free memory, the model's device; compression is
+# not in the table yet).
+_TABLE_DEFAULTS: dict[str, Any] = {
+    "ram_cache_gb": _SETTINGS["ram_cache_bytes"]["default"] / GB,
+    "backend": _backend_default(),
+    "prefetch_strategy": PrefetchStrategy(_SETTINGS["prefetch"]["default"]),
+    "prefetch_depth": _SETTINGS["prefetch_depth"]["default"],
+    "cache_policy": _SETTINGS["cache_policy"]["default"],
+    "num_io_threads": _SETTINGS["num_threads"]["default"],
+    "memory_pressure_mode": MemoryPressureMode(_SETTINGS["memory_pressure_mode"]["default"]),
+    "verify_checksums": _SETTINGS["verify_checksums"]["default"],
+    "min_layer_size": _SETTINGS["min_layer_size"]["default"],
+    "dtype": _SETTINGS["dtype"]["default"],
+    "debug_mode": _SETTINGS["debug_mode"]["default"],
+}
+
+
+def _range(setting: str) -> str:
+    row = _SETTINGS[setting]
+    return f"{row['min']}..{row['max']}"
+
+
 # ---- Config --------------------------------------------------------------------------------
 
 _FILE_FORMAT = "tensorstream-config"
@@ -569,7 +619,8 @@ _FILE_VERSION = 1
 class Config:
     """Every setting of TensorStream, validated on construction and on each assignment.
 
-    Fields (defaults in the signature; sizes as documented in this module):
+    Fields (defaults in the signature, taken from the settings table; ``tensorstream settings``
+    prints them, docs/runtime-settings.md explains each; sizes as documented in this module):
 
     * ``storage_path`` -- where stores live. None: ``$TENSORSTREAM_STORAGE_PATH``, else
       ``~/.cache/tensorstream``. Stored as an absolute str.
@@ -577,26 +628,29 @@ class Config:
       ``device="cpu"``: weight bytes held in RAM at once); GB or a size string. None:
       ``$TENSORSTREAM_VRAM_BUDGET``, else automatic (:func:`default_vram_budget` at engine
       start). Must be > 0. Reads back as float GB; ``vram_budget_bytes`` gives the int.
-    * ``ram_cache_gb`` -- pinned-RAM tier between disk and device, GB or a size string; 0 (the
-      default, also for None): no tier. ``ram_cache_bytes`` gives the int.
-    * ``backend`` -- :class:`BackendType` (or its name as a string), default AUTO.
-    * ``prefetch_strategy`` -- :class:`PrefetchStrategy`, default ADAPTIVE.
-    * ``prefetch_depth`` -- layers read ahead, 1..64; None: chosen from measured I/O vs compute.
-    * ``cache_policy`` -- RAM-tier eviction: "auto" (cyclic-aware, default), "lru", "lfu",
-      "fifo".
+    * ``ram_cache_gb`` -- pinned-RAM tier between disk and device, GB or a size string; 0 (also
+      for None): no tier. ``ram_cache_bytes`` gives the int.
+    * ``backend`` -- :class:`BackendType` (or its name as a string).
+    * ``prefetch_strategy`` -- :class:`PrefetchStrategy`.
+    * ``prefetch_depth`` -- layers read ahead (range: the table's ``prefetch_depth``); None:
+      chosen from measured I/O vs compute.
+    * ``cache_policy`` -- RAM-tier eviction: "auto" (cyclic-aware), "lru", "lfu", "fifo".
     * ``compression_enabled`` (False), ``compression_level`` (3, 1..9) -- lossless store
       compression.
-    * ``num_io_threads`` -- I/O worker threads, 1..64 (default 4).
-    * ``memory_pressure_mode`` -- :class:`MemoryPressureMode`, default BALANCED.
-    * ``verify_checksums`` -- verify every read against the store's checksums (False).
-    * ``min_layer_size`` -- modules smaller than this many bytes stay resident (1 MiB); bytes
-      or a size string.
+    * ``num_io_threads`` -- I/O worker threads (range: the table's ``num_threads``).
+    * ``memory_pressure_mode`` -- :class:`MemoryPressureMode`.
+    * ``verify_checksums`` -- verify every read against the store's checksums.
+    * ``min_layer_size`` -- modules smaller than this many bytes stay resident; bytes or a size
+      string.
     * ``dtype`` -- None (keep), torch.float16 / torch.bfloat16 or "float16", "bfloat16",
       "fp16", "bf16". Reads back as the canonical name ("float16" / "bfloat16");
       ``torch_dtype`` gives the torch.dtype.
     * ``device`` -- None (where the model is moved with ``.to()``), "cpu", "cuda", "cuda:N" or
       a torch.device. Reads back as a str.
-    * ``debug_mode`` -- False.
+    * ``debug_mode`` -- True: the ``tensorstream`` logger logs every acquire (ready or
+      stalled, with its time) and release of a streamed block at DEBUG, with a stderr handler
+      if it has none, and the engine checks its invariants after every call
+      (``check_invariants``), raising TensorStreamError naming the broken one.
 
     Equality compares the normalised values (``Config(dtype=torch.bfloat16) ==
     Config(dtype="bf16")``). Not thread-safe for concurrent assignment; not hashable (mutable).
@@ -610,20 +664,20 @@ class Config:
         storage_path: PathLike | None = None,
         *,
         vram_budget_gb: SizeLike | None = None,
-        ram_cache_gb: SizeLike = 0.0,
-        backend: BackendType | str = BackendType.AUTO,
-        prefetch_strategy: PrefetchStrategy | str = PrefetchStrategy.ADAPTIVE,
-        prefetch_depth: int | None = None,
-        cache_policy: str = "auto",
+        ram_cache_gb: SizeLike = _TABLE_DEFAULTS["ram_cache_gb"],
+        backend: BackendType | str = _TABLE_DEFAULTS["backend"],
+        prefetch_strategy: PrefetchStrategy | str = _TABLE_DEFAULTS["prefetch_strategy"],
+        prefetch_depth: int | None = _TABLE_DEFAULTS["prefetch_depth"],
+        cache_policy: str = _TABLE_DEFAULTS["cache_policy"],
         compression_enabled: bool = False,
         compression_level: int = 3,
-        num_io_threads: int = 4,
-        memory_pressure_mode: MemoryPressureMode | str = MemoryPressureMode.BALANCED,
-        verify_checksums: bool = False,
-        min_layer_size: SizeLike = 1 << 20,
-        dtype: torch.dtype | str | None = None,
+        num_io_threads: int = _TABLE_DEFAULTS["num_io_threads"],
+        memory_pressure_mode: MemoryPressureMode | str = _TABLE_DEFAULTS["memory_pressure_mode"],
+        verify_checksums: bool = _TABLE_DEFAULTS["verify_checksums"],
+        min_layer_size: SizeLike = _TABLE_DEFAULTS["min_layer_size"],
+        dtype: torch.dtype | str | None = _TABLE_DEFAULTS["dtype"],
         device: torch.device | str | None = None,
-        debug_mode: bool = False,
+        debug_mode: bool = _TABLE_DEFAULTS["debug_mode"],
     ) -> None:
         self._values: dict[str, Any] = {}
         self._assign(
@@ -662,17 +716,21 @@ class Config:
     ram_cache_gb = _field("ram_cache_gb", "Pinned-RAM tier in GB (0: none).")
     backend = _field("backend", "I/O backend (BackendType).")
     prefetch_strategy = _field("prefetch_strategy", "Read-ahead strategy (PrefetchStrategy).")
-    prefetch_depth = _field("prefetch_depth", "Layers read ahead, 1..64 (None: measured).")
+    prefetch_depth = _field(
+        "prefetch_depth", f"Layers read ahead, {_range('prefetch_depth')} (None: measured)."
+    )
     cache_policy = _field("cache_policy", "RAM-tier eviction: auto, lru, lfu or fifo.")
     compression_enabled = _field("compression_enabled", "Lossless store compression.")
     compression_level = _field("compression_level", "Compression level, 1..9.")
-    num_io_threads = _field("num_io_threads", "I/O worker threads, 1..64.")
+    num_io_threads = _field("num_io_threads", f"I/O worker threads, {_range('num_threads')}.")
     memory_pressure_mode = _field("memory_pressure_mode", "MemoryPressureMode.")
     verify_checksums = _field("verify_checksums", "Verify every read against its checksum.")
     min_layer_size = _field("min_layer_size", "Modules below this many bytes stay resident.")
     dtype = _field("dtype", "'float16', 'bfloat16' or None (keep the weights' dtype).")
     device = _field("device", "'cpu', 'cuda', 'cuda:N' or None (where the model is moved).")
-    debug_mode = _field("debug_mode", "Debug checks and logging.")
+    debug_mode = _field(
+        "debug_mode", "Log acquires and releases at DEBUG; check the engine's invariants."
+    )
 
     @property
     def vram_budget_bytes(self) -> int | None:
@@ -809,17 +867,23 @@ class Config:
           works), "off" for MMAP, IO_URING and PREAD;
         * ``prefetch``: "none", "next_layer" or "adaptive"; ``prefetch_depth``: int or None
           (engine measures);
-        * ``slots``: streaming slots, 1 + prefetch depth (depth None counts as 1), at least 2;
-          2 with PrefetchStrategy.NONE;
+        * ``slots``: the streaming arena the plan aims for, in largest streamed units: 1 +
+          prefetch depth (depth None counts as 1), at least 2; 1 with PrefetchStrategy.NONE;
         * ``num_threads``: ``num_io_threads``.
+
+        The engine applies each key by its row of the settings table (``_core.settings()``);
+        the runtime adds ``check_invariants`` for ``debug_mode``
+        (:func:`tensorstream.runtime.engine_options`).
         """
-        target = self.device or _check_device(device, os.environ) or "cpu"
+        target = self.device or _check_device(device, os.environ) or _SETTINGS["device"]["default"]
         budget = self.vram_budget_bytes
         if budget is None:
             budget = default_vram_budget(target, self.memory_pressure_mode)
         strategy: PrefetchStrategy = self.prefetch_strategy
         depth: int | None = self.prefetch_depth
-        slots = 2 if strategy is PrefetchStrategy.NONE else max(2, 1 + (depth or 1))
+        # Nothing loads ahead without prefetching: an arena of one unit, the rest resident.
+        least = _SETTINGS["slots"]["min"]
+        slots = least if strategy is PrefetchStrategy.NONE else max(2, 1 + (depth or 1))
         return {
             "device": target,
             "device_budget": budget,
@@ -856,7 +920,7 @@ def _rebuild(cls: type[Config], values: Mapping[str, Any]) -> Config:
     return config
 
 
-# The constructor's defaults are the single source of the defaults.
+# The constructor's defaults, by field (those the settings table gives come from _TABLE_DEFAULTS).
 _DEFAULTS: dict[str, Any] = {
     name: parameter.default
     for name, parameter in inspect.signature(Config.__init__).parameters.items()

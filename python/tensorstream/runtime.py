@@ -67,10 +67,13 @@ def get_model_statistics(model: nn.Module) -> dict[str, Any]:
 
 def engine_options(config: Any, device: torch.device) -> tuple[dict[str, Any], int]:
     """The engine options ``config`` gives for ``device``, and the whole weight budget
-    (resident parameters + engine) they hold as ``device_budget``."""
+    (resident parameters + engine) they hold as ``device_budget``. ``debug_mode`` adds
+    ``check_invariants``: the engine checks its invariants after every call."""
     target = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     options = dict(config.engine_options(device=target))
     options["device"] = target
+    if config.debug_mode:
+        options["check_invariants"] = True
     return options, options["device_budget"]
 
 
@@ -148,6 +151,9 @@ class OffloadedModel:
         # What an out-of-memory error in a forward does (see _pressure.PRESSURE_POLICY).
         self.pressure_mode = config.memory_pressure_mode.value
         self.config = config  # the Config it was offloaded with (for device moves)
+        # Config.debug_mode: the hooks log acquires and releases (_debug).
+        self.debug = bool(config.debug_mode)
+        self._acquired_at: dict[int, float] = {}  # debug: block index -> acquire time
         self._root: nn.Module | None = None  # the model whose forward is wrapped (attach)
         self._forwards = threading.local()  # per thread: depth of wrapped forwards running
 

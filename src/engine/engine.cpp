@@ -612,13 +612,40 @@ Engine Engine::from_safetensors(const std::filesystem::path& path, EngineOptions
 Engine::~Engine() = default;
 Engine::Engine(Engine&&) noexcept = default;
 Engine& Engine::operator=(Engine&&) noexcept = default;
+// With check_invariants, each call is followed by the check, also when it fails (a failure
+// path is where bookkeeping goes wrong); a broken invariant replaces the call's own error.
 BlockView Engine::acquire(std::uint32_t block, cuda::StreamHandle stream) {
-  return impl_->acquire(block, stream);
+  if (!impl_->checks_invariants()) return impl_->acquire(block, stream);
+  BlockView view;
+  try {
+    view = impl_->acquire(block, stream);
+  } catch (...) {
+    impl_->check_after("acquire", block);
+    throw;
+  }
+  impl_->check_after("acquire", block);
+  return view;
 }
 void Engine::release(std::uint32_t block, cuda::StreamHandle stream) {
-  impl_->release(block, stream);
+  if (!impl_->checks_invariants()) return impl_->release(block, stream);
+  try {
+    impl_->release(block, stream);
+  } catch (...) {
+    impl_->check_after("release", block);
+    throw;
+  }
+  impl_->check_after("release", block);
 }
-void Engine::prefetch(std::uint32_t block) { impl_->prefetch(block); }
+void Engine::prefetch(std::uint32_t block) {
+  if (!impl_->checks_invariants()) return impl_->prefetch(block);
+  try {
+    impl_->prefetch(block);
+  } catch (...) {
+    impl_->check_after("prefetch", block);
+    throw;
+  }
+  impl_->check_after("prefetch", block);
+}
 RowsView Engine::acquire_rows(std::uint32_t block, std::uint32_t tensor,
                               std::span<const std::int64_t> rows, cuda::StreamHandle stream) {
   return impl_->acquire_rows(block, tensor, rows, stream);

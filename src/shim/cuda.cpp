@@ -96,7 +96,7 @@ struct Loaded {
 };
 
 Loaded load_driver() {
-  const char* env = std::getenv("TENSORSTREAM_CUDA_LIBRARY");
+  const char* env = std::getenv(kCudaLibraryEnv);
   auto probe = detail::probe_driver(env != nullptr && *env != '\0' ? env : "libcuda.so.1");
   return {probe.api, std::move(probe.status)};
 }

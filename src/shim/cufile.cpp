@@ -51,7 +51,7 @@ struct Library {
 
 Library load_library() {
   Library lib;
-  const char* env = std::getenv("TENSORSTREAM_CUFILE_LIBRARY");
+  const char* env = std::getenv(kCufileLibraryEnv);
   const bool explicit_path = env != nullptr && *env != '\0';
   const std::vector<std::string> candidates =
       explicit_path ? std::vector<std::string>{env}
@@ -68,8 +68,8 @@ Library load_library() {
     errors += concat(errors.empty() ? "" : "; ", e ? e : candidate + ": dlopen failed");
   }
   if (handle == nullptr) {
-    lib.reason = explicit_path ? concat("cannot load cuFile from TENSORSTREAM_CUFILE_LIBRARY='",
-                                        env, "': ", errors)
+    lib.reason = explicit_path ? concat("cannot load cuFile from ", kCufileLibraryEnv, "='", env,
+                                        "': ", errors)
                                : concat("no cuFile library found (", errors, ")");
     return lib;
   }

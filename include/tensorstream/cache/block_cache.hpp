@@ -139,24 +139,21 @@ enum class Policy : std::uint8_t {
 
 // ---- statistics --------------------------------------------------------------------------
 
-/// A consistent snapshot of a cache's counters (taken under its lock).
+/// A consistent snapshot of a cache's counters (taken under its lock); what each means:
+/// for_each_field below, their one description.
 struct Stats {
-  std::uint64_t capacity = 0;           ///< budget in bytes, as constructed
-  std::uint64_t bytes_in_use = 0;       ///< charged bytes: entries (filled, being filled,
-                                        ///< erased but still pinned) + bytes being freed;
-                                        ///< always <= capacity
-  std::uint64_t peak_bytes_in_use = 0;  ///< highest bytes_in_use since construction
-  std::uint64_t entries = 0;            ///< entries findable by key (published or being filled)
-  std::uint64_t pinned_entries = 0;     ///< entries with at least one live handle (erased
-                                        ///< ones included)
-  std::uint64_t hits = 0;               ///< lookups that returned a handle
-  std::uint64_t misses = 0;             ///< lookups that returned nullopt
-  std::uint64_t insertions = 0;         ///< inserts that returned a handle
-  std::uint64_t rejections = 0;         ///< inserts declined: by the policy, for lack of
-                                        ///< unpinned room, or larger than the capacity
-  std::uint64_t conflicts = 0;          ///< inserts of a key already present (nullopt)
-  std::uint64_t evictions = 0;          ///< entries evicted to make room (not erase/clear)
-  std::uint64_t abandoned = 0;          ///< fills whose handle died before publish()
+  std::uint64_t capacity = 0;
+  std::uint64_t bytes_in_use = 0;
+  std::uint64_t peak_bytes_in_use = 0;
+  std::uint64_t entries = 0;
+  std::uint64_t pinned_entries = 0;
+  std::uint64_t hits = 0;
+  std::uint64_t misses = 0;
+  std::uint64_t insertions = 0;
+  std::uint64_t rejections = 0;
+  std::uint64_t conflicts = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t abandoned = 0;
 
   /// hits / (hits + misses), 0 when there was no lookup.
   [[nodiscard]] double hit_rate() const noexcept {
@@ -164,6 +161,29 @@ struct Stats {
     return lookups == 0 ? 0.0 : static_cast<double>(hits) / static_cast<double>(lookups);
   }
 };
+
+/// Calls `visit(name, value, meaning)` for each field of `s`, and for the derived hit_rate.
+template <class Visit>
+void for_each_field(const Stats& s, Visit&& visit) {
+  visit("capacity", s.capacity, "budget in bytes, as constructed");
+  visit("bytes_in_use", s.bytes_in_use,
+        "charged bytes: entries (filled, being filled, erased but still pinned) + bytes being "
+        "freed; always <= capacity");
+  visit("peak_bytes_in_use", s.peak_bytes_in_use, "highest bytes_in_use since construction");
+  visit("entries", s.entries, "entries findable by key (published or being filled)");
+  visit("pinned_entries", s.pinned_entries,
+        "entries with at least one live handle (erased ones included)");
+  visit("hits", s.hits, "lookups that returned a handle");
+  visit("misses", s.misses, "lookups that returned nothing");
+  visit("hit_rate", s.hit_rate(), "hits / (hits + misses), 0 when there was no lookup");
+  visit("insertions", s.insertions, "inserts that returned a handle");
+  visit("rejections", s.rejections,
+        "inserts declined: by the policy, for lack of unpinned room, or larger than the "
+        "capacity");
+  visit("conflicts", s.conflicts, "inserts of a key already present");
+  visit("evictions", s.evictions, "entries evicted to make room (not erase/clear)");
+  visit("abandoned", s.abandoned, "fills whose handle died before publish()");
+}
 
 // ---- handles -----------------------------------------------------------------------------
 

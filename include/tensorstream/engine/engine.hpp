@@ -86,6 +86,12 @@
 // block, offset and cause; the failed block can be acquired again (it is re-read). No wait
 // is unbounded: `wait_timeout` bounds every wait, and close() cancels pending work.
 //
+// Debugging. With EngineOptions::check_invariants, every acquire(), release() and prefetch()
+// (returning or throwing) is followed by a check of the engine's invariants
+// (engine/detail/invariants.hpp: device bytes within the budget, pins never negative, each
+// place holding the block it is recorded for, resident blocks in their own places, counters
+// consistent); a broken one throws Error naming the call, the block and the invariant.
+//
 // Sources. An engine streams either a TensorStream store (Engine(store_path, options)) or a
 // Hugging Face safetensors checkpoint read in place, without conversion
 // (Engine::from_safetensors): a `.safetensors` file, a checkpoint directory (shards + index)

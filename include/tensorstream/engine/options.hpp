@@ -1,7 +1,12 @@
 // The engine's options (engine.hpp explains what each one changes in the data path).
 //
-// Every field has its default in place, and docs/runtime-settings.md lists each with its
-// trade-off; the Python Config maps onto these one to one (bindings/module.cpp).
+// Every field has its default in place: these in-class initialisers (and IoOptions's) are the
+// one place a default is written. The settings table (settings.hpp) reads them from a
+// value-initialised EngineOptions, and everything else (the Python binding's options dict,
+// tensorstream.Config, docs/runtime-settings.md) reads the table. A new scalar option: its
+// field and default here, then one row in src/settings.cpp (settings.hpp, "Adding a
+// setting"); a structural one (not a scalar, like device_memory and env) is listed in
+// structural_options() instead.
 //
 // Thread-safety: values; the name/parse functions are pure.
 #pragma once
@@ -88,6 +93,10 @@ struct EngineOptions {
   std::optional<MemoryProvider> device_memory;
   /// Spans kept in the trace ring.
   std::size_t trace_capacity = 1u << 16;
+  /// After every acquire, release and prefetch, check the engine's invariants and throw
+  /// Error naming the call and the broken one (engine/detail/invariants.hpp). One pass over
+  /// the places per call: for debugging (Python: Config.debug_mode).
+  bool check_invariants = false;
   /// Per unit (empty: defaults), what the residency plan counts beyond its size
   /// (residency.hpp, UnitDemand): the bytes that must be in the arena at once while the unit
   /// is used (0: its size), and whether it is used by parts (rows) and so made resident last.

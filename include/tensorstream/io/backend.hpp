@@ -225,34 +225,59 @@ class ReadTicket {
 
 // ---- statistics ---------------------------------------------------------------------------
 
-/// One open file as seen by a backend.
+/// One open file as seen by a backend (meanings: for_each_field below).
 struct FileIoInfo {
   FileId id{};
   std::filesystem::path path;
   std::uint64_t size = 0;
-  /// Reads of this file may use O_DIRECT (aligned requests do).
   bool direct = false;
-  /// Why O_DIRECT is not in use (empty when it is), e.g. "O_DIRECT refused by the file
-  /// system (EINVAL): falling back to buffered reads".
   std::string direct_note;
 };
 
+/// Calls `visit(name, value, meaning)` for each field of `f` (the id as its number).
+template <class Visit>
+void for_each_field(const FileIoInfo& f, Visit&& visit) {
+  visit("id", static_cast<std::uint32_t>(f.id), "the file's id on its backend");
+  visit("path", f.path, "the file");
+  visit("size", f.size, "its size when it was opened (or last seen growing)");
+  visit("direct", f.direct, "reads of this file may use O_DIRECT (aligned requests do)");
+  visit("direct_note", f.direct_note,
+        "why O_DIRECT is not in use (empty when it is), e.g. \"O_DIRECT refused by the file "
+        "system (EINVAL): falling back to buffered reads\"");
+}
+
 /// Counters of a backend since its creation (a consistent-enough snapshot: each field is
-/// read atomically, the set is not).
+/// read atomically, the set is not). Meanings: for_each_field below, their one description.
 struct IoStats {
-  std::uint64_t bytes_read = 0;    ///< bytes moved into destinations (alignment over-read included)
-  std::uint64_t requests = 0;      ///< requests executed (each ≤ request_size)
-  std::uint64_t reads_direct = 0;  ///< read operations on O_DIRECT descriptors
-  std::uint64_t reads_buffered = 0;  ///< read operations through the page cache (mmap: copies)
-  std::uint64_t submitted = 0;       ///< tickets returned by submit()
-  std::uint64_t completed = 0;       ///< tickets completed successfully
-  std::uint64_t failed = 0;          ///< tickets completed with an error other than Cancelled
-  std::uint64_t cancelled = 0;       ///< tickets completed with Cancelled
-  /// Wall time during which at least one request was executing: bytes_read / busy_seconds
-  /// is the throughput the backend achieved while it had work.
+  std::uint64_t bytes_read = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t reads_direct = 0;
+  std::uint64_t reads_buffered = 0;
+  std::uint64_t submitted = 0;
+  std::uint64_t completed = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t cancelled = 0;
   double busy_seconds = 0;
-  std::vector<FileIoInfo> files;  ///< files open now, by id
+  std::vector<FileIoInfo> files;
 };
+
+/// Calls `visit(name, value, meaning)` for each field of `s`.
+template <class Visit>
+void for_each_field(const IoStats& s, Visit&& visit) {
+  visit("bytes_read", s.bytes_read, "bytes moved into destinations (alignment over-read included)");
+  visit("requests", s.requests, "requests executed (each at most request_size)");
+  visit("reads_direct", s.reads_direct, "read operations on O_DIRECT descriptors");
+  visit("reads_buffered", s.reads_buffered,
+        "read operations through the page cache (mmap: copies)");
+  visit("submitted", s.submitted, "tickets returned by submit()");
+  visit("completed", s.completed, "tickets completed successfully");
+  visit("failed", s.failed, "tickets completed with an error other than Cancelled");
+  visit("cancelled", s.cancelled, "tickets completed with Cancelled");
+  visit("busy_seconds", s.busy_seconds,
+        "wall time during which at least one request was executing: bytes_read / busy_seconds "
+        "is the throughput the backend achieved while it had work");
+  visit("files", s.files, "files open now, by id");
+}
 
 // ---- the backend --------------------------------------------------------------------------
 

@@ -26,6 +26,10 @@
 
 namespace tensorstream::cuda {
 
+/// The environment variable naming the driver library to load instead of libcuda.so.1
+/// (a row of the settings table, settings.hpp).
+inline constexpr const char* kCudaLibraryEnv = "TENSORSTREAM_CUDA_LIBRARY";
+
 /// What the process found when it looked for the CUDA driver.
 struct DriverStatus {
   bool available = false;  ///< driver loaded, cuInit succeeded, at least one device

@@ -44,6 +44,13 @@
 
 namespace tensorstream::cuda {
 
+/// The environment variable naming the one cuFile library to load (a row of the settings
+/// table, settings.hpp).
+inline constexpr const char* kCufileLibraryEnv = "TENSORSTREAM_CUFILE_LIBRARY";
+/// cuFile's own variables, which TensorStream documents but does not read.
+inline constexpr const char* kCufileLogfileEnv = "CUFILE_LOGFILE_PATH";
+inline constexpr const char* kCufileConfigEnv = "CUFILE_ENV_PATH_JSON";
+
 /// What the process found when it looked for cuFile.
 struct CuFileStatus {
   /// This build has the GDS code paths (cufile.h was found at build time).

@@ -38,6 +38,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -70,6 +71,13 @@ class Engine::Impl {
   void close();
   [[nodiscard]] EngineStats stats() const;
   [[nodiscard]] std::string trace_json() const;
+
+  /// EngineOptions::check_invariants: whether the facade calls check_after().
+  [[nodiscard]] bool checks_invariants() const noexcept { return options_.check_invariants; }
+  /// Checks the engine's invariants (detail/invariants.hpp) after `call` of `block` and
+  /// counts the check (stats().invariant_checks); throws Error naming the call, the block and
+  /// the broken invariant. Takes mutex_; nothing once closed. Defined in invariants.cpp.
+  void check_after(std::string_view call, std::uint32_t block);
 
   using Clock = std::chrono::steady_clock;
 
