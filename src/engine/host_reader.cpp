@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/errors.hpp"
 
 namespace tensorstream::engine::detail {
@@ -25,8 +26,21 @@ HostReader::HostReader(const Layout& layout, const EngineOptions& options, io::E
   backend_ = io::make_backend(options.backend, options.io, env);
   for (const auto& f : layout_.files) files_.push_back(backend_->open(f));
   if (options.ram_cache_bytes > 0) {
-    cache_ = std::make_unique<cache::BlockCache>(options.ram_cache_bytes, options.cache_policy,
-                                                 allocator_);
+    // One region for the whole tier, taken now: no allocation (and, pinned, no
+    // cuMemFreeHost, which synchronises the device) per entry. Never more than every block
+    // once, so a tier sized for a larger model does not pin memory that it cannot use.
+    std::uint64_t all_blocks = 0;
+    for (const auto& b : layout_.blocks) all_blocks += resident_buffer_bytes(b.size);
+    const std::uint64_t capacity =
+        std::min(options.ram_cache_bytes / kSlotAlignment * kSlotAlignment, all_blocks);
+    std::shared_ptr<HostAllocator> entries = default_host_allocator();
+    if (capacity > 0) {
+      auto region = device != nullptr ? allocate_buffer(allocator_, capacity)
+                                      : AlignedBuffer(static_cast<std::size_t>(capacity));
+      entries = std::make_shared<RegionAllocator>(std::move(region), kSlotAlignment);
+    }
+    cache_ =
+        std::make_unique<cache::BlockCache>(capacity, options.cache_policy, std::move(entries));
   }
 }
 

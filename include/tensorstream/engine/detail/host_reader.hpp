@@ -42,7 +42,9 @@ namespace tensorstream::engine::detail {
 class HostReader final : public BlockReader {
  public:
   /// Makes a backend of options.backend (over `env`) and opens every file of `layout` with
-  /// it; sets up the RAM tier when options.ram_cache_bytes > 0 (pinned memory on a GPU).
+  /// it; sets up the RAM tier when options.ram_cache_bytes > 0: one region (RegionAllocator)
+  /// of ram_cache_bytes rounded down to kSlotAlignment, at most the bytes of all blocks,
+  /// pinned on a GPU, taken now.
   /// `device` and `copy_stream`: the GPU the buffers are on, or nullptr for the CPU. All
   /// references must outlive the reader. Throws what make_backend and Backend::open throw.
   HostReader(const Layout& layout, const EngineOptions& options, io::Env& env,
