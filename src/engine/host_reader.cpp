@@ -84,16 +84,20 @@ void HostReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& r
     }
   } guard{*this, staging};
 
+  // A resident block is read once and stays in its buffer: the tier does not admit it (its
+  // room is for streamed blocks), and a lookup, which would count a miss, is only made if
+  // the tier holds it (contains() is no access).
+  const bool resident = buffer.resident();
   std::optional<cache::BlockHandle> source_pin;
   const std::byte* source = nullptr;
-  if (cache_) source_pin = cache_->lookup(key);
+  if (cache_ && (!resident || cache_->contains(key))) source_pin = cache_->lookup(key);
   if (source_pin) {
     source = source_pin->data();
     report.bytes_from_ram_tier += info.size;
   } else {
     std::span<std::byte> dest;
     std::optional<cache::BlockHandle> filler;
-    if (cache_) filler = cache_->insert(key, resident_buffer_bytes(info.size));
+    if (cache_ && !resident) filler = cache_->insert(key, resident_buffer_bytes(info.size));
     if (filler) {
       dest = filler->mutable_bytes();
     } else if (device_ != nullptr) {
@@ -115,8 +119,14 @@ void HostReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& r
                         order.wait_for_release);
   if (staging != nullptr) staging->copied->record(copy_stream_);
   trace_.record({SpanKind::kCopy, order.block, info.size, copy_start, now_ns()});
-  // On a GPU the copy may still run: keep its source alive until the buffer's next fill.
-  if (device_ != nullptr) buffer.keep_copy_source(std::move(source_pin));
+  if (device_ == nullptr) return;  // the copy is done; the tier entry's pin goes now
+  if (resident) {
+    // No next fill would let the pin go: wait for the copy (once per resident block).
+    if (source_pin) buffer.wait_for_copy();
+  } else {
+    // The copy may still run: keep its source pinned until the buffer's next fill.
+    buffer.keep_copy_source(std::move(source_pin));
+  }
 }
 
 void HostReader::read(std::uint32_t block, std::span<std::byte> dest, bool demand,
