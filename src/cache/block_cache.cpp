@@ -312,8 +312,9 @@ void BlockCacheState::rank_candidates(BlockKey key, std::vector<CacheEntry*>& ca
       });
       break;
     case Policy::kAuto: {
-      const History& newcomer = history_.at(key);
-      const auto interval = interval_of(newcomer);
+      const auto newcomer = history_.find(key);
+      const auto interval =
+          newcomer == history_.end() ? std::nullopt : interval_of(newcomer->second);
       const bool would_hit_under_lru = interval.has_value() && *interval <= capacity_;
       std::vector<std::pair<bool, CacheEntry*>> ranked;  // (dead, entry)
       ranked.reserve(candidates.size());
@@ -468,6 +469,7 @@ std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCa
       std::vector<EntryPtr> more;
       {
         const std::lock_guard lock(mutex_);
+        if (!entry->in_table) break;  // erased meanwhile: nobody could see it; decline
         std::vector<CacheEntry*> candidates;
         rank_candidates(key, candidates);
         if (candidates.empty()) break;
