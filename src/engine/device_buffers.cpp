@@ -11,7 +11,7 @@ namespace tensorstream::engine::detail {
 BlockBuffer BlockBuffer::allocate(const cuda::Device* device,
                                   const std::optional<MemoryProvider>& provider,
                                   std::uint64_t bytes, bool resident) {
-  BlockBuffer b(bytes);
+  BlockBuffer b(bytes, resident);
   b.device_ = device;
   std::uint64_t address = 0;
   if (provider) {
@@ -68,6 +68,10 @@ void BlockBuffer::record_ready(cuda::StreamHandle copy_stream) const {
   ready_->record(copy_stream);
 }
 
+void BlockBuffer::wait_for_copy() const {
+  if (ready_) ready_->synchronize();
+}
+
 void BlockBuffer::copy_from_host(const std::byte* source, std::size_t bytes,
                                  cuda::StreamHandle copy_stream, bool wait_for_release) {
   if (device_ != nullptr) {
@@ -104,7 +108,7 @@ std::vector<BlockBuffer> allocate_block_buffers(const ResidencyPlan& plan,
   std::vector<BlockBuffer> buffers;
   const auto make = [&](std::uint64_t bytes, bool resident) {
     buffers.push_back(with_memory ? BlockBuffer::allocate(device, provider, bytes, resident)
-                                  : BlockBuffer(bytes));
+                                  : BlockBuffer(bytes, resident));
   };
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     if (plan.resident[i]) make(resident_buffer_bytes(sizes[i]), true);
