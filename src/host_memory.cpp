@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 
@@ -127,6 +128,64 @@ void* PinnedHostAllocator::allocate(std::size_t bytes) {
 void PinnedHostAllocator::deallocate(void* pointer, std::size_t /*bytes*/) noexcept {
   std::lock_guard lock(mutex_);
   buffers_.erase(pointer);
+}
+
+namespace {
+std::size_t checked_region_alignment(std::size_t alignment) {
+  TS_EXPECT(alignment > 0 && alignment % kIoAlignment == 0, std::invalid_argument,
+            "RegionAllocator: alignment ", alignment, " is not a positive multiple of ",
+            kIoAlignment);
+  return alignment;
+}
+}  // namespace
+
+RegionAllocator::RegionAllocator(AlignedBuffer region, std::size_t alignment)
+    : region_(std::move(region)),
+      alignment_(checked_region_alignment(alignment)),
+      ranges_(region_.size(), alignment_) {
+  capacity_ = static_cast<std::size_t>(ranges_.capacity());
+}
+
+void* RegionAllocator::try_allocate(std::size_t bytes) {
+  if (bytes == 0) throw std::bad_alloc();
+  std::optional<std::uint64_t> offset;
+  {
+    const std::lock_guard lock(mutex_);
+    offset = ranges_.allocate(bytes);
+  }
+  return offset ? region_.data() + *offset : nullptr;
+}
+
+void* RegionAllocator::allocate(std::size_t bytes) {
+  void* pointer = try_allocate(bytes);
+  if (pointer == nullptr) throw std::bad_alloc();
+  return pointer;
+}
+
+void RegionAllocator::deallocate(void* pointer, std::size_t bytes) noexcept {
+  const auto* p = static_cast<const std::byte*>(pointer);
+  const auto* base = region_.data();
+  if (p < base || p >= base + capacity_) {
+    std::fprintf(stderr, "tensorstream: RegionAllocator::deallocate of %p, outside the region\n",
+                 pointer);
+    return;
+  }
+  try {
+    const std::lock_guard lock(mutex_);
+    ranges_.deallocate(static_cast<std::uint64_t>(p - base), bytes);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tensorstream: %s\n", e.what());
+  }
+}
+
+std::size_t RegionAllocator::allocated_bytes() const {
+  const std::lock_guard lock(mutex_);
+  return static_cast<std::size_t>(ranges_.allocated_bytes());
+}
+
+std::size_t RegionAllocator::largest_free_range() const {
+  const std::lock_guard lock(mutex_);
+  return static_cast<std::size_t>(ranges_.largest_free_range());
 }
 
 AlignedBuffer allocate_buffer(const std::shared_ptr<HostAllocator>& allocator, std::size_t bytes) {

@@ -9,10 +9,12 @@
 //                   path"). It allocates its own memory (an anonymous mapping) or adopts
 //                   memory from elsewhere together with the deleter that gives it back.
 //   HostAllocator   where many buffers of varying size come from (the RAM tier's entries,
-//                   the engine's staging): PageAlignedAllocator (ordinary memory) or
+//                   the engine's staging): PageAlignedAllocator (ordinary memory),
 //                   PinnedHostAllocator (page-locked CUDA memory, so every host-to-device
-//                   copy from it is a DMA and asynchronous). allocate_buffer() turns one
-//                   allocation into an AlignedBuffer.
+//                   copy from it is a DMA and asynchronous) or RegionAllocator (ranges of
+//                   one region allocated once: the RAM tier's entries, so that filling and
+//                   evicting them never asks the system or the CUDA driver for memory).
+//                   allocate_buffer() turns one allocation into an AlignedBuffer.
 //
 // Page-locked memory itself comes from the CUDA shim (cuda::PinnedHostBuffer, cuMemHostAlloc);
 // PinnedHostAllocator is the one place that hands it out as host memory.
@@ -35,6 +37,7 @@
 #include <string_view>
 
 #include "tensorstream/alignment.hpp"
+#include "tensorstream/range_allocator.hpp"
 #include "tensorstream/shim/cuda.hpp"
 
 namespace tensorstream {
@@ -100,8 +103,17 @@ class HostAllocator {
   /// CudaError for a pinned allocator). Never returns nullptr.
   [[nodiscard]] virtual void* allocate(std::size_t bytes) = 0;
 
-  /// Returns a buffer obtained from allocate(bytes) of this allocator.
+  /// As allocate(), except that it returns nullptr instead of throwing when the memory is
+  /// there but no single piece of it holds `bytes` (a sub-allocator's fragmentation): the
+  /// caller may give something back and try again. The default calls allocate().
+  [[nodiscard]] virtual void* try_allocate(std::size_t bytes) { return allocate(bytes); }
+
+  /// Returns a buffer obtained from allocate(bytes) or try_allocate(bytes) of this allocator.
   virtual void deallocate(void* pointer, std::size_t bytes) noexcept = 0;
+
+  /// Allocations take a multiple of this many bytes (a request is rounded up to it); the RAM
+  /// tier charges each entry its size rounded up to it. 1 unless an allocator says otherwise.
+  [[nodiscard]] virtual std::size_t granularity() const noexcept { return 1; }
 
   /// A short name for logs and stats ("page-aligned", "cuda-pinned", ...).
   [[nodiscard]] virtual std::string_view name() const noexcept { return "host"; }
@@ -134,6 +146,48 @@ class PinnedHostAllocator final : public HostAllocator {
   const cuda::Device& device_;
   std::mutex mutex_;
   std::map<void*, cuda::PinnedHostBuffer> buffers_;  // guarded by mutex_
+};
+
+/// Ranges of one region of host memory, allocated once: the RAM tier's memory. Entries come
+/// and go as ranges of the region (RangeAllocator: best fit, coalescing, kSlotAlignment by
+/// default), so allocate() and deallocate() never call the system or the CUDA driver — with
+/// a pinned region, no cuMemHostAlloc per entry and no cuMemFreeHost, which synchronises the
+/// device, on an eviction. The region is the caller's choice: an AlignedBuffer(capacity) on
+/// the CPU (page-aligned, faulted in as entries are first filled), allocate_buffer of a
+/// PinnedHostAllocator on a GPU (cuMemHostAlloc'd memory is not charged to RLIMIT_MEMLOCK,
+/// so one large region is fine in containers).
+///
+/// Every allocation is `alignment`-aligned (the region is page-aligned and offsets are
+/// multiples of `alignment`). allocate() throws std::bad_alloc and try_allocate() returns
+/// nullptr when no free range holds the request; the two never hand out more than the
+/// region or overlapping memory. Thread-safe (mutex_ guards ranges_).
+class RegionAllocator final : public HostAllocator {
+ public:
+  /// Takes `region` (its size rounded down to `alignment` is what is handed out). Throws
+  /// std::invalid_argument if `alignment` is 0 or not a multiple of kIoAlignment.
+  explicit RegionAllocator(AlignedBuffer region, std::size_t alignment = kSlotAlignment);
+
+  [[nodiscard]] void* allocate(std::size_t bytes) override;
+  [[nodiscard]] void* try_allocate(std::size_t bytes) override;
+  /// A pointer or size that allocate() did not return is reported on stderr and ignored.
+  void deallocate(void* pointer, std::size_t bytes) noexcept override;
+  [[nodiscard]] std::size_t granularity() const noexcept override { return alignment_; }
+  [[nodiscard]] std::string_view name() const noexcept override { return "region"; }
+
+  /// The bytes handed out at most (the region's size rounded down to the alignment).
+  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+  /// A snapshot of the bookkeeping: bytes taken, the largest request that would fit now.
+  [[nodiscard]] std::size_t allocated_bytes() const;
+  [[nodiscard]] std::size_t largest_free_range() const;
+  /// The region's memory (for tests: every allocation lies inside it).
+  [[nodiscard]] const std::byte* base() const noexcept { return region_.data(); }
+
+ private:
+  AlignedBuffer region_;
+  std::size_t alignment_;
+  std::size_t capacity_ = 0;
+  mutable std::mutex mutex_;
+  RangeAllocator ranges_;  // guarded by mutex_
 };
 
 /// One allocation of `bytes` from `allocator`, owned as an AlignedBuffer (given back to the

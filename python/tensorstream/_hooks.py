@@ -2,8 +2,9 @@
 
 * A forward **pre-hook** per block acquires the block from the engine (on CUDA, on the
   current stream) and makes its parameters views into the block's bytes
-  (``param.data = view``: no copy); the **post-hook** (``always_call=True``) puts one-element
-  placeholders back and releases the block. A per-block count lets several threads run the
+  (``param.data = view``: no copy); the **post-hook** (``always_call=True``) puts the
+  placeholders back (views of one zero per dtype, shared: nothing is allocated) and releases
+  the block. A per-block count lets several threads run the
   same block at once with one acquire; a thread-local count makes the post-hook undo only
   what its own pre-hook did.
 * A **guarded** ``_apply`` (behind ``.to()``, ``.cpu()``, ``.half()``, ...) lets through what

@@ -7,8 +7,9 @@
 * :class:`CheckpointSource`: a safetensors checkpoint streamed in place, its tensors grouped
   into the model's blocks.
 
-Each source opens an engine (:meth:`open`) and tells the smallest budget its streamed blocks
-need (:meth:`streaming_minimum`), which is all a runtime's restart needs. Sources are
+Each source opens an engine (:meth:`open`), tells the smallest budget its streamed blocks
+need (:meth:`streaming_minimum`) and the dtypes of their tensors (:meth:`dtype_names`: one
+shared placeholder each, counted in the budget), which is all a runtime's restart needs. Sources are
 immutable and may be shared between threads. Torch-facing: writing a store reads tensors.
 """
 
@@ -70,6 +71,10 @@ class StoreSource:
         """The smallest engine budget for this store's blocks (the physical minimum)."""
         sizes = [b["raw_size"] for b in _core.Store(str(self.path)).blocks]
         return int(_core.minimum_budget(sizes, 1))
+
+    def dtype_names(self) -> set[str]:
+        """The dtypes (torch names) of the store's tensors, from its metadata."""
+        return {t["dtype"] for t in _core.Store(str(self.path)).tensors}
 
     @classmethod
     def of_blocks(cls, storage: Path, blocks: list[Block]) -> StoreSource:
@@ -169,6 +174,11 @@ class CheckpointSource:
         except _core.BudgetTooSmallError as e:
             return int(e.minimum_budget)
         return 1
+
+    def dtype_names(self) -> set[str]:
+        """The dtypes (torch names) of the groups' tensors, from the checkpoint's headers."""
+        reader = _core.SafetensorsCheckpoint(str(self.path))
+        return {reader.find(name)["dtype"] for names in self.groups.values() for name in names}
 
 
 def _fingerprint(blocks: list[Block]) -> str:

@@ -3,7 +3,10 @@
 * :class:`TorchMemory` gives the engine buffers allocated by torch on the runtime's device
   (so torch's allocator and ``max_memory_allocated`` see them) and turns the addresses the
   engine returns back into tensors;
-* :func:`placeholder` is what a streamed parameter holds while its block is not acquired;
+* :func:`placeholder` is what a streamed parameter holds while its block is not acquired: a
+  zero of its dtype shared by every parameter of that dtype on that device, expanded to the
+  parameter's shape (stride 0), and :func:`placeholder_bytes` what those shared zeros take
+  on the device (the runtime counts them in its budget);
 * :func:`advise_huge_pages` and :func:`trim_host_heap` are advice to the OS about host memory.
 """
 
@@ -13,12 +16,25 @@ import bisect
 import ctypes
 import sys
 import threading
+from collections.abc import Iterable
 
 import torch
 
-__all__ = ["TorchMemory", "advise_huge_pages", "placeholder", "trim_host_heap"]
+__all__ = ["TorchMemory", "advise_huge_pages", "placeholder", "placeholder_bytes", "trim_host_heap"]
 
 _MADV_HUGEPAGE = 14  # Linux
+
+# torch's CUDA caching allocator rounds every allocation up to its minimum block size
+# (kMinBlockSize, c10/cuda/CUDACachingAllocator.cpp): a one-element tensor holds 512 bytes.
+_CUDA_MIN_BLOCK = 512
+
+# The zeros placeholders expand, one per (dtype, device), made on first use and kept for the
+# process: a post-hook then allocates nothing and launches no kernel. Nothing writes to them
+# (a placeholder of more than one element refuses in-place writes, and a streamed parameter
+# is only used inside its block's forward, as a view into the block); _SHARED_LOCK guards
+# their creation.
+_SHARED: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def advise_huge_pages(address: int, nbytes: int) -> None:
@@ -43,9 +59,48 @@ def trim_host_heap() -> None:
         pass
 
 
-def placeholder(dtype: torch.dtype, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """A tensor of the right dtype and shape that holds one element (stride 0)."""
-    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+def _placeholder_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _shared_zero(dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    key = (dtype, _placeholder_device(device))
+    zero = _SHARED.get(key)
+    if zero is None:
+        with _SHARED_LOCK:
+            zero = _SHARED.get(key)
+            if zero is None:
+                # An ordinary tensor even when first needed inside inference_mode: it is
+                # shared by forwards run in and out of it.
+                with torch.inference_mode(False), torch.no_grad():
+                    zero = torch.zeros((), dtype=dtype, device=key[1])
+                _SHARED[key] = zero
+    return zero
+
+
+def placeholder(
+    dtype: torch.dtype, shape: torch.Size | tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` on ``device`` backed by one element (stride 0):
+    a view of the zero shared by every placeholder of that dtype and device, so making one
+    allocates no device memory and launches nothing. Thread-safe."""
+    return _shared_zero(dtype, device).expand(shape)
+
+
+def placeholder_bytes(dtypes: Iterable[torch.dtype], device: torch.device | str) -> int:
+    """Device bytes the shared placeholders of ``dtypes`` take on ``device`` (made or not),
+    as its allocator counts them: one element per dtype, rounded up to 512 bytes on CUDA."""
+    device = torch.device(device)
+    total = 0
+    for dtype in set(dtypes):
+        nbytes = getattr(dtype, "itemsize", None) or torch.empty((), dtype=dtype).element_size()
+        if device.type == "cuda":
+            nbytes = -(-nbytes // _CUDA_MIN_BLOCK) * _CUDA_MIN_BLOCK
+        total += nbytes
+    return total
 
 
 class TorchMemory:

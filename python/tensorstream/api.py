@@ -72,8 +72,11 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     * ``block_bytes``: ``{block name: bytes}`` for each block that would stream (as laid out
       in a store);
     * ``largest_block_bytes``, ``slots`` (streaming slots of this config);
+    * ``placeholder_bytes``: the placeholders the streamed parameters share on the device
+      (one element per dtype; 512 bytes each on CUDA);
     * ``minimum_budget``: the smallest ``vram_budget`` that works (the physical minimum: the
-      resident bytes plus the largest streamed block; loads then never overlap compute);
+      resident bytes and placeholders plus the largest streamed block; loads then never
+      overlap compute);
     * ``overlap_budget``: the smallest budget under which a block loads while another
       computes (room for two of the largest streamed blocks);
     * ``all_resident_budget``: the budget under which nothing streams;
@@ -83,36 +86,41 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     import torch
 
     from ._analysis import block_params
+    from ._torch_memory import placeholder_bytes
     from .config import Config, default_vram_budget
 
     config = config if config is not None else Config()
     target = config.torch_dtype
 
+    def dtype_of(p: torch.Tensor) -> torch.dtype:
+        return target if target is not None and p.is_floating_point() else p.dtype
+
     def size_of(p: torch.Tensor) -> int:
-        if target is not None and p.is_floating_point():
-            return p.numel() * torch.empty((), dtype=target).element_size()
-        return p.numel() * p.element_size()
+        return p.numel() * torch.empty((), dtype=dtype_of(p)).element_size()
 
     block_bytes: dict[str, int] = {}
     streamed_ids: set[int] = set()
+    streamed_dtypes: set[torch.dtype] = set()
     for name, _module, params in block_params(model, config.min_layer_size):
         end = 0
         for _, p in params:
             end = _align(end, _core.TENSOR_ALIGNMENT) + size_of(p)
             streamed_ids.add(id(p))
+            streamed_dtypes.add(dtype_of(p))
         block_bytes[name] = end
     unique = {id(p): p for p in model.parameters()}
     total = sum(size_of(p) for p in unique.values())
     resident = sum(size_of(p) for pid, p in unique.items() if pid not in streamed_ids)
     slots = config.engine_options(device="cpu")["slots"]
     sizes = list(block_bytes.values())
-    minimum = resident + (_core.minimum_budget(sizes, 1) if sizes else 0)
-    overlap = resident + (_core.minimum_budget(sizes, max(slots, 2)) if sizes else 0)
-    all_resident = resident + sum(_align(size, _SLOT_ALIGNMENT) for size in sizes)
     device = config.device
     if device is None:
         first = next(iter(unique.values()), None)
         device = str(first.device) if first is not None else "cpu"
+    placeholders = placeholder_bytes(streamed_dtypes, device)
+    minimum = resident + placeholders + (_core.minimum_budget(sizes, 1) if sizes else 0)
+    overlap = resident + placeholders + (_core.minimum_budget(sizes, max(slots, 2)) if sizes else 0)
+    all_resident = resident + placeholders + sum(_align(size, _SLOT_ALIGNMENT) for size in sizes)
     if config.vram_budget_bytes is not None:
         available = config.vram_budget_bytes
     else:
@@ -125,6 +133,7 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
         "total_parameter_bytes": total,
         "resident_bytes": resident,
         "streamed_bytes": sum(sizes),
+        "placeholder_bytes": placeholders,
         "block_bytes": block_bytes,
         "largest_block_bytes": max(sizes, default=0),
         "slots": slots,

@@ -14,9 +14,9 @@ What happens (torch-facing; everything that moves bytes runs in the C++ engine):
 4. **Engine.** The residency plan keeps as many blocks resident as the budget allows beside
    the streaming slots; the slots' memory comes from torch, so torch's allocator sees it.
 5. **Hooks.** Before a block runs, its parameters become views into the block's slot
-   (``param.data = view``: no copy); after it runs they become one-element placeholders
-   (right shape and dtype, no memory) and the slot is released. The host copies of the
-   streamed weights are dropped, so the process holds no second copy (4 and 5:
+   (``param.data = view``: no copy); after it runs they become placeholders (right
+   shape and dtype; views of one zero per dtype, shared) and the slot is released. The
+   host copies of the streamed weights are dropped, so the process holds no second copy (4 and 5:
    :func:`._attach.attach`, the same as for :func:`tensorstream.from_pretrained`).
 
 6. **dtype.** With ``config.dtype`` (float16/bfloat16), floating-point parameters and buffers

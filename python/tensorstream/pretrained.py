@@ -71,9 +71,13 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
         named = []
         for qname, p in block.params:
             key = _tensor_for(checkpoint, qname, p, prefix)
-            # A placeholder on the device until the engine's placements set its dtype (a meta
-            # parameter cannot take data on another device).
-            param = nn.Parameter(placeholder(p.dtype, p.shape, device), requires_grad=False)
+            # A placeholder until the engine's placements set its dtype and device (a meta
+            # parameter cannot take data on another device). On the CPU: the source's dtype
+            # is not known yet, and a shared placeholder of another dtype on the device would
+            # be held there outside the budget.
+            param = nn.Parameter(
+                placeholder(p.dtype, p.shape, torch.device("cpu")), requires_grad=False
+            )
             replacements[id(p)] = param
             named.append((key, param))
         block.params = named

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from . import _core
+from ._dtypes import NAME_TO_TORCH
 from ._hooks import closed_hook
 from ._pressure import notify
-from ._torch_memory import TorchMemory, placeholder
+from ._torch_memory import TorchMemory, placeholder, placeholder_bytes
 
 if TYPE_CHECKING:
     from ._analysis import Block
@@ -84,19 +85,24 @@ def start_engine(
     resident_bytes: int,
     device: torch.device,
 ) -> tuple[Any, TorchMemory]:
-    """An engine for ``source`` whose budget is ``budget`` less the resident parameters, and
-    the torch memory its buffers live in. A refused budget reaches the memory-pressure
-    callback, then the caller, as a BudgetTooSmallError naming the whole budget that would
-    work."""
+    """An engine for ``source`` whose budget is ``budget`` less the resident parameters and
+    the shared placeholders of the source's dtypes on ``device``, and the torch memory its
+    buffers live in. A refused budget reaches the memory-pressure callback, then the caller,
+    as a BudgetTooSmallError naming the whole budget that would work."""
+    # A dtype this torch lacks is left to the parameter mapping, which names the tensor.
+    dtypes = (NAME_TO_TORCH[n] for n in source.dtype_names() if n in NAME_TO_TORCH)
+    placeholders = placeholder_bytes(dtypes, device)
+    reserved = resident_bytes + placeholders
     options = dict(options)
-    options["device_budget"] = budget - resident_bytes
+    options["device_budget"] = budget - reserved
     if options["device_budget"] <= 0:
         error = _core.BudgetTooSmallError(
             f"tensorstream: vram budget of {budget:,} bytes does not even hold the "
-            f"{resident_bytes:,} bytes of resident (non-streamed) parameters"
+            f"{resident_bytes:,} bytes of resident (non-streamed) parameters and the "
+            f"{placeholders:,} bytes of placeholders"
         )
         # The smallest budget for the streamed blocks alone, from the source.
-        error.minimum_budget = resident_bytes + source.streaming_minimum(options)
+        error.minimum_budget = reserved + source.streaming_minimum(options)
         notify("budget_too_small", device, budget, error, resident_bytes)
         raise error
     memory = TorchMemory(device)
@@ -104,11 +110,11 @@ def start_engine(
         engine = source.open(options, memory)
         memory.in_place = bool(engine.stats()["in_place"])
     except _core.BudgetTooSmallError as e:
-        minimum = e.minimum_budget + resident_bytes
+        minimum = e.minimum_budget + reserved
         error = _core.BudgetTooSmallError(
             f"tensorstream: vram budget of {budget:,} bytes is too small for this model: at "
             f"least {minimum:,} bytes are needed ({resident_bytes:,} resident + "
-            f"{e.minimum_budget:,} for streaming)"
+            f"{placeholders:,} placeholders + {e.minimum_budget:,} for streaming)"
         )
         error.minimum_budget = minimum
         notify("budget_too_small", device, budget, error, resident_bytes)
@@ -196,7 +202,11 @@ class OffloadedModel:
         self._check_idle("tensorstream: optimize_memory_usage() called while a forward is running")
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            held = self._engine.stats()["device_bytes_in_use"] + self.resident_param_bytes
+            held = (
+                self._engine.stats()["device_bytes_in_use"]
+                + self.resident_param_bytes
+                + self.placeholder_bytes
+            )
             base = free + held
         else:
             base = self.budget
@@ -249,6 +259,13 @@ class OffloadedModel:
                 for slot in block.slots:
                     slot.param.data = placeholder(slot.dtype, slot.shape, device)
 
+    @property
+    def placeholder_bytes(self) -> int:
+        """Device bytes of the placeholders the streamed parameters share (one per dtype),
+        counted in the budget beside the resident parameters and the engine."""
+        dtypes = {slot.dtype for block in self._blocks for slot in block.slots}
+        return placeholder_bytes(dtypes, self.device)
+
     # statistics
     def statistics(self) -> dict[str, Any]:
         self._check_open()
@@ -261,8 +278,12 @@ class OffloadedModel:
             store=str(self.store_path),
             device=str(self.device),
             resident_param_bytes=self.resident_param_bytes,
+            placeholder_bytes=self.placeholder_bytes,
             budget=self.budget,
-            vram_in_use=stats["device_bytes_in_use"] + self.resident_param_bytes,
+            # Everything the weights hold on the device: <= budget.
+            vram_in_use=stats["device_bytes_in_use"]
+            + self.resident_param_bytes
+            + self.placeholder_bytes,
             cache_hit_rate=stats["ram_tier"]["hit_rate"],
             io_throughput_gbps=stats["storage_gbps"],
             stall_time_seconds=stats["stall_seconds"],

@@ -70,6 +70,7 @@ struct History {
 struct CacheEntry {
   BlockKey key;
   std::size_t size = 0;
+  std::uint64_t charge = 0;  // size rounded up to the allocator's granularity
   std::byte* data = nullptr;
   std::uint32_t pins = 0;
   bool published = false;
@@ -84,7 +85,10 @@ struct CacheEntry {
 class BlockCacheState {
  public:
   BlockCacheState(std::uint64_t capacity, Policy policy, std::shared_ptr<HostAllocator> allocator)
-      : capacity_(capacity), policy_(policy), allocator_(std::move(allocator)) {}
+      : capacity_(capacity),
+        policy_(policy),
+        allocator_(std::move(allocator)),
+        granularity_(std::max<std::uint64_t>(allocator_->granularity(), 1)) {}
 
   BlockCacheState(const BlockCacheState&) = delete;
   BlockCacheState& operator=(const BlockCacheState&) = delete;
@@ -123,6 +127,16 @@ class BlockCacheState {
     bytes_in_use_ += bytes;
     peak_bytes_in_use_ = std::max(peak_bytes_in_use_, bytes_in_use_);
   }
+  // What an entry of `bytes` bytes takes from the allocator (saturating, so a huge request
+  // is simply larger than the capacity).
+  [[nodiscard]] std::uint64_t charge_of(std::uint64_t bytes) const noexcept {
+    const std::uint64_t remainder = bytes % granularity_;
+    if (remainder == 0) return bytes;
+    const std::uint64_t pad = granularity_ - remainder;
+    return bytes > std::numeric_limits<std::uint64_t>::max() - pad
+               ? std::numeric_limits<std::uint64_t>::max()
+               : bytes + pad;
+  }
 
   // Removes `entry` from the table. Returns it if nothing pins it (the caller frees it outside
   // the lock, then uncharges); a pinned one waits among the zombies for its last release.
@@ -138,13 +152,20 @@ class BlockCacheState {
   [[nodiscard]] bool is_dead(const CacheEntry& entry) const noexcept;
   void prune_history();
 
-  // Picks the unpinned entries to evict so that `bytes` more fit; false if the policy
-  // declines or not enough unpinned bytes exist (lock held; nothing is changed).
+  // The unpinned entries the policy lets an insert of `key` evict, in the order it would
+  // evict them (lock held; nothing is changed).
+  void rank_candidates(BlockKey key, std::vector<CacheEntry*>& candidates) const;
+  // Picks the unpinned entries to evict so that `bytes` more (a charge) fit; false if the
+  // policy declines or not enough unpinned bytes exist (lock held; nothing is changed).
   bool choose_victims(BlockKey key, std::uint64_t bytes, std::vector<CacheEntry*>& victims);
+  // Takes back the entry an insert reserved but could not give memory (lock held): unpins
+  // it, removes it, uncharges `charge`. Returns what the caller destroys after the lock.
+  EntryPtr undo_insert(CacheEntry* entry, std::uint64_t charge);
 
   const std::uint64_t capacity_;
   const Policy policy_;
   const std::shared_ptr<HostAllocator> allocator_;
+  const std::uint64_t granularity_;  // allocator_->granularity(), at least 1
 
   mutable std::mutex mutex_;
   std::condition_variable published_;  // notified on publish, abandon and erase
@@ -168,6 +189,7 @@ class BlockCacheState {
   std::uint64_t conflicts_ = 0;
   std::uint64_t evictions_ = 0;
   std::uint64_t abandoned_ = 0;
+  std::uint64_t fragmented_ = 0;
 };
 
 BlockCacheState::EntryPtr BlockCacheState::detach(CacheEntry* entry) {
@@ -188,7 +210,7 @@ void BlockCacheState::free_detached(std::vector<EntryPtr> doomed) noexcept {
   for (auto& entry : doomed) {
     if (entry == nullptr) continue;
     if (entry->data != nullptr) allocator_->deallocate(entry->data, entry->size);
-    freed += entry->size;
+    freed += entry->charge;
   }
   if (freed == 0) return;
   // Charged until the allocator has the memory back, so its outstanding bytes stay in budget.
@@ -267,15 +289,8 @@ void BlockCacheState::prune_history() {
 
 // ---- victim selection --------------------------------------------------------------------
 
-bool BlockCacheState::choose_victims(BlockKey key, std::uint64_t bytes,
-                                     std::vector<CacheEntry*>& victims) {
-  victims.clear();
-  if (bytes > capacity_) return false;
-  const std::uint64_t free_bytes = capacity_ - bytes_in_use_;
-  if (bytes <= free_bytes) return true;
-  const std::uint64_t needed = bytes - free_bytes;
-
-  std::vector<CacheEntry*> candidates;
+void BlockCacheState::rank_candidates(BlockKey key, std::vector<CacheEntry*>& candidates) const {
+  candidates.clear();
   candidates.reserve(table_.size());
   for (const auto& [entry_key, entry] : table_) {
     if (entry->pins == 0) candidates.push_back(entry.get());
@@ -297,8 +312,9 @@ bool BlockCacheState::choose_victims(BlockKey key, std::uint64_t bytes,
       });
       break;
     case Policy::kAuto: {
-      const History& newcomer = history_.at(key);
-      const auto interval = interval_of(newcomer);
+      const auto newcomer = history_.find(key);
+      const auto interval =
+          newcomer == history_.end() ? std::nullopt : interval_of(newcomer->second);
       const bool would_hit_under_lru = interval.has_value() && *interval <= capacity_;
       std::vector<std::pair<bool, CacheEntry*>> ranked;  // (dead, entry)
       ranked.reserve(candidates.size());
@@ -316,18 +332,42 @@ bool BlockCacheState::choose_victims(BlockKey key, std::uint64_t bytes,
       break;
     }
   }
+}
 
+bool BlockCacheState::choose_victims(BlockKey key, std::uint64_t bytes,
+                                     std::vector<CacheEntry*>& victims) {
+  victims.clear();
+  if (bytes > capacity_) return false;
+  const std::uint64_t free_bytes = capacity_ - bytes_in_use_;
+  if (bytes <= free_bytes) return true;
+  const std::uint64_t needed = bytes - free_bytes;
+
+  std::vector<CacheEntry*> candidates;
+  rank_candidates(key, candidates);
   std::uint64_t freed = 0;
   for (CacheEntry* entry : candidates) {
     if (freed >= needed) break;
     victims.push_back(entry);
-    freed += entry->size;
+    freed += entry->charge;
   }
   if (freed < needed) {
     victims.clear();
     return false;
   }
   return true;
+}
+
+BlockCacheState::EntryPtr BlockCacheState::undo_insert(CacheEntry* entry, std::uint64_t charge) {
+  if (--entry->pins == 0) --pinned_entries_;
+  EntryPtr failed;
+  if (entry->in_table) {
+    failed = detach(entry);
+  } else {
+    auto node = zombies_.extract(entry);
+    failed = std::move(node.mapped());
+  }
+  bytes_in_use_ -= charge;
+  return failed;
 }
 
 // ---- operations --------------------------------------------------------------------------
@@ -369,6 +409,7 @@ bool BlockCacheState::contains(BlockKey key) const {
 std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCacheState>& self,
                                                    BlockKey key, std::size_t bytes) {
   TS_EXPECT(bytes > 0, std::invalid_argument, "BlockCache::insert: block ", key, " has size 0");
+  const std::uint64_t cost = charge_of(bytes);
   std::vector<EntryPtr> evicted;
   CacheEntry* entry = nullptr;
   std::uint64_t victim_bytes = 0;
@@ -380,7 +421,7 @@ std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCa
       return std::nullopt;
     }
     std::vector<CacheEntry*> victims;
-    if (!choose_victims(key, bytes, victims)) {
+    if (!choose_victims(key, cost, victims)) {
       ++rejections_;
       return std::nullopt;
     }
@@ -388,6 +429,7 @@ std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCa
     entry = owned.get();
     entry->key = key;
     entry->size = bytes;
+    entry->charge = cost;
     entry->last_use = entry->inserted = ++tick_;
     entry->frequency = 1;
     entry->born_clock = clock_;
@@ -396,7 +438,7 @@ std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCa
 
     evicted.reserve(victims.size());
     for (CacheEntry* victim : victims) {
-      victim_bytes += victim->size;
+      victim_bytes += victim->charge;
       evicted.push_back(detach(victim));  // unpinned by choice: never a zombie
     }
     evictions_ += victims.size();
@@ -406,36 +448,59 @@ std::optional<BlockHandle> BlockCacheState::insert(const std::shared_ptr<BlockCa
     // new buffer is only allocated after the victims are freed: max(victims, new) covers both
     // moments and fits (victims + rest <= capacity before, new + rest <= capacity by choice).
     bytes_in_use_ -= victim_bytes;
-    charge(std::max<std::uint64_t>(victim_bytes, bytes));
+    charge(std::max(victim_bytes, cost));
   }
 
   for (auto& victim : evicted) allocator_->deallocate(victim->data, victim->size);
   evicted.clear();
+  if (victim_bytes > cost) {
+    // The victims are back with the allocator: from now on only the new entry is charged.
+    const std::lock_guard lock(mutex_);
+    bytes_in_use_ -= victim_bytes - cost;
+  }
 
   void* memory = nullptr;
+  bool fragmented = false;
   try {
-    memory = allocator_->allocate(bytes);
-    if (memory == nullptr) throw std::bad_alloc();
+    while ((memory = allocator_->try_allocate(bytes)) == nullptr) {
+      // The bytes are free but not in one piece (a sub-allocating allocator): evict one more
+      // entry, as the policy would, until the entry fits or nothing more may go.
+      fragmented = true;
+      std::vector<EntryPtr> more;
+      {
+        const std::lock_guard lock(mutex_);
+        if (!entry->in_table) break;  // erased meanwhile: nobody could see it; decline
+        std::vector<CacheEntry*> candidates;
+        rank_candidates(key, candidates);
+        if (candidates.empty()) break;
+        ++evictions_;
+        more.push_back(detach(candidates.front()));
+      }
+      free_detached(std::move(more));
+    }
   } catch (...) {
     EntryPtr failed;
     {
       const std::lock_guard lock(mutex_);
-      --entry->pins;
-      --pinned_entries_;
-      if (entry->in_table) {
-        failed = detach(entry);
-      } else {
-        auto node = zombies_.extract(entry);
-        failed = std::move(node.mapped());
-      }
-      bytes_in_use_ -= std::max<std::uint64_t>(victim_bytes, bytes);
+      failed = undo_insert(entry, cost);
     }
     published_.notify_all();  // waiters on this key: the fill will never come
     throw;
   }
+  if (memory == nullptr) {
+    EntryPtr declined;
+    {
+      const std::lock_guard lock(mutex_);
+      declined = undo_insert(entry, cost);
+      ++fragmented_;
+      ++rejections_;
+    }
+    published_.notify_all();
+    return std::nullopt;
+  }
 
   const std::lock_guard lock(mutex_);
-  if (victim_bytes > bytes) bytes_in_use_ -= victim_bytes - bytes;
+  if (fragmented) ++fragmented_;
   entry->data = static_cast<std::byte*>(memory);
   ++insertions_;
   return BlockHandle(self, entry, /*filling=*/true);
@@ -483,6 +548,7 @@ Stats BlockCacheState::stats() const {
   stats.conflicts = conflicts_;
   stats.evictions = evictions_;
   stats.abandoned = abandoned_;
+  stats.fragmented = fragmented_;
   return stats;
 }
 

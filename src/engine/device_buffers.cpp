@@ -11,7 +11,7 @@ namespace tensorstream::engine::detail {
 BlockBuffer BlockBuffer::allocate(const cuda::Device* device,
                                   const std::optional<MemoryProvider>& provider,
                                   std::uint64_t bytes, bool resident) {
-  BlockBuffer b(bytes);
+  BlockBuffer b(bytes, resident);
   b.device_ = device;
   std::uint64_t address = 0;
   if (provider) {
@@ -114,6 +114,10 @@ void BlockBuffer::order_after_uses(cuda::StreamHandle copy_stream) {
 void BlockBuffer::record_ready(cuda::StreamHandle copy_stream) {
   ready_->record(copy_stream);
   ready_recorded_ = true;
+}
+
+void BlockBuffer::wait_for_copy() const {
+  if (ready_) ready_->synchronize();
 }
 
 void BlockBuffer::copy_from_host(const std::byte* source, std::size_t bytes,

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/errors.hpp"
 
 namespace tensorstream::engine::detail {
@@ -25,8 +26,21 @@ HostReader::HostReader(const Layout& layout, const EngineOptions& options, io::E
   backend_ = io::make_backend(options.backend, options.io, env);
   for (const auto& f : layout_.files) files_.push_back(backend_->open(f));
   if (options.ram_cache_bytes > 0) {
-    cache_ = std::make_unique<cache::BlockCache>(options.ram_cache_bytes, options.cache_policy,
-                                                 allocator_);
+    // One region for the whole tier, taken now: no allocation (and, pinned, no
+    // cuMemFreeHost, which synchronises the device) per entry. Never more than every block
+    // once, so a tier sized for a larger model does not pin memory that it cannot use.
+    std::uint64_t all_blocks = 0;
+    for (const auto& b : layout_.blocks) all_blocks += resident_buffer_bytes(b.size);
+    const std::uint64_t capacity =
+        std::min(options.ram_cache_bytes / kSlotAlignment * kSlotAlignment, all_blocks);
+    std::shared_ptr<HostAllocator> entries = default_host_allocator();
+    if (capacity > 0) {
+      auto region = device != nullptr ? allocate_buffer(allocator_, capacity)
+                                      : AlignedBuffer(static_cast<std::size_t>(capacity));
+      entries = std::make_shared<RegionAllocator>(std::move(region), kSlotAlignment);
+    }
+    cache_ =
+        std::make_unique<cache::BlockCache>(capacity, options.cache_policy, std::move(entries));
   }
 }
 
@@ -70,16 +84,20 @@ void HostReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& r
     }
   } guard{*this, staging};
 
+  // A resident block is read once and stays in its buffer: the tier does not admit it (its
+  // room is for streamed blocks), and a lookup, which would count a miss, is only made if
+  // the tier holds it (contains() is no access).
+  const bool resident = buffer.resident();
   std::optional<cache::BlockHandle> source_pin;
   const std::byte* source = nullptr;
-  if (cache_) source_pin = cache_->lookup(key);
+  if (cache_ && (!resident || cache_->contains(key))) source_pin = cache_->lookup(key);
   if (source_pin) {
     source = source_pin->data();
     report.bytes_from_ram_tier += info.size;
   } else {
     std::span<std::byte> dest;
     std::optional<cache::BlockHandle> filler;
-    if (cache_) filler = cache_->insert(key, resident_buffer_bytes(info.size));
+    if (cache_ && !resident) filler = cache_->insert(key, resident_buffer_bytes(info.size));
     if (filler) {
       dest = filler->mutable_bytes();
     } else if (device_ != nullptr) {
@@ -100,8 +118,14 @@ void HostReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& r
   buffer.copy_from_host(source, static_cast<std::size_t>(info.size), info.copies, copy_stream_);
   if (staging != nullptr) staging->copied->record(copy_stream_);
   trace_.record({SpanKind::kCopy, order.block, info.size, copy_start, now_ns()});
-  // On a GPU the copy may still run: keep its source alive until the buffer's next fill.
-  if (device_ != nullptr) buffer.keep_copy_source(std::move(source_pin));
+  if (device_ == nullptr) return;  // the copy is done; the tier entry's pin goes now
+  if (resident) {
+    // No next fill would let the pin go: wait for the copy (once per resident block).
+    if (source_pin) buffer.wait_for_copy();
+  } else {
+    // The copy may still run: keep its source pinned until the buffer's next fill.
+    buffer.keep_copy_source(std::move(source_pin));
+  }
 }
 
 void HostReader::read(std::uint32_t block, std::span<std::byte> dest, bool demand,

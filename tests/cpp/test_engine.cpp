@@ -493,6 +493,84 @@ TEST(Engine, DemandCancelsQueuedPrefetches) {
   EXPECT_GE(stats.prefetches_cancelled, 1u) << "the queued prefetch of block 3 was not dropped";
 }
 
+namespace {
+
+// 8 blocks of 64 KiB; a budget of 6 blocks: 4 resident, 4 streamed through 2 slots; a RAM
+// tier that could hold twice the model, LRU (it admits whatever fits).
+eng::EngineOptions resident_and_tier_options(const std::string& device) {
+  eng::EngineOptions options;
+  options.device = device;
+  options.backend = ts::io::BackendType::kPread;
+  options.device_budget = 6 * 64 * KiB;
+  options.slots = 2;
+  options.prefetch = eng::PrefetchStrategy::kNone;
+  options.ram_cache_bytes = 16 * 64 * KiB;
+  options.cache_policy = ts::cache::Policy::kLru;
+  options.verify_checksums = true;
+  return options;
+}
+
+}  // namespace
+
+TEST(Engine, ResidentBlocksStayOutOfTheRamTier) {
+  // A resident block is read once, into its own buffer, and kept: the tier does not admit it
+  // (nor look it up), so it takes no room from streamed blocks and, on a GPU, leaves no tier
+  // entry pinned for the engine's life (the pin of a copy source lasts until the buffer's
+  // next fill, which a resident buffer never has). The same code decides on the CPU.
+  TempDir dir;
+  const auto path = make_store(dir, 8, 64 * KiB, 64 * KiB, 21);
+  const auto store = ts::Store::open(path);
+  const auto options = resident_and_tier_options("cpu");
+  eng::Engine engine(path, options);
+  const auto& plan = engine.plan();
+  const auto resident =
+      static_cast<std::uint64_t>(std::count(plan.resident.begin(), plan.resident.end(), true));
+  ASSERT_EQ(resident, 4u);
+  for (int pass = 0; pass < 3; ++pass) {
+    for (std::uint32_t b = 0; b < store.blocks().size(); ++b) check_block(engine, store, b);
+  }
+  const auto stats = engine.stats();
+  const auto& tier = stats.ram_tier;
+  EXPECT_EQ(tier.capacity, 8 * 64 * KiB) << "the tier's region: never more than every block";
+  EXPECT_EQ(tier.insertions, 4u) << "only the streamed blocks are admitted";
+  EXPECT_EQ(tier.entries, 4u);
+  EXPECT_EQ(tier.misses, 4u) << "resident blocks are not looked up";
+  EXPECT_EQ(tier.hits, 8u);  // the streamed blocks, on passes 2 and 3
+  EXPECT_EQ(tier.pinned_entries, 0u);
+  EXPECT_EQ(tier.bytes_in_use, 4 * 64 * KiB);
+  EXPECT_EQ(stats.bytes_from_ram_tier, 8 * 64 * KiB);
+  EXPECT_EQ(stats.fills, 4u + 12u);
+  EXPECT_EQ(stats.failures, 0u);
+}
+
+TEST(Engine, ResidentBlocksLeaveNoTierEntryPinnedOnTheGpu) {
+  // As ResidentBlocksStayOutOfTheRamTier on a GPU, where copies from the tier's pinned region
+  // are asynchronous: after the passes, only the entries the slots' last copies came from
+  // may be pinned (at most one per slot), none of a resident block.
+  if (!ts::cuda::available()) GTEST_SKIP() << ts::cuda::driver_status().reason;
+  TempDir dir;
+  const auto path = make_store(dir, 8, 64 * KiB, 64 * KiB, 21);
+  const auto store = ts::Store::open(path);
+  const auto options = resident_and_tier_options("cuda:0");
+  eng::Engine engine(path, options);
+  ts::cuda::Device device(0);
+  ts::cuda::Stream stream(device);
+  ts::cuda::PinnedHostBuffer back(device, 64 * KiB);
+  for (int pass = 0; pass < 3; ++pass) {
+    for (std::uint32_t b = 0; b < store.blocks().size(); ++b) {
+      const auto view = engine.acquire(b, stream.handle());
+      ts::cuda::memcpy_dtoh_async(device, back.data(), view.device, view.size, stream.handle());
+      engine.release(b, stream.handle());
+      stream.synchronize();
+      EXPECT_EQ(ts::checksum64({back.data(), view.size}), store.blocks()[b].checksum);
+    }
+  }
+  const auto stats = engine.stats();
+  EXPECT_EQ(stats.ram_tier.insertions, 4u);
+  EXPECT_LE(stats.ram_tier.pinned_entries, engine.plan().arena_bytes / (64 * KiB));
+  EXPECT_EQ(stats.failures, 0u);
+}
+
 TEST(Engine, StreamsToTheGpu) {
   if (!ts::cuda::available()) GTEST_SKIP() << ts::cuda::driver_status().reason;
   TempDir dir;

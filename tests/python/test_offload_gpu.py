@@ -106,6 +106,12 @@ def test_offload_bf16_on_cuda_is_bitwise_and_keeps_the_budget(tmp_path, arch):
     assert stats["layers_offloaded"] >= stats["blocks"] // 2
     # Every weight byte on the GPU was allocated through torch (slots included).
     assert weights <= budget, (weights, budget)
+    # resident + placeholders (one shared bf16 zero: 512 bytes) + engine <= budget.
+    assert stats["placeholder_bytes"] == 512
+    assert stats["vram_in_use"] <= budget
+    streamed = [s.param for b in model.tensorstream._blocks for s in b.slots]
+    shared = {p.untyped_storage().data_ptr() for p in streamed}
+    assert len(shared) == 1
     with torch.no_grad():
         assert torch.equal(model(x).logits, expected_logits)
         assert torch.equal(
@@ -114,6 +120,8 @@ def test_offload_bf16_on_cuda_is_bitwise_and_keeps_the_budget(tmp_path, arch):
     stats = ts.get_model_statistics(model)
     assert stats["device_bytes_peak"] <= stats["device_budget"]
     assert stats["bytes_to_device"] > 0
+    # The post-hooks put back views of the same zero: no allocation per parameter and call.
+    assert {p.untyped_storage().data_ptr() for p in streamed} == shared
     model.cleanup_tensorstream()
 
 

@@ -2,10 +2,13 @@
 //
 // Each entry holds the decoded bytes of one block (typically one decoder layer, up to hundreds
 // of MB) in one buffer obtained from a pluggable HostAllocator (page-aligned host memory by
-// default; CUDA pinned memory once that allocator plugs in, so a hit is one DMA, no CPU copy).
-// The charge of an entry is its size in bytes; the sum of the charges never exceeds the
-// capacity given to the constructor — an invariant, not a hint (Stats::bytes_in_use and
-// Stats::peak_bytes_in_use let tests assert it).
+// default). The engine's tier gives it a RegionAllocator (host_memory.hpp): one region of the
+// tier's capacity, allocated once — CUDA-pinned on a GPU, so a hit is one DMA, no CPU copy —
+// of which each entry is a range, so that no fill or eviction asks the system or the driver
+// for memory. The charge of an entry is its size in bytes rounded up to the allocator's
+// granularity() (1 by default, kSlotAlignment for a region); the sum of the charges never
+// exceeds the capacity given to the constructor — an invariant, not a hint
+// (Stats::bytes_in_use and Stats::peak_bytes_in_use let tests assert it).
 //
 // Typical use, once per use of a block (a lookup is what counts as an access):
 //
@@ -24,6 +27,10 @@
 // with a reference is never evicted (as leveldb's Cache keeps in-use entries off its LRU list).
 // insert() makes room only by evicting unpinned entries; if that cannot make enough room it
 // returns nullopt at once — it never exceeds the budget and never blocks waiting for room.
+// An allocator that sub-allocates may have the bytes free but not in one piece
+// (HostAllocator::try_allocate returns nullptr): insert() then evicts further unpinned entries
+// in the policy's order, one at a time, until the entry fits, and declines it (nullopt) when
+// nothing more may go (Stats::fragmented counts such inserts).
 //
 // Allocation and deallocation (which for pinned memory are slow and may synchronise the
 // device) run outside the cache's lock. Bytes being freed stay charged until the allocator has
@@ -80,7 +87,8 @@ std::ostream& operator<<(std::ostream& out, const BlockKey& key);
 // ---- host memory -------------------------------------------------------------------------
 
 // Entries' memory comes from a HostAllocator (host_memory.hpp: PageAlignedAllocator by
-// default, PinnedHostAllocator on a GPU); cache::HostAllocator names the same class.
+// default; the engine's tier uses a RegionAllocator over one page-aligned or, on a GPU,
+// pinned region); cache::HostAllocator names the same class.
 
 // ---- policies ----------------------------------------------------------------------------
 
@@ -154,6 +162,7 @@ struct Stats {
   std::uint64_t conflicts = 0;
   std::uint64_t evictions = 0;
   std::uint64_t abandoned = 0;
+  std::uint64_t fragmented = 0;
 
   /// hits / (hits + misses), 0 when there was no lookup.
   [[nodiscard]] double hit_rate() const noexcept {
@@ -183,6 +192,9 @@ void for_each_field(const Stats& s, Visit&& visit) {
   visit("conflicts", s.conflicts, "inserts of a key already present");
   visit("evictions", s.evictions, "entries evicted to make room (not erase/clear)");
   visit("abandoned", s.abandoned, "fills whose handle died before publish()");
+  visit("fragmented", s.fragmented,
+        "inserts whose room was free in bytes but not in one piece: they evicted more, or were "
+        "declined");
 }
 
 // ---- handles -----------------------------------------------------------------------------
@@ -300,7 +312,9 @@ class BlockCache {
   ///  - `key` is already present, published or being filled (Stats::conflicts; look it up,
   ///    or wait for it with lookup(key, max_wait));
   ///  - the policy declines to admit it, or room cannot be made because the entries that
-  ///    would have to go are pinned, or `bytes` > capacity (Stats::rejections).
+  ///    would have to go are pinned, or `bytes` (rounded up to the allocator's granularity)
+  ///    > capacity, or the allocator has the bytes but not in one piece and no unpinned entry
+  ///    the policy may evict is left (Stats::rejections).
   /// Making room evicts unpinned entries chosen by the policy. An insert is not an access:
   /// the lookup() that missed before it was (an insert with no lookup, e.g. a prefetch, is
   /// not counted for kAuto's intervals). Throws std::invalid_argument if `bytes` is 0, and

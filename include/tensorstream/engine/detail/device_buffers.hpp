@@ -54,7 +54,8 @@ using SharedEvent = std::shared_ptr<const cuda::Event>;
 class BlockBuffer {
  public:
   /// A buffer without memory (reading in place) of `bytes` counted bytes.
-  explicit BlockBuffer(std::uint64_t bytes = 0) noexcept : size_(bytes) {}
+  explicit BlockBuffer(std::uint64_t bytes = 0, bool resident = false) noexcept
+      : size_(bytes), resident_(resident) {}
   BlockBuffer(BlockBuffer&&) noexcept = default;
   BlockBuffer& operator=(BlockBuffer&&) = delete;
   BlockBuffer(const BlockBuffer&) = delete;
@@ -80,6 +81,8 @@ class BlockBuffer {
 
   /// Bytes of the buffer (counted against the budget whether or not it has memory).
   [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
+  /// A resident block's buffer (filled once, kept for the engine's life), not a slot.
+  [[nodiscard]] bool resident() const noexcept { return resident_; }
   /// Device "cpu": the buffer's bytes (nullptr without memory or on a GPU).
   [[nodiscard]] std::byte* host() const noexcept { return host_.data(); }
   [[nodiscard]] std::span<std::byte> host_span() const noexcept { return host_.span(); }
@@ -100,6 +103,9 @@ class BlockBuffer {
   void order_after_uses(cuda::StreamHandle copy_stream);
   /// Records "ready" on `copy_stream` after the work queued there so far.
   void record_ready(cuda::StreamHandle copy_stream);
+  /// Waits on the host until the last copy into this buffer ("ready") has finished; a no-op
+  /// on the CPU, where copy_from_host is synchronous.
+  void wait_for_copy() const;
 
   /// Puts the block read at host memory `source` into the buffer: `bytes` as they are, or,
   /// with `copies` (a repacked block, source_layout.hpp), each range moved to its place. A
@@ -110,7 +116,8 @@ class BlockBuffer {
                       cuda::StreamHandle copy_stream);
 
   /// Keeps a RAM-tier entry that a copy into this buffer still reads from, until the next
-  /// fill of the buffer (finish_previous_copy) or release_copy_source().
+  /// fill of the buffer (finish_previous_copy) or release_copy_source(). For slots only: a
+  /// resident buffer has no next fill, so its source would stay pinned (use wait_for_copy).
   void keep_copy_source(std::optional<cache::BlockHandle> source) noexcept {
     copy_source_ = std::move(source);
   }
@@ -127,6 +134,7 @@ class BlockBuffer {
 
  private:
   std::uint64_t size_ = 0;
+  bool resident_ = false;
   const cuda::Device* device_ = nullptr;
   AlignedBuffer host_;                     // the CPU: the bytes (owned or provided)
   cuda::DevicePtr dev_ptr_ = 0;            // a GPU: the bytes

@@ -5,9 +5,13 @@
 //
 // The host destination is, in this order of preference:
 //   - the RAM tier's entry for the block, when the tier holds it (no read at all) or admits
-//     it (read into the entry, published, then copied out of it);
+//     it (read into the entry, published, then copied out of it); only streamed blocks are
+//     admitted: a resident block is read once into its buffer and stays there;
 //   - on a GPU, one of the pinned staging buffers (one per fill worker);
 //   - on the CPU, the buffer itself (no copy).
+// On a GPU the copy out of a tier entry is asynchronous, so the entry stays pinned until the
+// copy is over: a slot keeps it until its next fill; a resident buffer, which has no next
+// fill, waits for its copy before the fill ends.
 // read() is the one step that produces a block's bytes in host memory from storage: all the
 // extents submitted at once to the backend, then each waited for within wait_timeout and
 // checked (verify_checksums). A transformation of the stored bytes (decoding) belongs there.
@@ -42,7 +46,9 @@ namespace tensorstream::engine::detail {
 class HostReader final : public BlockReader {
  public:
   /// Makes a backend of options.backend (over `env`) and opens every file of `layout` with
-  /// it; sets up the RAM tier when options.ram_cache_bytes > 0 (pinned memory on a GPU).
+  /// it; sets up the RAM tier when options.ram_cache_bytes > 0: one region (RegionAllocator)
+  /// of ram_cache_bytes rounded down to kSlotAlignment, at most the bytes of all blocks,
+  /// pinned on a GPU, taken now.
   /// `device` and `copy_stream`: the GPU the buffers are on, or nullptr for the CPU. All
   /// references must outlive the reader. Throws what make_backend and Backend::open throw.
   HostReader(const Layout& layout, const EngineOptions& options, io::Env& env,
