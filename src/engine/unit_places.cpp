@@ -19,7 +19,7 @@ UnitPlaces::UnitPlaces(const ResidencyPlan& plan, std::vector<std::uint64_t> byt
             "device_memory needs both allocate and release");
   const auto make = [&](std::uint64_t size, bool resident) {
     return with_memory ? BlockBuffer::allocate(device, provider, size, resident)
-                       : BlockBuffer(size);
+                       : BlockBuffer(size, resident);
   };
   for (std::size_t u = 0; u < units_.size(); ++u) {
     if (!plan.resident[u]) continue;

@@ -535,11 +535,14 @@ TEST(Engine, ResidentBlocksStayOutOfTheRamTier) {
   EXPECT_EQ(tier.insertions, 4u) << "only the streamed blocks are admitted";
   EXPECT_EQ(tier.entries, 4u);
   EXPECT_EQ(tier.misses, 4u) << "resident blocks are not looked up";
-  EXPECT_EQ(tier.hits, 8u);  // the streamed blocks, on passes 2 and 3
   EXPECT_EQ(tier.pinned_entries, 0u);
   EXPECT_EQ(tier.bytes_in_use, 4 * 64 * KiB);
-  EXPECT_EQ(stats.bytes_from_ram_tier, 8 * 64 * KiB);
-  EXPECT_EQ(stats.fills, 4u + 12u);
+  // Passes 2 and 3 find a streamed block either still cached in the arena (a device hit) or
+  // in the tier: every fill after the first eight (4 resident + 4 streamed) is a tier hit.
+  EXPECT_EQ(stats.fills + stats.device_hits, 24u);
+  EXPECT_GE(stats.fills, 8u);
+  EXPECT_EQ(tier.hits, stats.fills - 8u);
+  EXPECT_EQ(stats.bytes_from_ram_tier, tier.hits * 64 * KiB);
   EXPECT_EQ(stats.failures, 0u);
 }
 
