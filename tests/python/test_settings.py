@@ -56,7 +56,12 @@ def test_rows_are_complete_and_unique() -> None:
         if row["default"] is None:
             assert row["optional"] or row["scope"] == "environment" or row["name"] == "device"
     assert {o["name"] for o in _core.structural_options()} == {
-        "device_memory", "env", "groups", "unit_needs", "unit_partial", "memory_stream"
+        "device_memory",
+        "env",
+        "groups",
+        "unit_needs",
+        "unit_partial",
+        "memory_stream",
     }
     assert not {o["name"] for o in _core.structural_options()} & set(TABLE)
 
