@@ -372,6 +372,19 @@ ts::engine::EngineOptions engine_options_from(const nb::dict& d) {
               .c_str());
     }
     const std::string key = nb::cast<std::string>(key_obj);
+    // Per-unit lists and handles: structural options (settings.hpp), not table rows.
+    if (key == "unit_needs") {
+      if (!value.is_none()) o.unit_needs = nb::cast<std::vector<std::uint64_t>>(value);
+      continue;
+    }
+    if (key == "unit_partial") {
+      if (!value.is_none()) o.unit_partial = nb::cast<std::vector<bool>>(value);
+      continue;
+    }
+    if (key == "memory_stream") {
+      o.memory_stream = reinterpret_cast<ts::cuda::StreamHandle>(nb::cast<std::uintptr_t>(value));
+      continue;
+    }
     const ts::Setting* row = ts::find_setting(key);
     if (row == nullptr || !row->is_option()) {
       throw std::invalid_argument(ts::detail::concat("unknown engine option '", key,
@@ -472,6 +485,20 @@ void set_device_memory(ts::engine::EngineOptions& o, nb::object allocate, nb::ob
       }};
 }
 
+// The planner's view of units from Python's lists (needs and partial optional, per unit).
+std::vector<ts::engine::UnitDemand> unit_demands(
+    const std::vector<std::uint64_t>& sizes, const std::optional<std::vector<std::uint64_t>>& needs,
+    const std::optional<std::vector<bool>>& partial) {
+  if ((needs && needs->size() != sizes.size()) || (partial && partial->size() != sizes.size())) {
+    throw std::invalid_argument("needs and partial must have one entry per unit");
+  }
+  std::vector<ts::engine::UnitDemand> out;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    out.push_back({sizes[i], needs ? (*needs)[i] : 0, partial ? bool((*partial)[i]) : false});
+  }
+  return out;
+}
+
 // Blocks given from Python: a dict {block: [tensor, ...]} or a sequence of (block, [tensor]).
 ts::engine::TensorGroups tensor_groups_from(const nb::handle& groups) {
   ts::engine::TensorGroups out;
@@ -496,15 +523,20 @@ void bind_engine(nb::module_& m) {
       .def(
           "__init__",
           [](PyEngine* self, const fs::path& path, const nb::dict& options, nb::object allocate,
-             nb::object release) {
+             nb::object release, nb::handle groups) {
             auto o = engine_options_from(options);
             set_device_memory(o, std::move(allocate), std::move(release));
+            auto g = tensor_groups_from(groups);
             new (self) PyEngine();
             nb::gil_scoped_release no_gil;
-            self->engine = std::make_shared<ts::engine::Engine>(path, std::move(o));
+            self->engine = std::make_shared<ts::engine::Engine>(
+                ts::engine::Engine::from_store(path, std::move(o), g));
             // `o` (moved from) is destroyed after the GIL is taken back.
           },
-          "path"_a, "options"_a, "allocate"_a = nb::none(), "release"_a = nb::none())
+          "path"_a, "options"_a, "allocate"_a = nb::none(), "release"_a = nb::none(),
+          "groups"_a = nb::none(),
+          "Streams the store at `path`. `groups`: units as {name: [tensor, ...]} or a list of "
+          "(name, [tensor, ...]) in run order, any of the store's tensors; default: its blocks.")
       .def_static(
           "from_safetensors",
           [](const fs::path& path, const nb::dict& options, nb::object allocate, nb::object release,
@@ -572,6 +604,40 @@ void bind_engine(nb::module_& m) {
       .def(
           "prefetch", [](PyEngine& self, std::uint32_t block) { self.get()->prefetch(block); },
           "block"_a, ReleaseGil())
+      .def(
+          "acquire_rows",
+          [](PyEngine& self, std::uint32_t block, std::uint32_t tensor, std::uintptr_t rows,
+             std::uint64_t count, std::uintptr_t stream) {
+            if (count > 0 && rows == 0) throw std::invalid_argument("acquire_rows: null rows");
+            ts::engine::RowsView view;
+            {
+              nb::gil_scoped_release no_gil;
+              view = self.get()->acquire_rows(
+                  block, tensor,
+                  std::span<const std::int64_t>(reinterpret_cast<const std::int64_t*>(rows),
+                                                static_cast<std::size_t>(count)),
+                  reinterpret_cast<ts::cuda::StreamHandle>(stream));
+            }
+            const std::uint64_t address =
+                view.host != nullptr ? reinterpret_cast<std::uintptr_t>(view.host) : view.device;
+            return nb::make_tuple(view.handle, address, view.rows * view.row_bytes);
+          },
+          "block"_a, "tensor"_a, "rows"_a, "count"_a, "stream"_a = 0,
+          "Reads `count` rows (int64 first-dimension indices at host address `rows`) of tensor "
+          "`tensor` of `block`; returns (handle, address, nbytes): the rows one after another. "
+          "Release with release_rows(handle, stream).")
+      .def(
+          "release_rows",
+          [](PyEngine& self, std::uint64_t handle, std::uintptr_t stream) {
+            self.get()->release_rows(handle, reinterpret_cast<ts::cuda::StreamHandle>(stream));
+          },
+          "handle"_a, "stream"_a = 0, ReleaseGil())
+      .def(
+          "max_rows",
+          [](PyEngine& self, std::uint32_t block, std::uint32_t tensor) {
+            return self.get()->max_rows(block, tensor);
+          },
+          "block"_a, "tensor"_a, "Rows of that tensor that fit the streaming arena at once.")
       .def("stats",
            [](PyEngine& self) {
              ts::engine::EngineStats s;
@@ -590,8 +656,9 @@ void bind_engine(nb::module_& m) {
                      const auto& plan = engine->plan();
                      nb::dict d;
                      d["resident"] = plan.resident;
-                     d["slots"] = plan.slots;
-                     d["slot_size"] = plan.slot_size;
+                     d["arena_bytes"] = plan.arena_bytes;
+                     d["largest_need"] = plan.largest_need;
+                     d["overlap"] = plan.overlap;
                      d["resident_bytes"] = plan.resident_bytes;
                      d["streamed_bytes"] = plan.streamed_bytes;
                      d["device_bytes"] = plan.device_bytes();
@@ -619,10 +686,55 @@ void bind_engine(nb::module_& m) {
 
   m.def(
       "minimum_budget",
-      [](const std::vector<std::uint64_t>& sizes, std::uint32_t slots) {
-        return ts::engine::minimum_budget(sizes, slots);
+      [](const std::vector<std::uint64_t>& sizes, std::uint32_t slots,
+         const std::optional<std::vector<std::uint64_t>>& needs,
+         const std::optional<std::vector<bool>>& partial) {
+        return ts::engine::minimum_budget(unit_demands(sizes, needs, partial), slots);
       },
-      "sizes"_a, "slots"_a = 2, "Smallest device budget under which blocks of `sizes` stream.");
+      "sizes"_a, "slots"_a = 1, "needs"_a = nb::none(), "partial"_a = nb::none(),
+      "Smallest device budget under which units of `sizes` stream with an arena of `slots` "
+      "largest needs (1: the physical minimum). `needs`/`partial`: see plan_residency.");
+  m.def(
+      "plan_residency",
+      [](const std::vector<std::uint64_t>& sizes, std::uint64_t budget, std::uint32_t slots,
+         const std::optional<std::vector<std::uint64_t>>& needs,
+         const std::optional<std::vector<bool>>& partial) {
+        const auto plan =
+            ts::engine::plan_residency(unit_demands(sizes, needs, partial), budget, slots);
+        nb::dict d;
+        d["resident"] = plan.resident;
+        d["arena_bytes"] = plan.arena_bytes;
+        d["largest_need"] = plan.largest_need;
+        d["overlap"] = plan.overlap;
+        d["resident_bytes"] = plan.resident_bytes;
+        d["streamed_bytes"] = plan.streamed_bytes;
+        d["device_bytes"] = plan.device_bytes();
+        return d;
+      },
+      "sizes"_a, "budget"_a, "slots"_a = 2, "needs"_a = nb::none(), "partial"_a = nb::none(),
+      "The engine's residency plan for units of `sizes` under `budget` (BudgetTooSmallError "
+      "below the minimum). `needs`: per unit, bytes that must be in the arena at once while it "
+      "is used (0: its size); `partial`: per unit, used by rows (made resident last).");
+  m.def(
+      "unit_sizes",
+      [](const fs::path& path, nb::handle groups, bool checkpoint, bool packed) {
+        const auto g = tensor_groups_from(groups);
+        std::vector<std::uint64_t> out;
+        {
+          nb::gil_scoped_release no_gil;
+          auto layout = checkpoint ? ts::engine::layout_of_safetensors(path, g)
+                                   : ts::engine::layout_of_store(path, g);
+          for (auto& b : layout.blocks) {
+            if (packed) ts::engine::pack_for_device(b);
+            out.push_back(packed ? b.memory_size() : b.size);
+          }
+        }
+        return out;
+      },
+      "path"_a, "groups"_a = nb::none(), "checkpoint"_a = false, "packed"_a = false,
+      "Bytes each unit of the store (or safetensors `checkpoint`) at `path` takes in device "
+      "memory, as an engine lays it out: read in place or into a CPU buffer (`packed` False), "
+      "or repacked with 256-byte aligned tensors (`packed` True: a GPU).");
 }
 
 // ---- SafetensorsCheckpoint -----------------------------------------------------------------

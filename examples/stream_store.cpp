@@ -68,8 +68,9 @@ int main(int argc, char** argv) {
                 engine.block_count(), passes, options.device.c_str(),
                 static_cast<double>(bytes) / 1e9, seconds,
                 static_cast<double>(bytes) / seconds / 1e9);
-    std::printf("budget %.1f MiB (%u slots, %zu resident blocks), peak %.1f MiB\n",
-                static_cast<double>(options.device_budget) / (1 << 20), engine.plan().slots,
+    std::printf("budget %.1f MiB (arena %.1f MiB, %zu resident blocks), peak %.1f MiB\n",
+                static_cast<double>(options.device_budget) / (1 << 20),
+                static_cast<double>(engine.plan().arena_bytes) / (1 << 20),
                 static_cast<std::size_t>(
                     std::count(engine.plan().resident.begin(), engine.plan().resident.end(), true)),
                 static_cast<double>(s.device_bytes_peak) / (1 << 20));

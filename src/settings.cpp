@@ -246,12 +246,14 @@ std::vector<Setting> build_table() {
                   "`slots − 1`. A fixed depth is also capped at `slots − 1`."}));
   rows.push_back(option_row(
       kEngine, "slots", [](auto& o) -> auto& { return o.slots; },
-      {.min = 2,
+      {.min = 1,
        .config_field = "prefetch_depth",
-       .config_note = "1 + `prefetch_depth` (unset counts as 1), at least 2; 2 with prefetch "
+       .config_note = "1 + `prefetch_depth` (unset counts as 1), at least 2; 1 with prefetch "
                       "`NONE`",
-       .meaning = "Streaming slots. Two is double buffering; more allow deeper prefetch but cost "
-                  "budget that could hold resident blocks."}));
+       .meaning = "The streaming arena the residency plan aims for, in largest streamed units. "
+                  "Two lets a unit load while another computes; more allow deeper prefetch but "
+                  "cost budget that could hold resident units. A budget below it gets fewer, down "
+                  "to one: it runs, every load waited for (stats: `overlap` false)."}));
   rows.push_back(option_row(
       kEngine, "verify_checksums", [](auto& o) -> auto& { return o.verify_checksums; },
       {.config_field = "verify_checksums",
@@ -580,9 +582,24 @@ const std::vector<StructuralOption>& structural_options() {
       {"env", "C++ only: `EngineOptions::env`",
        "How the engine reaches the operating system (opening files, running requests); "
        "`io::Env::posix()` by default. Tests wrap it to inject faults."},
-      {"groups", "`_core.Engine.from_safetensors(..., groups=)`; C++: `Engine::from_safetensors`",
-       "Which tensors of a safetensors checkpoint form each block, in run order; default: "
-       "grouped by layer from the names."},
+      {"groups",
+       "`_core.Engine(..., groups=)`, `_core.Engine.from_safetensors(..., groups=)`; C++: "
+       "`Engine::from_store`, `Engine::from_safetensors`",
+       "Which tensors form each unit (block), in run order; default: a store's blocks, or a "
+       "checkpoint's tensors grouped by layer from the names."},
+      {"unit_needs", "options key `unit_needs` (list of int); C++: `EngineOptions::unit_needs`",
+       "Per unit, the bytes that must be in the arena at once while it is used (0: its size): "
+       "more for a module's weights held while its children's load, less for a table read by "
+       "rows."},
+      {"unit_partial", "options key `unit_partial` (list of bool); C++: "
+       "`EngineOptions::unit_partial`",
+       "Per unit, whether it is used by parts (rows): streaming it then moves only what is asked "
+       "for, so the plan makes it resident last."},
+      {"memory_stream", "options key `memory_stream` (a CUstream as int); C++: "
+       "`EngineOptions::memory_stream`",
+       "A GPU with caller-provided memory: the stream its previous owner (torch's allocator: the "
+       "stream current when it allocated) may still have work on; the first write of any byte "
+       "waits for it. Default: the legacy stream."},
   };
   return options;
 }

@@ -16,16 +16,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "TIERS",
     "Block",
+    "Partition",
     "TensorSlot",
     "block_params",
     "find_blocks",
+    "partition",
     "shared_parameters",
+    "store_blocks",
     "streamed_blocks",
 ]
 
@@ -108,6 +113,13 @@ class Block:
     slots: list[TensorSlot] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0  # forwards running on this block (threads may share one model)
+    # An nn.Embedding's table streamed by rows: its forward reads only the rows it looks up
+    # (engine.acquire_rows) instead of acquiring the unit.
+    rows: bool = False
+    row_handles: list[int] = field(default_factory=list)  # rows held (under ``lock``)
+    row_positions: Any = None  # each id's row in the gathered table (under ``lock``)
+    # Per thread: forwards of a table by rows that acquired it whole (resident in the plan).
+    whole: threading.local = field(default_factory=threading.local)
     # Per thread: how many of this thread's forwards of the block the pre-hook entered, so the
     # post-hook (which torch also calls after a failed pre-hook) only undoes what was done.
     entered: threading.local = field(default_factory=threading.local)
@@ -126,3 +138,152 @@ def streamed_blocks(model: nn.Module, min_layer_size: int) -> list[Block]:
             f"{min_layer_size} bytes); nothing to offload"
         )
     return blocks
+
+
+# ---- units: what streams at a given granularity ------------------------------------------
+
+# How finely a model is cut into units, coarsest first. The coarsest that fits a budget wins
+# (fewer, larger units: fewer acquires, longer reads); each finer one lowers the minimum.
+#  0  "blocks": the blocks above; small leaves and tied weights resident.
+#  1  "modules": each module's own parameters inside the blocks (a leaf's weights: a layer
+#     that does not fit streams tensor group by tensor group); small leaves, tied resident.
+#  2  "all": every module's own parameters stream, small leaves too, and each tied parameter
+#     is a unit of its own that every module holding it acquires (one stored copy).
+TIERS = ("blocks", "modules", "all")
+
+REST_BLOCK = "(rest)"  # the store block of the parameters no block streams
+
+
+def _unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.numel() > 0]
+
+
+def store_blocks(
+    model: nn.Module, min_layer_size: int
+) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """How a store holds every parameter of ``model`` (tied ones once, under their first
+    name): the blocks of :func:`block_params`, then one block of everything else, so that
+    any tier's units can be cut from one store without rewriting it."""
+    out = [(name, params) for name, _, params in block_params(model, min_layer_size)]
+    taken = {id(p) for _, params in out for _, p in params}
+    rest = [(n, p) for n, p in _unique_named_parameters(model) if id(p) not in taken]
+    if rest:
+        out.append((REST_BLOCK, rest))
+    return out
+
+
+@dataclass
+class Partition:
+    """The units of one tier: ``units`` (numbered as the engine's units), ``sites`` (each
+    module whose forward holds some units, with them, in module order), ``resident`` (the
+    parameters in no unit: on the device for good), and per unit the other units held while it
+    is (``held_with``: those of its own site and of the sites enclosing it)."""
+
+    tier: int
+    units: list[Block]
+    sites: list[tuple[nn.Module, list[Block]]]
+    resident: list[tuple[str, nn.Parameter]]
+    held_with: list[set[int]]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {u.name: [name for name, _ in u.params] for u in self.units}
+
+
+def _is_row_table(
+    module: nn.Module, params: list[tuple[str, nn.Parameter]], shared: set[int]
+) -> bool:
+    # Rows of a table give the same values as the whole table only for a plain lookup:
+    # max_norm renormalises the table in place, and a tied table is also used whole.
+    # A subclass with its own forward may not call it with ids (OPT's positional embedding
+    # takes an attention mask), so only the plain lookup is served by rows.
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+        and len(params) == 1
+        and params[0][1] is module.weight
+        and id(module.weight) not in shared
+    )
+
+
+def partition(model: nn.Module, min_layer_size: int, tier: int) -> Partition:
+    """The units of ``model`` at ``tier`` (an index of :data:`TIERS`), parameters named by
+    their qualified names; ValueError if nothing streams."""
+    shared = shared_parameters(model)
+    site_units: dict[int, list[Block]] = {}
+    site_module: dict[int, nn.Module] = {}
+    units: list[Block] = []
+
+    def add(
+        name: str, module: nn.Module, params: list[tuple[str, nn.Parameter]], *sites: nn.Module
+    ) -> None:
+        unit = Block(index=len(units), name=name, module=module, params=params)
+        unit.rows = _is_row_table(module, params, shared)
+        units.append(unit)
+        for site in sites:
+            site_units.setdefault(id(site), []).append(unit)
+            site_module[id(site)] = site
+
+    def own(prefix: str, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [
+            (f"{prefix}.{n}" if prefix else n, p)
+            for n, p in module.named_parameters(recurse=False)
+            if id(p) not in shared and p.numel() > 0
+        ]
+
+    blocks = list(block_params(model, min_layer_size))
+    if tier == 0:
+        for name, module, params in blocks:
+            add(name, module, params, module)
+    else:
+        in_blocks: set[int] = set()
+        for name, module, _ in blocks:
+            for sub_name, sub in module.named_modules(prefix=name):
+                in_blocks.add(id(sub))
+                params = own(sub_name, sub)
+                if params:
+                    add(sub_name, sub, params, sub)
+        if tier >= 2:
+            for name, module in model.named_modules():
+                if id(module) in in_blocks:
+                    continue
+                params = own(name, module)
+                if params:
+                    add(name, module, params, module)
+            # A tied parameter: one unit, acquired by every module that holds it.
+            holders: dict[int, list[nn.Module]] = {}
+            first: dict[int, tuple[str, nn.Parameter]] = {}
+            for mname, module in model.named_modules(remove_duplicate=False):
+                for pname, p in module.named_parameters(recurse=False):
+                    if id(p) in shared and p.numel() > 0:
+                        if module not in holders.setdefault(id(p), []):
+                            holders[id(p)].append(module)
+                        first.setdefault(id(p), (f"{mname}.{pname}" if mname else pname, p))
+            for pid, (qname, p) in first.items():
+                add(qname, holders[pid][0], [(qname, p)], *holders[pid])
+    if not units:
+        raise ValueError(
+            "tensorstream: no module is large enough to stream (min_layer_size="
+            f"{min_layer_size} bytes); nothing to offload"
+        )
+    in_units = {id(p) for u in units for _, p in u.params}
+    resident = [(n, p) for n, p in _unique_named_parameters(model) if id(p) not in in_units]
+    # Sites in module order; a unit is held with its site's other units and with those of
+    # every enclosing site (a module's forward runs inside its parent's).
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    sites = sorted(
+        ((site_module[k], v) for k, v in site_units.items()), key=lambda s: order.get(id(s[0]), 0)
+    )
+    enclosing: dict[int, set[int]] = {}
+
+    def walk(module: nn.Module, held: frozenset[int]) -> None:
+        here = held | {u.index for u in site_units.get(id(module), ())}
+        for u in site_units.get(id(module), ()):
+            enclosing.setdefault(u.index, set()).update(here - {u.index})
+        for child in module.children():
+            walk(child, here)
+
+    walk(model, frozenset())
+    held_with = [enclosing.get(u.index, set()) for u in units]
+    return Partition(tier, units, sites, resident, held_with)

@@ -35,7 +35,14 @@ if TYPE_CHECKING:
     from ._analysis import Block
     from .runtime import OffloadedModel
 
-__all__ = ["closed_hook", "make_guarded_apply", "make_post_hook", "make_pre_hook"]
+__all__ = [
+    "closed_hook",
+    "make_guarded_apply",
+    "make_post_hook",
+    "make_pre_hook",
+    "make_rows_post_hook",
+    "make_rows_pre_hook",
+]
 
 
 def closed_hook(module: nn.Module, args: Any) -> None:
@@ -51,28 +58,160 @@ def _current_stream(device: torch.device) -> int:
     return 0
 
 
-def make_pre_hook(runtime: OffloadedModel, block: Block):
+def make_pre_hook(runtime: OffloadedModel, units: list[Block]):
+    """The pre-hook of a module whose forward holds ``units`` (a block; a module's own
+    weights; a tied parameter it shares)."""
+
     def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if module.training:
             raise RuntimeError(
                 "tensorstream: streamed models run in inference mode only; call model.eval()"
             )
-        _check_input_device(runtime, block, args, kwargs)
-        with block.lock:
-            if block.active == 0:
-                stream = _current_stream(runtime.device)
-                if runtime.debug:
-                    address, size, _ = _debug.acquire(runtime, block, stream)
-                else:
-                    address, size, _ = runtime._engine.acquire(block.index, stream)
-                raw = runtime._memory.view(address, size)
-                for s in block.slots:
-                    s.param.data = raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
-            # else: another thread already made this block's weights available
-            block.active += 1
-            block.entered.count = getattr(block.entered, "count", 0) + 1
+        _check_input_device(runtime, units[0], args, kwargs)
+        for block in units:
+            _enter(runtime, block)
 
     return pre_hook
+
+
+def _enter(runtime: OffloadedModel, block: Block) -> None:
+    with block.lock:
+        if block.active == 0:
+            stream = _current_stream(runtime.device)
+            if runtime.debug:
+                address, size, _ = _debug.acquire(runtime, block, stream)
+            else:
+                address, size, _ = runtime._engine.acquire(block.index, stream)
+            raw = runtime._memory.view(address, size)
+            for s in block.slots:
+                s.param.data = raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
+        # else: another thread (or an enclosing module) already made these weights available
+        block.active += 1
+        block.entered.count = getattr(block.entered, "count", 0) + 1
+
+
+def _leave(runtime: OffloadedModel, block: Block) -> None:
+    with block.lock:
+        if getattr(block.entered, "count", 0) == 0:
+            return  # the pre-hook failed before making the weights available
+        block.entered.count -= 1
+        block.active -= 1
+        if block.active > 0:
+            return
+        for s in block.slots:
+            s.param.data = placeholder(s.dtype, s.shape, runtime.device)
+        runtime._engine.release(block.index, _current_stream(runtime.device))
+        if runtime.debug:
+            _debug.released(runtime, block)
+
+
+def make_rows_pre_hook(runtime: OffloadedModel, block: Block):
+    """The pre-hook of an ``nn.Embedding`` whose table streams by rows: it reads only the rows
+    of the ids it is called with (``engine.acquire_rows``), makes the table parameter those
+    rows, in order, and calls the forward with each id replaced by its row's position -- the
+    same lookup, the same values. Lookups of one table are serialised (its weight is one
+    parameter); the rows are released by the post-hook."""
+    slot = block.slots[0]
+
+    def pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        if module.training:
+            raise RuntimeError(
+                "tensorstream: streamed models run in inference mode only; call model.eval()"
+            )
+        _check_input_device(runtime, block, args, kwargs)
+        if runtime.unit_resident(block.index):
+            # Kept whole in device memory by the plan: the whole table, no gather.
+            _enter(runtime, block)
+            block.whole.count = getattr(block.whole, "count", 0) + 1
+            return args, kwargs
+        from_args = bool(args)
+        ids = args[0] if from_args else kwargs["input"]
+        block.lock.acquire()
+        try:
+            table, handles = _gather_rows(runtime, block, slot, ids)
+            block.row_handles = handles
+            slot.param.data = table
+            block.entered.count = getattr(block.entered, "count", 0) + 1
+        except BaseException:
+            block.lock.release()
+            raise
+        positions = block.row_positions
+        if from_args:
+            return (positions, *args[1:]), kwargs
+        return args, dict(kwargs, input=positions)
+
+    return pre_hook
+
+
+def _gather_rows(
+    runtime: OffloadedModel, block: Block, slot: Any, ids: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"tensorstream: {block.name} ({type(block.module).__name__}) expects integer ids, "
+            f"got {ids.dtype}"
+        )
+    unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+    block.row_positions = inverse.reshape(ids.shape)
+    rows = unique.to(device="cpu", dtype=torch.int64).contiguous()
+    count = rows.numel()
+    shape = (count, *slot.shape[1:])
+    if count == 0:
+        return torch.empty(shape, dtype=slot.dtype, device=runtime.device), []
+    engine = runtime._engine
+    stream = _current_stream(runtime.device)
+    limit = max(1, int(engine.max_rows(block.index, 0)))
+
+    def acquire(chunk: torch.Tensor) -> tuple[int, torch.Tensor]:
+        try:
+            handle, address, nbytes = engine.acquire_rows(
+                block.index, 0, chunk.data_ptr(), chunk.numel(), stream
+            )
+        except ValueError as e:
+            raise IndexError(
+                f"tensorstream: {block.name} ({type(block.module).__name__}): {e}"
+            ) from e
+        view = runtime._memory.view(address, nbytes).view(slot.dtype)
+        return handle, view.view(chunk.numel(), *slot.shape[1:])
+
+    if count <= limit:
+        handle, table = acquire(rows)
+        return table, [handle]
+    # More distinct ids than the arena holds rows: gathered chunk by chunk into a table of
+    # their own (activation memory, the size of the lookup's output at most).
+    table = torch.empty(shape, dtype=slot.dtype, device=runtime.device)
+    for start in range(0, count, limit):
+        chunk = rows[start : start + limit]
+        handle, part = acquire(chunk)
+        try:
+            table[start : start + chunk.numel()].copy_(part)
+        finally:
+            engine.release_rows(handle, stream)
+    return table, []
+
+
+def make_rows_post_hook(runtime: OffloadedModel, block: Block):
+    slot = block.slots[0]
+
+    def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if getattr(block.whole, "count", 0) > 0:
+            block.whole.count -= 1
+            _leave(runtime, block)
+            return
+        if getattr(block.entered, "count", 0) == 0:
+            return  # the pre-hook failed (and released the lock)
+        block.entered.count -= 1
+        try:
+            slot.param.data = placeholder(slot.dtype, slot.shape, runtime.device)
+            block.row_positions = None
+            stream = _current_stream(runtime.device)
+            for handle in block.row_handles:
+                runtime._engine.release_rows(handle, stream)
+            block.row_handles = []
+        finally:
+            block.lock.release()
+
+    return post_hook
 
 
 def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
@@ -107,15 +246,16 @@ def _check_input_device(
     )
 
 
-def make_post_hook(runtime: OffloadedModel, block: Block):
+def make_post_hook(runtime: OffloadedModel, units: list[Block]):
     def post_hook(module: nn.Module, args: Any, output: Any) -> None:
         # Torch calls this hook also while an exception leaves the block (always_call).
         error = sys.exc_info()[1]
+        name = units[0].name
         if is_out_of_memory(error) and not hasattr(error, "_tensorstream_block"):
             # The innermost streamed block the error left; the model's forward reports it
             # (and applies the pressure mode); a block called on its own reports here.
             with contextlib.suppress(AttributeError, TypeError):
-                error._tensorstream_block = block.name  # type: ignore[union-attr]
+                error._tensorstream_block = name  # type: ignore[union-attr]
             if getattr(runtime._forwards, "depth", 0) == 0:
                 notify(
                     "out_of_memory",
@@ -123,21 +263,11 @@ def make_post_hook(runtime: OffloadedModel, block: Block):
                     runtime.budget,
                     error,
                     runtime.resident_param_bytes,
-                    block.name,
+                    name,
                     action="raised: the block was called outside the model's forward",
                 )
-        with block.lock:
-            if getattr(block.entered, "count", 0) == 0:
-                return  # the pre-hook failed before making the weights available
-            block.entered.count -= 1
-            block.active -= 1
-            if block.active > 0:
-                return
-            for s in block.slots:
-                s.param.data = placeholder(s.dtype, s.shape, runtime.device)
-            runtime._engine.release(block.index, _current_stream(runtime.device))
-            if runtime.debug:
-                _debug.released(runtime, block)
+        for block in reversed(units):
+            _leave(runtime, block)
 
     return post_hook
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,103 @@ from ._store import _host_contiguous, store_writer
 if TYPE_CHECKING:
     import torch
 
-    from ._analysis import Block
     from ._checkpoint import Checkpoint
     from ._torch_memory import TorchMemory
 
-__all__ = ["CheckpointSource", "StoreSource", "usable_storage"]
+__all__ = ["CheckpointSource", "StoreSource", "UnitSpec", "usable_storage"]
 
 logger = logging.getLogger("tensorstream")
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """The engine units a runtime streams: ``groups`` (unit name -> tensor names in the
+    source, in unit order), per unit the indices of the units held while it is
+    (``held_with``: a module's weights while its parent's are held) and whether it is used by
+    rows (``rows``: an embedding table). Torch-free, so a source can tell the engine's needs."""
+
+    groups: dict[str, list[str]]
+    held_with: tuple[frozenset[int], ...] = ()
+    rows: tuple[bool, ...] = ()
+
+
+def _footprint(nbytes: int) -> int:
+    alignment = _core.SLOT_ALIGNMENT
+    return max(alignment, (nbytes + alignment - 1) // alignment * alignment)
+
+
+def unit_demands(
+    spec: UnitSpec, sizes: list[int], row_bytes: list[int]
+) -> tuple[list[int], list[bool]]:
+    """Per unit, the bytes that must be in the arena at once while it is used -- its own
+    footprint (one row for a table used by rows) plus the footprints of the units held with
+    it -- and whether it is used by rows (engine options ``unit_needs``/``unit_partial``)."""
+    needs, partial = [], []
+    for u, size in enumerate(sizes):
+        rows = bool(spec.rows[u]) if u < len(spec.rows) else False
+        own = _footprint(row_bytes[u]) if rows else _footprint(size)
+        held = spec.held_with[u] if u < len(spec.held_with) else frozenset()
+        needs.append(own + sum(_footprint(sizes[v]) for v in held))
+        partial.append(rows)
+    return needs, partial
+
+
+class _Units:
+    """What a store and a checkpoint source share: the units they stream (``spec``) and what
+    the engine needs for them."""
+
+    path: Path
+    spec: UnitSpec | None
+
+    def _is_checkpoint(self) -> bool:
+        return False
+
+    def unit_sizes(self, device: str) -> list[int]:
+        """Bytes each unit takes in ``device``'s memory, as the engine lays it out."""
+        groups = self.spec.groups if self.spec is not None else None
+        return list(
+            _core.unit_sizes(
+                str(self.path), groups, self._is_checkpoint(), device.startswith("cuda")
+            )
+        )
+
+    def _row_bytes(self) -> list[int]:
+        if self.spec is None:
+            return []
+        out = []
+        for u, names in enumerate(self.spec.groups.values()):
+            if u < len(self.spec.rows) and self.spec.rows[u]:
+                info = self._tensor_info(names[0])
+                out.append(info["nbytes"] // max(1, info["shape"][0]) if info["shape"] else 0)
+            else:
+                out.append(0)
+        return out
+
+    def _tensor_info(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def demands(self, device: str) -> tuple[list[int], list[int], list[bool]]:
+        """(sizes, needs, partial) of the units on ``device``."""
+        sizes = self.unit_sizes(device)
+        if self.spec is None:
+            return sizes, [0] * len(sizes), [False] * len(sizes)
+        needs, partial = unit_demands(self.spec, sizes, self._row_bytes())
+        return sizes, needs, partial
+
+    def engine_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with the units' needs for the engine."""
+        _, needs, partial = self.demands(str(options.get("device", "cpu")))
+        return dict(options, unit_needs=needs, unit_partial=partial)
+
+    def streaming_minimum(self, options: dict[str, Any]) -> int:
+        """The smallest engine budget for the units (the physical minimum)."""
+        sizes, needs, partial = self.demands(str(options.get("device", "cpu")))
+        return int(_core.minimum_budget(sizes, 1, needs, partial)) if sizes else 0
+
+    def overlap_minimum(self, options: dict[str, Any]) -> int:
+        """The smallest engine budget under which a unit loads while another computes."""
+        sizes, needs, partial = self.demands(str(options.get("device", "cpu")))
+        return int(_core.minimum_budget(sizes, 2, needs, partial)) if sizes else 0
 
 
 def usable_storage(config: Any) -> Path:
@@ -53,34 +144,53 @@ def usable_storage(config: Any) -> Path:
     return storage
 
 
-class StoreSource:
-    """A store file; its blocks are the runtime's blocks, in order."""
+class StoreSource(_Units):
+    """A store file; the runtime's units are ``spec``'s groups of its tensors (or, without a
+    spec, its blocks, in order)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, spec: UnitSpec | None = None) -> None:
         self.path = path
+        self.spec = spec
+
+    def with_units(self, spec: UnitSpec) -> StoreSource:
+        return StoreSource(self.path, spec)
 
     @property
     def description(self) -> str:
         return f"store '{self.path}'"
 
     def open(self, options: dict[str, Any], memory: TorchMemory) -> Any:
-        """An engine streaming this store under ``options`` with ``memory``'s buffers."""
-        return _core.Engine(str(self.path), options, memory.allocate, memory.release)
+        """An engine streaming this store's units under ``options`` with ``memory``'s buffers."""
+        groups = self.spec.groups if self.spec is not None else None
+        return _core.Engine(
+            str(self.path), self.engine_options(options), memory.allocate, memory.release, groups
+        )
 
-    def streaming_minimum(self, options: dict[str, Any]) -> int:
-        """The smallest engine budget for this store's blocks with ``options``' slots."""
-        sizes = [b["raw_size"] for b in _core.Store(str(self.path)).blocks]
-        return int(_core.minimum_budget(sizes, options["slots"]))
+    def _tensor_info(self, name: str) -> dict[str, Any]:
+        return next(t for t in _core.Store(str(self.path)).tensors if t["name"] == name)
+
+    def tensor_nbytes(self) -> dict[str, int]:
+        """Bytes of each tensor of the store, by name."""
+        return {t["name"]: int(t["nbytes"]) for t in _core.Store(str(self.path)).tensors}
 
     def dtype_names(self) -> set[str]:
-        """The dtypes (torch names) of the store's tensors, from its metadata."""
-        return {t["dtype"] for t in _core.Store(str(self.path)).tensors}
+        """The dtypes (torch names) of the units' tensors, from the store's metadata."""
+        names = None
+        if self.spec is not None:
+            names = {n for group in self.spec.groups.values() for n in group}
+        return {
+            t["dtype"]
+            for t in _core.Store(str(self.path)).tensors
+            if names is None or t["name"] in names
+        }
 
     @classmethod
-    def of_blocks(cls, storage: Path, blocks: list[Block]) -> StoreSource:
-        """The store of ``blocks``' parameters (their current values) in ``storage``:
-        ``<fingerprint>.tstore``, reused when it exists with that fingerprint, else written
-        (crash-safe)."""
+    def of_blocks(
+        cls, storage: Path, blocks: list[tuple[str, list[tuple[str, Any]]]]
+    ) -> StoreSource:
+        """The store of ``blocks`` -- (block name, [(tensor name, tensor)]), their current
+        values -- in ``storage``: ``<fingerprint>.tstore``, reused when it exists with that
+        fingerprint, else written (crash-safe)."""
         fingerprint = _fingerprint(blocks)
         path = storage / f"{fingerprint}.tstore"
         reuse = False
@@ -123,7 +233,7 @@ class StoreSource:
                 return cls(path)
             except _core.TensorStreamError:
                 logger.warning("tensorstream: converted store %s is unreadable; rewriting", path)
-        logger.info("tensorstream: converting the streamed tensors to %s into %s", dtype, path)
+        logger.info("tensorstream: converting the checkpoint's tensors to %s into %s", dtype, path)
         with store_writer(path) as writer:
             for name, keys in groups.items():
                 writer.begin_block(name)
@@ -145,35 +255,39 @@ class StoreSource:
         return cls(path)
 
 
-class CheckpointSource:
+class CheckpointSource(_Units):
     """A safetensors checkpoint (a file, a Hugging Face checkpoint directory or an index)
-    streamed in place; ``groups`` maps each block's name to its tensors' names in the
+    streamed in place; ``spec``'s groups map each unit's name to its tensors' names in the
     checkpoint, in run order."""
 
-    def __init__(self, path: Path, groups: dict[str, list[str]]) -> None:
+    def __init__(self, path: Path, spec: UnitSpec | dict[str, list[str]]) -> None:
         self.path = path
-        self.groups = groups
+        self.spec = spec if isinstance(spec, UnitSpec) else UnitSpec(dict(spec))
+
+    def with_units(self, spec: UnitSpec) -> CheckpointSource:
+        return CheckpointSource(self.path, spec)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return self.spec.groups
 
     @property
     def description(self) -> str:
         return f"checkpoint '{self.path}'"
 
+    def _is_checkpoint(self) -> bool:
+        return True
+
     def open(self, options: dict[str, Any], memory: TorchMemory) -> Any:
         """An engine streaming the checkpoint's groups under ``options`` with ``memory``'s
         buffers."""
         return _core.Engine.from_safetensors(
-            str(self.path), options, memory.allocate, memory.release, self.groups
-        )
+            str(self.path), self.engine_options(options), memory.allocate, memory.release,
+            self.groups,
+        )  # fmt: skip
 
-    def streaming_minimum(self, options: dict[str, Any]) -> int:
-        """The smallest engine budget for the groups with ``options``' slots (the engine
-        computes it from the checkpoint's layout: tensors keep their file alignment)."""
-        probe = dict(options, device_budget=1)
-        try:
-            _core.Engine.from_safetensors(str(self.path), probe, None, None, self.groups).close()
-        except _core.BudgetTooSmallError as e:
-            return int(e.minimum_budget)
-        return 1
+    def _tensor_info(self, name: str) -> dict[str, Any]:
+        return dict(_core.SafetensorsCheckpoint(str(self.path)).find(name))
 
     def dtype_names(self) -> set[str]:
         """The dtypes (torch names) of the groups' tensors, from the checkpoint's headers."""
@@ -181,10 +295,10 @@ class CheckpointSource:
         return {reader.find(name)["dtype"] for names in self.groups.values() for name in names}
 
 
-def _fingerprint(blocks: list[Block]) -> str:
+def _fingerprint(blocks: list[tuple[str, list[tuple[str, Any]]]]) -> str:
     entries = []
-    for block in blocks:
-        for qname, p in block.params:
+    for _, params in blocks:
+        for qname, p in params:
             t = _host_contiguous(p)
             entries.append(
                 (
@@ -197,11 +311,11 @@ def _fingerprint(blocks: list[Block]) -> str:
     return _core.fingerprint(entries)
 
 
-def _write_blocks(path: Path, blocks: list[Block]) -> None:
+def _write_blocks(path: Path, blocks: list[tuple[str, list[tuple[str, Any]]]]) -> None:
     with store_writer(path) as writer:
-        for block in blocks:
-            writer.begin_block(block.name)
-            for qname, p in block.params:
+        for name, params in blocks:
+            writer.begin_block(name)
+            for qname, p in params:
                 t = _host_contiguous(p)
                 writer.add_tensor(
                     qname,

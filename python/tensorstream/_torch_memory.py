@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import sys
 import threading
@@ -137,8 +138,18 @@ class TorchMemory:
             self._buffers.pop(address, None)
 
     def view(self, address: int, size: int) -> torch.Tensor:
+        """``size`` bytes at ``address``: inside a buffer this memory gave the engine (a unit's
+        place in the arena is an offset into it), or, reading in place, of a window."""
         with self._lock:
             tensor = self._buffers.get(address)
+            if tensor is None and self._buffers:
+                bases = sorted(self._buffers)
+                i = bisect.bisect_right(bases, address) - 1
+                if i >= 0:
+                    base = self._buffers[bases[i]]
+                    offset = address - bases[i]
+                    if offset + size <= base.numel():
+                        tensor = base[offset:]
             if tensor is None and self.in_place:
                 tensor = self._windows.get(address)
                 if tensor is None or tensor.numel() < size:

@@ -61,28 +61,61 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
+def _store_offsets(blocks: list[tuple[str, list[tuple[str, int]]]]) -> dict[str, tuple[int, int]]:
+    """Where a store written from ``blocks`` ((name, [(tensor, nbytes)])) puts each tensor:
+    (offset in its block, nbytes). Blocks start at block_alignment (4096) in the file and
+    their tensors at tensor_alignment apart (docs/store-format.md)."""
+    out: dict[str, tuple[int, int]] = {}
+    for _, tensors in blocks:
+        end = 0
+        for name, nbytes in tensors:
+            offset = _align(end, _core.TENSOR_ALIGNMENT)
+            out[name] = (offset, nbytes)
+            end = offset + nbytes
+    return out
+
+
+def _unit_size(offsets: dict[str, tuple[int, int]], names: list[str]) -> int:
+    """Bytes a unit of a store's tensors ``names`` (consecutive in one block) takes in device
+    memory, as the engine lays it out: one read of them, aligned to 4096 around them."""
+    first = min(offsets[n][0] for n in names)
+    last = max(offsets[n][0] + offsets[n][1] for n in names)
+    skip = first % _SLOT_ALIGNMENT
+    return _align(skip + last - first, _SLOT_ALIGNMENT)
+
+
+def _engine_minimum(sizes: list[int], slots: int, needs: list[int], partial: list[bool]) -> int:
+    return int(_core.minimum_budget(sizes, slots, needs, partial)) if sizes else 0
+
+
 def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     """What :func:`tensorstream.offload` would do with ``model`` under ``config`` (default
     ``Config()``), without writing or loading anything. Sizes in bytes (after ``config.dtype``
-    conversion, when set):
+    conversion, when set). Budgets are whole weight budgets (``vram_budget``), the smallest
+    over the ways the model can be cut into units (``tiers``: whole blocks, each module's
+    own weights, everything including small leaves and tied weights):
 
-    * ``total_parameter_bytes``: every parameter, tied ones counted once;
-    * ``resident_bytes``: the parameters that stay on the device (small modules, tied weights);
-    * ``streamed_bytes``: the parameters of the blocks that would stream;
-    * ``block_bytes``: ``{block name: bytes}`` for each block that would stream (as laid out
-      in a store);
-    * ``largest_block_bytes``, ``slots`` (streaming slots of this config);
-    * ``placeholder_bytes``: the placeholders the streamed parameters share on the device
-      (one element per dtype; 512 bytes each on CUDA);
-    * ``minimum_budget``: the smallest ``vram_budget`` that works: the resident bytes plus
-      the placeholders plus ``_core.minimum_budget`` of the blocks for these slots;
+    * ``minimum_budget``: the smallest budget that works -- the physical minimum: what stays
+      resident plus the largest single unit that must be present at once (loads then wait
+      in front of compute, with a warning);
+    * ``overlap_budget``: the smallest budget under which a unit loads while another computes;
     * ``all_resident_budget``: the budget under which nothing streams;
     * ``suggested_budget``: ``all_resident_budget`` when the device's automatic budget holds
-      it, else the automatic budget, but never less than ``minimum_budget``.
+      it, else the automatic budget, but never less than ``minimum_budget``;
+    * ``tiers``: per tier, ``minimum_budget``, ``overlap_budget``, ``all_resident_budget``,
+      ``units`` and ``largest_unit_bytes``.
+
+    And for the tier that ``offload`` picks at ``config``'s budget (``tier``; the one of the
+    smallest minimum when the budget holds none): ``total_parameter_bytes`` (every parameter,
+    tied ones counted once), ``resident_bytes`` (parameters that stay on the device outside
+    the engine), ``streamed_bytes``, ``block_bytes`` (``{unit name: bytes}`` as laid out in a
+    store), ``largest_block_bytes``, ``slots``, ``placeholder_bytes`` (the placeholders the
+    streamed parameters share: one element per dtype; 512 bytes each on CUDA).
     """
     import torch
 
-    from ._analysis import block_params
+    from ._analysis import TIERS, partition, store_blocks
+    from ._sources import UnitSpec, unit_demands
     from ._torch_memory import placeholder_bytes
     from .config import Config, default_vram_budget
 
@@ -95,28 +128,53 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
     def size_of(p: torch.Tensor) -> int:
         return p.numel() * torch.empty((), dtype=dtype_of(p)).element_size()
 
-    block_bytes: dict[str, int] = {}
-    streamed_ids: set[int] = set()
-    streamed_dtypes: set[torch.dtype] = set()
-    for name, _module, params in block_params(model, config.min_layer_size):
-        end = 0
-        for _, p in params:
-            end = _align(end, _core.TENSOR_ALIGNMENT) + size_of(p)
-            streamed_ids.add(id(p))
-            streamed_dtypes.add(dtype_of(p))
-        block_bytes[name] = end
     unique = {id(p): p for p in model.parameters()}
     total = sum(size_of(p) for p in unique.values())
-    resident = sum(size_of(p) for pid, p in unique.items() if pid not in streamed_ids)
-    slots = config.engine_options(device="cpu")["slots"]
-    sizes = list(block_bytes.values())
     device = config.device
     if device is None:
         first = next(iter(unique.values()), None)
         device = str(first.device) if first is not None else "cpu"
-    placeholders = placeholder_bytes(streamed_dtypes, device)
-    minimum = resident + placeholders + (_core.minimum_budget(sizes, slots) if sizes else 0)
-    all_resident = resident + placeholders + sum(_align(size, _SLOT_ALIGNMENT) for size in sizes)
+    layout = store_blocks(model, config.min_layer_size)
+    offsets = _store_offsets([(n, [(q, size_of(p)) for q, p in ps]) for n, ps in layout])
+    slots = config.engine_options(device="cpu")["slots"]
+
+    tiers = []
+    for tier in range(len(TIERS)):
+        part = partition(model, config.min_layer_size, tier)
+        names = [[q for q, _ in u.params] for u in part.units]
+        sizes = [_unit_size(offsets, n) for n in names]
+        spec = UnitSpec(
+            dict(zip([u.name for u in part.units], names, strict=True)),
+            tuple(frozenset(h) for h in part.held_with),
+            tuple(u.rows for u in part.units),
+        )
+        row_bytes = [
+            size_of(u.params[0][1]) // max(1, u.params[0][1].shape[0]) if u.rows else 0
+            for u in part.units
+        ]
+        needs, partial = unit_demands(spec, sizes, row_bytes)
+        resident = sum(size_of(p) for _, p in part.resident)
+        dtypes = {dtype_of(p) for u in part.units for _, p in u.params}
+        placeholders = placeholder_bytes(dtypes, device)
+        reserved = resident + placeholders
+        all_resident = reserved + sum(_align(max(x, 1), _SLOT_ALIGNMENT) for x in sizes)
+        tiers.append(
+            {
+                "tier": TIERS[tier],
+                "units": len(sizes),
+                "largest_unit_bytes": max(sizes, default=0),
+                "minimum_budget": reserved + _engine_minimum(sizes, 1, needs, partial),
+                "overlap_budget": min(
+                    reserved + _engine_minimum(sizes, max(slots, 2), needs, partial),
+                    all_resident,
+                ),
+                "all_resident_budget": all_resident,
+                "_resident": resident,
+                "_placeholders": placeholders,
+                "_units": {u.name: size for u, size in zip(part.units, sizes, strict=True)},
+                "_streamed": sum(size_of(p) for u in part.units for _, p in u.params),
+            }
+        )
     if config.vram_budget_bytes is not None:
         available = config.vram_budget_bytes
     else:
@@ -124,18 +182,30 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
             available = default_vram_budget(device)
         except RuntimeError:
             available = default_vram_budget("cpu")
+    # As offload chooses (_attach.choose_units): the coarsest tier that overlaps, else the
+    # coarsest that fits, else (refused) the one of the smallest minimum.
+    fits = [t for t in tiers if available >= t["minimum_budget"]]
+    overlapping = [t for t in fits if available >= t["overlap_budget"]]
+    chosen = (overlapping or fits or [min(tiers, key=lambda t: t["minimum_budget"])])[0]
+    minimum = min(t["minimum_budget"] for t in tiers)
+    overlap = min(t["overlap_budget"] for t in tiers)
+    all_resident = min(t["all_resident_budget"] for t in tiers)
     suggested = max(minimum, all_resident if all_resident <= available else available)
+    units = chosen["_units"]
     return {
         "total_parameter_bytes": total,
-        "resident_bytes": resident,
-        "streamed_bytes": sum(sizes),
-        "placeholder_bytes": placeholders,
-        "block_bytes": block_bytes,
-        "largest_block_bytes": max(sizes, default=0),
+        "tier": chosen["tier"],
+        "resident_bytes": chosen["_resident"],
+        "streamed_bytes": chosen["_streamed"],
+        "placeholder_bytes": chosen["_placeholders"],
+        "block_bytes": units,
+        "largest_block_bytes": max(units.values(), default=0),
         "slots": slots,
         "minimum_budget": minimum,
+        "overlap_budget": overlap,
         "all_resident_budget": all_resident,
         "suggested_budget": suggested,
+        "tiers": [{k: v for k, v in t.items() if not k.startswith("_")} for t in tiers],
         "device": device,
     }
 

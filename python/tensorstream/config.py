@@ -867,8 +867,8 @@ class Config:
           works), "off" for MMAP, IO_URING and PREAD;
         * ``prefetch``: "none", "next_layer" or "adaptive"; ``prefetch_depth``: int or None
           (engine measures);
-        * ``slots``: streaming slots, 1 + prefetch depth (depth None counts as 1), at least 2;
-          2 with PrefetchStrategy.NONE;
+        * ``slots``: the streaming arena the plan aims for, in largest streamed units: 1 +
+          prefetch depth (depth None counts as 1), at least 2; 1 with PrefetchStrategy.NONE;
         * ``num_threads``: ``num_io_threads``.
 
         The engine applies each key by its row of the settings table (``_core.settings()``);
@@ -881,8 +881,9 @@ class Config:
             budget = default_vram_budget(target, self.memory_pressure_mode)
         strategy: PrefetchStrategy = self.prefetch_strategy
         depth: int | None = self.prefetch_depth
+        # Nothing loads ahead without prefetching: an arena of one unit, the rest resident.
         least = _SETTINGS["slots"]["min"]
-        slots = least if strategy is PrefetchStrategy.NONE else max(least, 1 + (depth or 1))
+        slots = least if strategy is PrefetchStrategy.NONE else max(2, 1 + (depth or 1))
         return {
             "device": target,
             "device_budget": budget,

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._analysis import streamed_blocks
-from ._attach import attach, check_config, check_device
+from ._analysis import TIERS, partition, store_blocks
+from ._attach import attach, check_config, check_device, choose_units
 from ._pressure import set_memory_pressure_callback
 from ._sources import StoreSource, usable_storage
 from ._torch_memory import trim_host_heap
@@ -74,17 +74,21 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
     if config.torch_dtype is not None:
         _convert_dtype(model, config.torch_dtype)
 
-    blocks = streamed_blocks(model, config.min_layer_size)
-    streamed_ids = {id(p) for b in blocks for _, p in b.params}
-    source = StoreSource.of_blocks(usable_storage(config), blocks)
-
-    # Resident parameters (everything not streamed) count against the device budget too.
-    resident_bytes = sum(
-        p.numel() * p.element_size() for p in model.parameters() if id(p) not in streamed_ids
+    # The store holds every parameter once, so that any tier's units are cut from it.
+    source = StoreSource.of_blocks(
+        usable_storage(config), store_blocks(model, config.min_layer_size)
     )
-    runtime = attach(
-        model, source, blocks, config=config, device=device, resident_bytes=resident_bytes
+    partitions = [partition(model, config.min_layer_size, tier) for tier in range(len(TIERS))]
+    choice = choose_units(
+        partitions,
+        source,
+        config=config,
+        device=device,
+        # Resident parameters (everything not streamed) count against the device budget too.
+        resident_bytes_of=lambda part: sum(p.numel() * p.element_size() for _, p in part.resident),
     )
+    streamed_ids = {id(p) for u in choice.part.units for _, p in u.params}
+    runtime = attach(model, choice, config=config, device=device)
     # The streamed host copies are gone now; the resident weights go to the device.
     try:
         _place_residents(model, streamed_ids, device)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._analysis import streamed_blocks
-from ._attach import attach, check_config, check_device
+from ._analysis import TIERS, partition, store_blocks
+from ._attach import attach, check_config, check_device, choose_units
 from ._checkpoint import Checkpoint
 from ._sources import CheckpointSource, StoreSource, usable_storage
 from ._torch_memory import placeholder, trim_host_heap
@@ -64,13 +64,45 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     model.eval()
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    # Blocks, their parameters named as the checkpoint names them.
-    blocks = streamed_blocks(model, config.min_layer_size)
+    # Every parameter by the checkpoint's name (shapes checked), tied ones once.
+    key_of: dict[str, str] = {}
+    for qname, p in model.named_parameters():
+        if p.numel() > 0:
+            key_of[qname] = _tensor_for(checkpoint, qname, p, prefix)
+    dtype = config.torch_dtype
+    source: StoreSource | CheckpointSource
+    if dtype is not None and checkpoint.needs_conversion(key_of.values(), dtype):
+        # A store of every tensor in Config.dtype, so that any tier's units are cut from it.
+        layout = {
+            name: [key_of[q] for q, _ in params]
+            for name, params in store_blocks(model, config.min_layer_size)
+        }
+        source = StoreSource.converted(usable_storage(config), checkpoint, layout, dtype)
+    else:
+        source = CheckpointSource(root, {})
+
+    def stored_bytes(key: str) -> int:
+        entry = checkpoint.entry(key)
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        stored = checkpoint.dtype(key)
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        return numel * torch.empty((), dtype=target).element_size()
+
+    partitions = [partition(model, config.min_layer_size, tier) for tier in range(len(TIERS))]
+    choice = choose_units(
+        partitions,
+        source,
+        config=config,
+        device=device,
+        resident_bytes_of=lambda part: sum(stored_bytes(key_of[q]) for q, _ in part.resident),
+        name_of=lambda qname: key_of[qname],
+    )
     replacements: dict[int, nn.Parameter] = {}  # id of a meta parameter -> what replaces it
-    for block in blocks:
+    for block in choice.part.units:
         named = []
         for qname, p in block.params:
-            key = _tensor_for(checkpoint, qname, p, prefix)
             # A placeholder until the engine's placements set its dtype and device (a meta
             # parameter cannot take data on another device). On the CPU: the source's dtype
             # is not known yet, and a shared placeholder of another dtype on the device would
@@ -79,28 +111,14 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
                 placeholder(p.dtype, p.shape, torch.device("cpu")), requires_grad=False
             )
             replacements[id(p)] = param
-            named.append((key, param))
+            named.append((key_of[qname], param))
         block.params = named
 
-    residents, resident_bytes = _load_residents(
-        model, checkpoint, prefix, set(replacements), config, device
-    )
+    residents, _ = _load_residents(model, checkpoint, prefix, set(replacements), config, device)
     replacements.update(residents)
     _replace_parameters(model, replacements)
     _load_buffers(model, checkpoint, prefix, device)
-
-    # The engine streams the groups straight from the checkpoint's files -- or from a store of
-    # them in Config.dtype when the checkpoint holds another floating-point dtype.
-    groups = {block.name: [key for key, _ in block.params] for block in blocks}
-    dtype = config.torch_dtype
-    source: StoreSource | CheckpointSource
-    if dtype is not None and checkpoint.needs_conversion(
-        (k for keys in groups.values() for k in keys), dtype
-    ):
-        source = StoreSource.converted(usable_storage(config), checkpoint, groups, dtype)
-    else:
-        source = CheckpointSource(root, groups)
-    attach(model, source, blocks, config=config, device=device, resident_bytes=resident_bytes)
+    attach(model, choice, config=config, device=device)
     trim_host_heap()
     return model
 

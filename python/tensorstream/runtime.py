@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,17 @@ def start_engine(
         error.minimum_budget = minimum
         notify("budget_too_small", device, budget, error, resident_bytes)
         raise error from e
+    plan = engine.plan
+    if not plan["overlap"] and not all(plan["resident"]):
+        overlap_budget = reserved + source.overlap_minimum(options)
+        if budget < overlap_budget:
+            warnings.warn(
+                f"tensorstream: a budget of {budget:,} bytes holds only one streamed unit at a "
+                "time: every load waits in front of the computation (no overlap). A budget of "
+                f"{overlap_budget:,} bytes lets loads overlap compute",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return engine, memory
 
 
@@ -162,6 +174,19 @@ class OffloadedModel:
         self._acquired_at: dict[int, float] = {}  # debug: block index -> acquire time
         self._root: nn.Module | None = None  # the model whose forward is wrapped (attach)
         self._forwards = threading.local()  # per thread: depth of wrapped forwards running
+        self._sites: list[nn.Module] = []  # the modules whose hooks hold units (attach)
+        self._padding: list[tuple[nn.Module, Any]] = []  # tables by rows: their padding_idx
+        self._resident: list[bool] = []  # the plan's resident units, of engine _resident_of
+        self._resident_of: Any = None
+        self.tier = "blocks"  # how finely the model is cut into units (_analysis.TIERS)
+
+    def unit_resident(self, index: int) -> bool:
+        """Whether the engine's plan keeps unit ``index`` in device memory for good."""
+        engine = self._engine
+        if self._resident_of is not engine:
+            self._resident = list(engine.plan["resident"])
+            self._resident_of = engine
+        return self._resident[index]
 
     @property
     def store_path(self) -> Path:
@@ -275,6 +300,11 @@ class OffloadedModel:
             layers_offloaded=sum(1 for r in plan["resident"] if not r),
             layers_resident_in_plan=sum(1 for r in plan["resident"] if r),
             blocks=len(self._blocks),
+            units=len(self._blocks),
+            unit_tier=self.tier,
+            units_by_rows=sum(1 for b in self._blocks if b.rows),
+            # A unit loads while another computes; False at budgets below that (loads wait).
+            overlap=bool(plan["overlap"]) or not any(not r for r in plan["resident"]),
             store=str(self.store_path),
             device=str(self.device),
             resident_param_bytes=self.resident_param_bytes,
@@ -343,7 +373,11 @@ class OffloadedModel:
         for block in self._blocks:
             for slot in block.slots:
                 slot.param.data = placeholder(slot.dtype, slot.shape, self.device)
-            block.module.register_forward_pre_hook(closed_hook)
+        for module in self._sites:
+            module.register_forward_pre_hook(closed_hook)
+        for module, padding_idx in self._padding:
+            module.padding_idx = padding_idx
+        self._padding.clear()
         if self._root is not None:
             self._root.__dict__.pop("forward", None)
             self._root = None

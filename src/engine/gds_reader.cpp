@@ -104,8 +104,10 @@ GdsFiles::GdsFiles(const Layout& layout, const EngineOptions& options, io::Env& 
 }
 
 bool GdsFiles::covers(const BlockLayout& block) const noexcept {
-  return per_file_ && std::all_of(block.extents.begin(), block.extents.end(),
-                                  [&](const Extent& e) { return handles_[e.file].has_value(); });
+  // A repacked block moves its tensors while copying, which cuFile's straight write cannot.
+  return per_file_ && block.copies.empty() &&
+         std::all_of(block.extents.begin(), block.extents.end(),
+                     [&](const Extent& e) { return handles_[e.file].has_value(); });
 }
 
 GdsReader::GdsReader(const Layout& layout, const EngineOptions& options, const GdsFiles& files,
@@ -123,7 +125,7 @@ void GdsReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& re
   // cuFileRead writes the buffer from the host side, so its previous users must be done
   // with it first: the consumer that released it and the last copy into it. Waiting on
   // the host is fine here, on a fill worker.
-  buffer.wait_until_unused(order.wait_for_release);
+  buffer.wait_until_unused();
   read(order.block, buffer, report);
   buffer.record_ready(copy_stream_.handle());
 }

@@ -115,8 +115,7 @@ void HostReader::fill(const FillOrder& order, BlockBuffer& buffer, FillReport& r
     }
   }
   const std::int64_t copy_start = now_ns();
-  buffer.copy_from_host(source, static_cast<std::size_t>(info.size), copy_stream_,
-                        order.wait_for_release);
+  buffer.copy_from_host(source, static_cast<std::size_t>(info.size), info.copies, copy_stream_);
   if (staging != nullptr) staging->copied->record(copy_stream_);
   trace_.record({SpanKind::kCopy, order.block, info.size, copy_start, now_ns()});
   if (device_ == nullptr) return;  // the copy is done; the tier entry's pin goes now

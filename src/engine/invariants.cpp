@@ -13,32 +13,46 @@ namespace detail {
 
 namespace {
 
-std::string_view state_name(SlotState state) {
+std::string_view state_name(UnitState state) {
   switch (state) {
-    case SlotState::kEmpty:
-      return "empty";
-    case SlotState::kFilling:
+    case UnitState::kAbsent:
+      return "absent";
+    case UnitState::kFilling:
       return "filling";
-    case SlotState::kReady:
+    case UnitState::kReady:
       return "ready";
-    case SlotState::kFailed:
+    case UnitState::kFailed:
       return "failed";
   }
   return "?";
 }
 
-std::string place_text(const SlotRing& ring, std::size_t place) {
-  const Slot& s = ring[place];
-  return concat(s.resident ? "resident place " : "slot place ", place, " (", state_name(s.state),
-                ", block ", s.block, ", pins ", s.pins, ")");
+std::string_view arena_state_name(Arena::State state) {
+  switch (state) {
+    case Arena::State::kPinned:
+      return "pinned";
+    case Arena::State::kPrefetched:
+      return "prefetched";
+    case Arena::State::kCached:
+      return "cached";
+  }
+  return "?";
+}
+
+std::string unit_text(const UnitPlaces& places, const std::vector<BlockLayout>& blocks,
+                      std::uint32_t u) {
+  const Unit& unit = places[u];
+  return concat(unit.resident ? "resident unit '" : "streamed unit '",
+                u < blocks.size() ? blocks[u].name : concat("#", u), "' (",
+                state_name(unit.state), ", pins ", unit.pins, ")");
 }
 
 }  // namespace
 
-std::optional<std::string> broken_invariant(const SlotRing& ring,
+std::optional<std::string> broken_invariant(const UnitPlaces& places,
                                             const std::vector<BlockLayout>& blocks,
                                             std::uint64_t budget, const EngineStats& stats) {
-  const std::uint64_t bytes = ring.bytes();
+  const std::uint64_t bytes = places.device_bytes();
   if (bytes != stats.device_bytes_in_use) {
     return concat("the places hold ", bytes, " bytes but device_bytes_in_use is ",
                   stats.device_bytes_in_use);
@@ -50,41 +64,33 @@ std::optional<std::string> broken_invariant(const SlotRing& ring,
     return concat("peak device bytes (", stats.device_bytes_peak, ") exceed the budget of ",
                   budget);
   }
-  const auto n = static_cast<std::int64_t>(blocks.size());
-  for (std::size_t p = 0; p < ring.size(); ++p) {
-    const Slot& s = ring[p];
-    if (s.pins < 0) return concat(place_text(ring, p), " has negative pins");
-    if (s.block >= n) return concat(place_text(ring, p), " holds no block of the source");
-    if (s.state != SlotState::kEmpty) {
-      if (s.block < 0) return concat(place_text(ring, p), " is not empty but holds no block");
-      const auto block = static_cast<std::uint32_t>(s.block);
-      const auto found = ring.find(block);
-      if (found != p) {
-        return concat(place_text(ring, p), " holds block '", blocks[block].name,
-                      "', whose place is ", found ? concat(*found) : std::string("none"));
-      }
-    }
-    if (s.resident && s.block >= 0) {
-      const auto own = ring.resident_place(static_cast<std::uint32_t>(s.block));
-      if (own != p) {
-        return concat(place_text(ring, p), " holds block '",
-                      blocks[static_cast<std::size_t>(s.block)].name,
-                      "', which is not the block it is reserved for");
-      }
-    }
+  const auto& arena = places.arena();
+  if (arena.used() > arena.capacity() || stats.arena_bytes_peak > arena.capacity()) {
+    return concat("the arena holds ", arena.used(), " bytes (peak ", stats.arena_bytes_peak,
+                  ") in a capacity of ", arena.capacity());
   }
-  for (std::uint32_t b = 0; b < blocks.size(); ++b) {
-    const auto place = ring.find(b);
-    if (!place) continue;
-    if (*place >= ring.size() || ring[*place].block != static_cast<std::int64_t>(b)) {
-      return concat("block '", blocks[b].name, "' is recorded in place ", *place,
-                    *place < ring.size() ? concat(", ", place_text(ring, *place)) : "",
-                    ", which does not hold it");
+  for (std::uint32_t u = 0; u < places.size(); ++u) {
+    const Unit& unit = places[u];
+    if (unit.pins < 0) return concat(unit_text(places, blocks, u), " has negative pins");
+    const bool placed = arena.contains(u);
+    if (unit.resident) {
+      if (!unit.memory) return concat(unit_text(places, blocks, u), " has no buffer");
+      if (placed) return concat(unit_text(places, blocks, u), " has a place in the arena");
+      continue;
     }
-    const auto own = ring.resident_place(b);
-    if (own && *own != *place) {
-      return concat("resident block '", blocks[b].name, "' is in ", place_text(ring, *place),
-                    " instead of its own place ", *own);
+    if (unit.state != UnitState::kAbsent && (!placed || !unit.memory)) {
+      return concat(unit_text(places, blocks, u), " has no place in the arena");
+    }
+    if (!placed && unit.memory) {
+      return concat(unit_text(places, blocks, u), " keeps memory without a place");
+    }
+    if (placed) {
+      const auto want = UnitPlaces::arena_state(unit);
+      const auto got = arena.entry(u).state;
+      if (want != got) {
+        return concat(unit_text(places, blocks, u), " is ", arena_state_name(got),
+                      " in the arena instead of ", arena_state_name(want));
+      }
     }
   }
   if (stats.device_hits + stats.device_misses > stats.acquires) {
@@ -104,10 +110,10 @@ std::optional<std::string> broken_invariant(const SlotRing& ring,
 
 void Engine::Impl::check_after(std::string_view call, std::uint32_t block) {
   std::lock_guard lock(mutex_);
-  if (!ring_) return;  // closed: nothing is held any more
+  if (!places_) return;  // closed: nothing is held any more
   ++stats_.invariant_checks;
   const auto broken =
-      detail::broken_invariant(*ring_, layout_.blocks, options_.device_budget, stats_);
+      detail::broken_invariant(*places_, layout_.blocks, options_.device_budget, stats_);
   if (!broken) return;
   const std::string name =
       block < layout_.blocks.size() ? layout_.blocks[block].name : concat("#", block);

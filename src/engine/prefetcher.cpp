@@ -7,11 +7,11 @@
 namespace tensorstream::engine::detail {
 
 Prefetcher::Prefetcher(PrefetchStrategy strategy, std::optional<unsigned> fixed_depth,
-                       std::vector<bool> resident, std::uint32_t slots)
+                       std::vector<bool> resident, std::uint32_t max_depth)
     : strategy_(strategy),
       fixed_depth_(fixed_depth),
       resident_(std::move(resident)),
-      slots_(slots),
+      max_depth_(max_depth),
       order_position_(resident_.size(), -1) {}
 
 void Prefetcher::record_acquire(std::uint32_t block) {
@@ -33,7 +33,7 @@ void Prefetcher::record_fill(double seconds) {
 }
 
 unsigned Prefetcher::depth() const noexcept {
-  const unsigned max_depth = slots_ > 0 ? slots_ - 1 : 0;
+  const unsigned max_depth = max_depth_;
   if (fixed_depth_) return std::min(*fixed_depth_, max_depth);
   if (compute_ema_ <= 0 || fill_ema_ <= 0) return max_depth;
   const auto wanted = static_cast<unsigned>(std::ceil(fill_ema_ / compute_ema_));
@@ -60,6 +60,22 @@ void Prefetcher::next_blocks(std::uint32_t block, std::vector<std::uint32_t>& ou
     out.push_back(cursor);
     if (!resident_[cursor]) ++streamed;
   }
+}
+
+}  // namespace tensorstream::engine::detail
+
+namespace tensorstream::engine::detail {
+
+std::uint64_t Prefetcher::distance(std::uint32_t from, std::uint32_t to) const noexcept {
+  const auto n = static_cast<std::uint64_t>(resident_.size());
+  if (order_learned_ && order_position_[from] >= 0 && order_position_[to] >= 0) {
+    const auto length = static_cast<std::int64_t>(order_.size());
+    const auto d = (order_position_[to] - order_position_[from] + length) % length;
+    return d == 0 ? static_cast<std::uint64_t>(length) : static_cast<std::uint64_t>(d);
+  }
+  if (n == 0) return 0;
+  const auto d = (static_cast<std::uint64_t>(to) + n - from) % n;
+  return d == 0 ? n : d;
 }
 
 }  // namespace tensorstream::engine::detail

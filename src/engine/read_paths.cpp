@@ -5,11 +5,12 @@
 namespace tensorstream::engine::detail {
 
 ReadPaths::ReadPaths(const Layout& layout, const EngineOptions& options, const cuda::Device* device,
-                     const cuda::Stream* copy_stream, TraceLog& trace)
-    : device_(device) {
+                     const cuda::Stream* copy_stream, TraceLog& trace,
+                     std::optional<CpuReadPath> cpu_path)
+    : device_(device), layout_(layout) {
   io::Env& env = options.env != nullptr ? *options.env : io::Env::posix();
   if (device == nullptr) {
-    auto path = choose_cpu_read_path(options, layout);
+    auto path = cpu_path ? std::move(*cpu_path) : choose_cpu_read_path(options, layout);
     in_place_ = path.in_place;
     backend_note_ = std::move(path.note);
   }
@@ -39,23 +40,23 @@ ReadPaths::ReadPaths(const Layout& layout, const EngineOptions& options, const c
   }
 }
 
-void ReadPaths::prepare(SlotRing& ring, std::uint64_t largest_block, unsigned fill_workers) {
-  if (gds_reader_) {
-    // Slots are read into again and again: registered, cuFile DMAs straight into them instead
-    // of through its own bounce buffers. Optional: reads work without it.
-    for (const auto s : ring.slots()) {
-      try {
-        ring[s].memory.register_with_cufile();
-      } catch (const std::exception&) {
-        break;  // out of BAR1 space or not supported: the next ones would fail alike
-      }
+void ReadPaths::prepare(UnitPlaces& places, unsigned fill_workers) {
+  if (gds_reader_ && places.arena().capacity() > 0) {
+    // The arena is read into again and again: registered, cuFile DMAs straight into it
+    // instead of through its own bounce buffers. Optional: reads work without it.
+    try {
+      places.arena_memory().register_with_cufile();
+    } catch (const std::exception&) {
+      // out of BAR1 space or not supported
     }
   }
-  const bool any_host = std::any_of(by_block_.begin(), by_block_.end(),
-                                    [&](const BlockReader* r) { return r != gds_reader_.get(); });
-  if (device_ != nullptr && any_host) {
+  std::uint64_t largest = 0;
+  for (std::size_t b = 0; b < by_block_.size(); ++b) {
+    if (by_block_[b] != gds_reader_.get()) largest = std::max(largest, layout_.blocks[b].size);
+  }
+  if (device_ != nullptr && largest > 0) {
     // Staging for reads that do not go into a RAM-tier entry: one per fill worker.
-    host_reader_->allocate_staging(fill_workers, resident_buffer_bytes(largest_block));
+    host_reader_->allocate_staging(fill_workers, resident_buffer_bytes(largest));
   }
 }
 

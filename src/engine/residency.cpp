@@ -2,121 +2,146 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
 
 #include "tensorstream/errors.hpp"
 
 namespace tensorstream::engine {
 namespace {
 
-std::uint64_t aligned(std::uint64_t n) { return align_up(n, kSlotAlignment); }
+struct Units {
+  std::vector<std::uint64_t> raw;   // sizes as given
+  std::vector<std::uint64_t> size;  // footprints
+  std::vector<std::uint64_t> need;  // footprints
+  std::vector<bool> partial;
+  std::uint64_t total = 0;
+};
 
-// Best plan in which every block larger than `slot` is resident and the rest compete for
-// what the budget leaves beside `slots` slots of `slot` bytes. Returns false if the forced
-// residents alone do not fit.
-bool plan_with_slot(const std::vector<std::uint64_t>& sizes, std::uint64_t budget,
-                    std::uint32_t slots, std::uint64_t slot, ResidencyPlan& out) {
-  const std::uint64_t ring = std::uint64_t{slots} * slot;
-  if (ring > budget) return false;
-  std::uint64_t left = budget - ring;
+Units units_of(const std::vector<UnitDemand>& units) {
+  Units u;
+  for (const auto& d : units) {
+    u.raw.push_back(d.size);
+    u.size.push_back(device_footprint(d.size));
+    u.need.push_back(device_footprint(d.need == 0 ? d.size : d.need));
+    u.partial.push_back(d.partial);
+    u.total += u.size.back();
+  }
+  return u;
+}
+
+std::vector<UnitDemand> whole(const std::vector<std::uint64_t>& sizes) {
+  std::vector<UnitDemand> out;
+  out.reserve(sizes.size());
+  for (const auto s : sizes) out.push_back(UnitDemand{s, s, false});
+  return out;
+}
+
+// Distinct need footprints: the largest streamed need of any plan is one of them.
+std::vector<std::uint64_t> caps_of(const Units& u) {
+  std::vector<std::uint64_t> caps = u.need;
+  std::sort(caps.begin(), caps.end());
+  caps.erase(std::unique(caps.begin(), caps.end()), caps.end());
+  return caps;
+}
+
+// The best plan in which every unit needing more than `cap` is resident and the others
+// compete for what the budget leaves beside an arena of `slots` × cap; nullopt if the forced
+// residents do not fit.
+std::optional<ResidencyPlan> plan_with_cap(const Units& u, std::uint64_t budget,
+                                           std::uint32_t slots, std::uint64_t cap) {
+  const std::uint64_t arena = std::uint64_t{slots} * cap;
+  if (arena > budget) return std::nullopt;
+  std::uint64_t left = budget - arena;
   ResidencyPlan plan;
-  plan.resident.assign(sizes.size(), false);
+  plan.resident.assign(u.size.size(), false);
   std::vector<std::size_t> optional;
-  for (std::size_t i = 0; i < sizes.size(); ++i) {
-    const auto need = aligned(sizes[i]);
-    if (need > slot) {
-      if (need > left) return false;
-      left -= need;
+  for (std::size_t i = 0; i < u.size.size(); ++i) {
+    if (u.need[i] > cap) {
+      if (u.size[i] > left) return std::nullopt;
+      left -= u.size[i];
       plan.resident[i] = true;
-      plan.resident_bytes += need;
+      plan.resident_bytes += u.size[i];
     } else {
       optional.push_back(i);
     }
   }
-  // Largest first fills the budget with the most bytes (first-fit decreasing); stable, so
-  // equal sizes go to the blocks that come first.
-  std::stable_sort(optional.begin(), optional.end(),
-                   [&](std::size_t a, std::size_t b) { return sizes[a] > sizes[b]; });
+  // Largest first fills the budget with the most bytes (first-fit decreasing) — partial
+  // units, which stream only what is asked of them, last; stable, so equal sizes go to the
+  // units that come first.
+  std::stable_sort(optional.begin(), optional.end(), [&](std::size_t a, std::size_t b) {
+    if (u.partial[a] != u.partial[b]) return !u.partial[a];
+    return u.size[a] > u.size[b];
+  });
   for (const auto i : optional) {
-    const auto need = aligned(sizes[i]);
-    if (need <= left) {
-      left -= need;
+    if (u.size[i] <= left) {
+      left -= u.size[i];
       plan.resident[i] = true;
-      plan.resident_bytes += need;
+      plan.resident_bytes += u.size[i];
     }
   }
-  std::uint64_t largest_streamed = 0;
-  for (std::size_t i = 0; i < sizes.size(); ++i) {
+  for (std::size_t i = 0; i < u.size.size(); ++i) {
     if (!plan.resident[i]) {
-      largest_streamed = std::max(largest_streamed, aligned(sizes[i]));
-      plan.streamed_bytes += sizes[i];
+      plan.largest_need = std::max(plan.largest_need, u.need[i]);
+      plan.streamed_bytes += u.raw[i];
     }
   }
-  if (largest_streamed == 0) {
-    plan.slots = 0;
-    plan.slot_size = 0;
-  } else {
-    plan.slots = slots;
-    plan.slot_size = largest_streamed;  // may be below `slot`: the ring shrinks to fit
+  if (plan.largest_need > 0) {
+    plan.arena_bytes = budget - plan.resident_bytes;  // ≥ slots × cap ≥ slots × largest_need
+    plan.overlap = plan.arena_bytes / plan.largest_need >= 2;
   }
-  out = std::move(plan);
-  return true;
+  return plan;
 }
 
 }  // namespace
 
-std::uint64_t minimum_budget(const std::vector<std::uint64_t>& sizes, std::uint32_t min_slots) {
-  std::vector<std::uint64_t> sorted;
-  sorted.reserve(sizes.size());
-  for (const auto s : sizes) sorted.push_back(aligned(s));
-  std::sort(sorted.begin(), sorted.end(), std::greater<>());
-  if (sorted.empty()) return 0;
-  // Keep the j largest resident and stream the rest through slots of the (j+1)-th size.
-  std::uint64_t best = std::accumulate(sorted.begin(), sorted.end(), std::uint64_t{0});
-  std::uint64_t prefix = 0;
-  for (std::size_t j = 0; j < sorted.size(); ++j) {
-    best = std::min(best, prefix + std::uint64_t{min_slots} * sorted[j]);
-    prefix += sorted[j];
+std::uint64_t minimum_budget(const std::vector<UnitDemand>& units, std::uint32_t slots) {
+  TS_EXPECT(slots >= 1, std::invalid_argument, "the arena must hold at least 1 unit, got ", slots);
+  const auto u = units_of(units);
+  std::uint64_t best = u.total;  // everything resident
+  for (const auto cap : caps_of(u)) {
+    std::uint64_t forced = 0;
+    for (std::size_t i = 0; i < u.size.size(); ++i) {
+      if (u.need[i] > cap) forced += u.size[i];
+    }
+    best = std::min(best, forced + std::uint64_t{slots} * cap);
   }
   return best;
 }
 
+std::uint64_t minimum_budget(const std::vector<std::uint64_t>& sizes, std::uint32_t slots) {
+  return minimum_budget(whole(sizes), slots);
+}
+
 ResidencyPlan plan_residency(const std::vector<std::uint64_t>& sizes, std::uint64_t budget,
                              std::uint32_t slots) {
-  TS_EXPECT(slots >= 2, std::invalid_argument, "a streaming ring needs at least 2 slots, got ",
-            slots);
-  const auto total =
-      std::accumulate(sizes.begin(), sizes.end(), std::uint64_t{0},
-                      [](std::uint64_t acc, std::uint64_t s) { return acc + aligned(s); });
-  if (total <= budget) {
+  return plan_residency(whole(sizes), budget, slots);
+}
+
+ResidencyPlan plan_residency(const std::vector<UnitDemand>& units, std::uint64_t budget,
+                             std::uint32_t slots) {
+  TS_EXPECT(slots >= 1, std::invalid_argument, "the arena must hold at least 1 unit, got ", slots);
+  const auto u = units_of(units);
+  if (u.total <= budget) {
     ResidencyPlan all;
-    all.resident.assign(sizes.size(), true);
-    all.resident_bytes = total;
+    all.resident.assign(units.size(), true);
+    all.resident_bytes = u.total;
     return all;
   }
-  // The slot size is the size of some block; try each distinct size and keep the plan with
-  // the most resident bytes.
-  std::vector<std::uint64_t> candidates;
-  for (const auto s : sizes) candidates.push_back(aligned(s));
-  std::sort(candidates.begin(), candidates.end());
-  candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
-  bool found = false;
-  ResidencyPlan best;
-  for (const auto slot : candidates) {
-    ResidencyPlan plan;
-    if (!plan_with_slot(sizes, budget, slots, slot, plan)) continue;
-    if (!found || plan.resident_bytes > best.resident_bytes) {
-      best = std::move(plan);
-      found = true;
+  const auto caps = caps_of(u);
+  for (std::uint32_t k = slots; k >= 1; --k) {
+    std::optional<ResidencyPlan> best;
+    for (const auto cap : caps) {
+      auto plan = plan_with_cap(u, budget, k, cap);
+      if (plan && (!best || plan->resident_bytes > best->resident_bytes)) best = std::move(plan);
     }
+    if (best) return *std::move(best);
   }
-  if (!found) {
-    const auto minimum = minimum_budget(sizes, slots);
-    throw BudgetTooSmall(detail::concat("budget of ", budget, " bytes is too small: the largest ",
-                                        "blocks need at least ", minimum, " bytes (", slots,
-                                        " streaming slots of the largest streamed block)"),
-                         minimum);
-  }
-  return best;
+  const auto minimum = minimum_budget(units, 1);
+  throw BudgetTooSmall(
+      detail::concat("budget of ", budget, " bytes is too small: at least ", minimum,
+                     " bytes are needed (the units that cannot ",
+                     "stream, plus room for the largest unit that must be ", "present at once)"),
+      minimum);
 }
 
 }  // namespace tensorstream::engine

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "tensorstream/alignment.hpp"
 #include "tensorstream/block_naming.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/io/backend.hpp"
@@ -17,7 +18,8 @@ std::uint64_t Layout::bytes() const noexcept {
   return total;
 }
 
-BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors) {
+BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors,
+                              std::uint64_t max_gap) {
   // Read order: file, then offset; tensors contiguous in a file share one extent.
   std::vector<std::size_t> order(tensors.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -53,8 +55,9 @@ BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> te
   for (const auto i : order) {
     if (!run.empty()) {
       const auto& prev = tensors[run.back()];
-      const bool contiguous =
-          prev.file == tensors[i].file && prev.file_offset + prev.nbytes == tensors[i].file_offset;
+      const auto end = prev.file_offset + prev.nbytes;
+      const bool contiguous = prev.file == tensors[i].file && end <= tensors[i].file_offset &&
+                              tensors[i].file_offset - end <= max_gap;
       if (!contiguous) flush();
     }
     run.push_back(i);
@@ -62,26 +65,105 @@ BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> te
   flush();
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    block.tensors.push_back(TensorPlacement{t.name, t.dtype, t.shape, offset_of[i], t.nbytes});
+    block.tensors.push_back(
+        TensorPlacement{t.name, t.dtype, t.shape, offset_of[i], t.nbytes, t.file, t.file_offset});
   }
   return block;
 }
 
-Layout layout_of_store(const std::filesystem::path& path) {
+bool pack_for_device(BlockLayout& block) {
+  const bool aligned = std::all_of(block.tensors.begin(), block.tensors.end(), [](const auto& t) {
+    return t.offset % kTensorPlacementAlignment == 0;
+  });
+  if (aligned || !block.copies.empty()) return false;
+  // In read order (offsets ascending), so a move inside one buffer never overwrites a tensor
+  // not yet moved: each packed offset is at most its read offset.
+  std::vector<std::size_t> order(block.tensors.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return block.tensors[a].offset < block.tensors[b].offset;
+  });
+  std::uint64_t end = 0;
+  for (const auto i : order) {
+    auto& t = block.tensors[i];
+    const auto to = align_up(end, kTensorPlacementAlignment);
+    if (t.nbytes > 0) block.copies.push_back(CopyRange{t.offset, to, t.nbytes});
+    t.offset = to;
+    end = to + t.nbytes;
+  }
+  block.packed_size = std::max<std::uint64_t>(end, 1);
+  return true;
+}
+
+namespace {
+
+// Caller-given groups, checked: every block named once and non-empty, every tensor known
+// (`find` returns nullptr for an unknown one) and in at most one block.
+template <typename Find>
+void check_groups(const TensorGroups& groups, const std::string& source, Find find) {
+  std::set<std::string, std::less<>> block_names;
+  std::set<std::string, std::less<>> seen;
+  for (const auto& [name, tensor_names] : groups) {
+    TS_EXPECT(!tensor_names.empty(), std::invalid_argument, "block '", name, "' lists no tensor");
+    TS_EXPECT(block_names.insert(name).second, std::invalid_argument, "block '", name,
+              "' is given twice");
+    for (const auto& t : tensor_names) {
+      TS_EXPECT(find(t), std::invalid_argument, "block '", name, "' lists tensor '", t, "', which ",
+                source, " does not hold");
+      TS_EXPECT(seen.insert(t).second, std::invalid_argument, "tensor '", t,
+                "' is listed in two blocks (the second: '", name, "')");
+    }
+  }
+}
+
+}  // namespace
+
+Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& groups) {
   const auto store = Store::open(path);
   Layout layout;
   layout.source = store.path();
   layout.kind = "store";
   layout.files.push_back(store.path());
-  for (std::size_t i = 0; i < store.blocks().size(); ++i) {
-    const auto& info = store.blocks()[i];
-    BlockLayout block;
-    block.name = info.name;
-    block.size = info.raw_size;
-    block.extents.push_back(Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum});
-    for (const auto& t : store.block_tensors(i)) {
-      block.tensors.push_back(
-          TensorPlacement{t.name, t.dtype, t.shape, t.offset_in_block, t.nbytes});
+  if (groups.empty()) {
+    for (std::size_t i = 0; i < store.blocks().size(); ++i) {
+      const auto& info = store.blocks()[i];
+      BlockLayout block;
+      block.name = info.name;
+      block.size = info.raw_size;
+      block.extents.push_back(
+          Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum, {}});
+      for (const auto& t : store.block_tensors(i)) {
+        block.tensors.push_back(TensorPlacement{t.name, t.dtype, t.shape, t.offset_in_block,
+                                                t.nbytes, 0, info.offset + t.offset_in_block});
+      }
+      layout.blocks.push_back(std::move(block));
+    }
+    return layout;
+  }
+  const auto where = detail::concat("store '", store.path().string(), "'");
+  check_groups(groups, where,
+               [&](const std::string& t) { return store.find_tensor(t).has_value(); });
+  for (const auto& [name, tensor_names] : groups) {
+    std::vector<SourceTensor> tensors;
+    std::vector<const TensorInfo*> infos;
+    for (const auto& t : tensor_names) {
+      const auto& info = store.tensors()[*store.find_tensor(t)];
+      const auto& home = store.blocks()[info.block];
+      tensors.push_back(SourceTensor{info.name, info.dtype, info.shape, 0,
+                                     home.offset + info.offset_in_block, info.nbytes});
+      infos.push_back(&info);
+    }
+    // Tensors of one store block are tensor_alignment apart at most: one read across them.
+    auto block = layout_of_tensors(name, tensors, store.info().tensor_alignment);
+    for (auto& e : block.extents) {
+      for (std::size_t i = 0; i < tensors.size(); ++i) {
+        const auto& t = tensors[i];
+        if (t.file_offset >= e.file_offset &&
+            t.file_offset + t.nbytes <= e.file_offset + e.length) {
+          e.tensor_checksums.push_back(
+              TensorChecksum{t.name, t.file_offset - e.file_offset, t.nbytes, infos[i]->checksum});
+        }
+      }
     }
     layout.blocks.push_back(std::move(block));
   }
@@ -102,19 +184,12 @@ Layout layout_of_safetensors(const std::filesystem::path& path, const TensorGrou
     for (const auto& e : checkpoint.entries()) names.push_back(e.tensor->name);
     for (auto& g : group_into_blocks(names)) groups.emplace_back(g.name, std::move(g.tensors));
   }
-  std::set<std::string, std::less<>> block_names;
-  std::set<std::string, std::less<>> seen;
+  check_groups(groups, detail::concat("checkpoint '", path.string(), "'"),
+               [&](const std::string& t) { return checkpoint.find(t) != nullptr; });
   for (const auto& [name, tensor_names] : groups) {
-    TS_EXPECT(!tensor_names.empty(), std::invalid_argument, "block '", name, "' lists no tensor");
-    TS_EXPECT(block_names.insert(name).second, std::invalid_argument, "block '", name,
-              "' is given twice");
     std::vector<SourceTensor> tensors;
     for (const auto& t : tensor_names) {
       const auto* entry = checkpoint.find(t);
-      TS_EXPECT(entry != nullptr, std::invalid_argument, "block '", name, "' lists tensor '", t,
-                "', which checkpoint '", path.string(), "' does not hold");
-      TS_EXPECT(seen.insert(t).second, std::invalid_argument, "tensor '", t,
-                "' is listed in two blocks (the second: '", name, "')");
       const auto& tensor = *entry->tensor;
       tensors.push_back(SourceTensor{tensor.name, tensor.dtype, tensor.shape,
                                      static_cast<std::uint32_t>(entry->file), tensor.offset,

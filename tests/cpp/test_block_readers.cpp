@@ -1,5 +1,5 @@
 // The engine's pieces on their own: the source layout, the block readers (host, in place, the
-// GDS decision), the read-path choice, the slot ring and the shared thread pool. Real stores
+// GDS decision), the read-path choice, the unit places and the shared thread pool. Real stores
 // on a real file system, real threads.
 #include <gtest/gtest.h>
 
@@ -22,7 +22,7 @@
 #include "tensorstream/engine/detail/host_reader.hpp"
 #include "tensorstream/engine/detail/in_place_reader.hpp"
 #include "tensorstream/engine/detail/read_paths.hpp"
-#include "tensorstream/engine/detail/slot_ring.hpp"
+#include "tensorstream/engine/detail/unit_places.hpp"
 #include "tensorstream/engine/residency.hpp"
 #include "tensorstream/engine/source_layout.hpp"
 #include "tensorstream/errors.hpp"
@@ -131,7 +131,7 @@ TEST(HostReader, ReadsEachBlockExactlyAndCountsIt) {
   std::uint64_t expected = 0;
   for (std::uint32_t b = 0; b < 4; ++b) {
     det::FillReport report;
-    reader.fill(det::FillOrder{b, b % 2 == 0, false}, buffer, report);
+    reader.fill(det::FillOrder{b, b % 2 == 0}, buffer, report);
     expect_block(store, b, reader.host_bytes(b, buffer));
     EXPECT_EQ(reader.host_bytes(b, buffer), buffer.host());  // read into the buffer itself
     EXPECT_EQ(report.bytes_from_storage, store.blocks()[b].stored_size);
@@ -154,11 +154,11 @@ TEST(HostReader, RamTierServesTheSecondFill) {
   det::HostReader reader(layout, options, ts::io::Env::posix(), nullptr, nullptr, trace);
   auto buffer = cpu_buffer(layout);
   det::FillReport first;
-  reader.fill(det::FillOrder{1, true, false}, buffer, first);
+  reader.fill(det::FillOrder{1, true}, buffer, first);
   EXPECT_EQ(first.bytes_from_storage, store.blocks()[1].stored_size);
   std::memset(buffer.host(), 0, buffer.size());
   det::FillReport second;
-  reader.fill(det::FillOrder{1, true, false}, buffer, second);
+  reader.fill(det::FillOrder{1, true}, buffer, second);
   EXPECT_EQ(second.bytes_from_storage, 0u);
   EXPECT_EQ(second.bytes_from_ram_tier, store.blocks()[1].raw_size);
   expect_block(store, 1, buffer.host());
@@ -181,7 +181,7 @@ TEST(HostReader, InjectedErrorNamesTheBlockAndTheFile) {
   auto buffer = cpu_buffer(layout);
   det::FillReport report;
   try {
-    reader.fill(det::FillOrder{1, true, false}, buffer, report);
+    reader.fill(det::FillOrder{1, true}, buffer, report);
     FAIL() << "EIO was not reported";
   } catch (const ts::IoError& e) {
     EXPECT_EQ(e.code(), EIO);
@@ -189,7 +189,7 @@ TEST(HostReader, InjectedErrorNamesTheBlockAndTheFile) {
   }
   EXPECT_EQ(report.bytes_from_storage, 0u);  // a failed read moved nothing worth counting
   fail = false;
-  reader.fill(det::FillOrder{1, true, false}, buffer, report);
+  reader.fill(det::FillOrder{1, true}, buffer, report);
   expect_block(store, 1, buffer.host());
 }
 
@@ -207,7 +207,7 @@ TEST(HostReader, CorruptionIsCaughtWhenVerifying) {
   det::HostReader reader(layout, options, ts::io::Env::posix(), nullptr, nullptr, trace);
   auto buffer = cpu_buffer(layout);
   det::FillReport report;
-  EXPECT_THROW(reader.fill(det::FillOrder{0, true, false}, buffer, report), ts::ChecksumError);
+  EXPECT_THROW(reader.fill(det::FillOrder{0, true}, buffer, report), ts::ChecksumError);
 }
 
 // ---- in place --------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ TEST(InPlaceReader, FillsThroughThePageCacheWithoutTheBuffer) {
   for (int pass = 0; pass < 2; ++pass) {
     for (std::uint32_t b = 0; b < 3; ++b) {
       det::FillReport report;
-      reader.fill(det::FillOrder{b, true, false}, no_memory, report);
+      reader.fill(det::FillOrder{b, true}, no_memory, report);
       const auto* bytes = reader.host_bytes(b, no_memory);
       ASSERT_NE(bytes, nullptr);
       expect_block(store, b, bytes);
@@ -298,55 +298,60 @@ TEST(ReadPaths, OneReaderPerBlockAndTheReasons) {
   EXPECT_EQ(in_place.io_stats().bytes_read, 0u);  // no backend
 }
 
-// ---- slot ring -------------------------------------------------------------------------------
+// ---- unit places -----------------------------------------------------------------------------
 
-TEST(SlotRing, PicksEmptyThenOldestReleasedAndSparesUnusedPrefetches) {
-  // Block 0 resident, blocks 1..4 streamed through 3 slots.
+TEST(UnitPlaces, PlacesStreamedUnitsAndSparesHeldUnitsAndUnusedPrefetches) {
+  // Unit 0 resident, units 1..4 streamed through an arena of 3 of them.
   eng::ResidencyPlan plan;
   plan.resident = {true, false, false, false, false};
-  plan.slots = 3;
-  plan.slot_size = 4096;
-  std::vector<det::BlockBuffer> buffers;
-  for (int i = 0; i < 4; ++i) buffers.emplace_back(4096);
-  det::SlotRing ring(plan, std::move(buffers));
-  ASSERT_EQ(ring.size(), 4u);
-  ASSERT_EQ(ring.slots().size(), 3u);
-  EXPECT_TRUE(ring.is_resident(0));
-  EXPECT_EQ(ring.resident_place(0), std::optional<std::size_t>(0));
-  EXPECT_FALSE(ring.resident_place(1));
-  EXPECT_EQ(ring.bytes(), 4u * 4096);
+  plan.arena_bytes = 3 * 4096;
+  plan.largest_need = 4096;
+  det::UnitPlaces places(plan, std::vector<std::uint64_t>(5, 4096),
+                         std::vector<std::uint64_t>(5, 0), nullptr, std::nullopt,
+                         /*with_memory=*/true, nullptr);
+  ASSERT_EQ(places.size(), 5u);
+  EXPECT_TRUE(places.is_resident(0));
+  EXPECT_TRUE(places[0].memory.has_value()) << "a resident unit has its buffer from the start";
+  EXPECT_FALSE(places[1].memory.has_value());
+  EXPECT_EQ(places.device_bytes(), 4u * 4096);
 
-  const auto fill = [&](std::size_t place, std::uint32_t block, std::int64_t released) {
-    EXPECT_FALSE(ring.assign(place, block).displaced);
-    ring[place].state = det::SlotState::kReady;
-    ring[place].last_release_ns = released;
+  // Unit u's next use is u acquires away (the engine asks its prefetcher).
+  const det::Arena::Rank rank = [](std::uint32_t u) { return det::Arena::Distance{u}; };
+  const auto fill = [&](std::uint32_t unit) {
+    const auto where = places.find(unit, true, 0, rank);
+    ASSERT_TRUE(where);
+    EXPECT_TRUE(places.take(unit, *where).empty());
+    places[unit].state = det::UnitState::kReady;
+    places.sync(unit);
   };
-  fill(1, 1, 300);
-  fill(2, 2, 100);
-  fill(3, 3, 200);
-  EXPECT_EQ(ring.find(2), std::optional<std::size_t>(2));
-  EXPECT_EQ(ring.pick_slot(false), std::optional<std::size_t>(2));  // released longest ago
-  ring[2].pins = 1;                                                 // held: never taken
-  EXPECT_EQ(ring.pick_slot(false), std::optional<std::size_t>(3));
-  ring[3].prefetched_unused = true;  // a prefetch not used yet: only a demand may take it
-  EXPECT_EQ(ring.pick_slot(false), std::optional<std::size_t>(1));
-  ring[1].state = det::SlotState::kFilling;
-  EXPECT_FALSE(ring.pick_slot(false));
-  EXPECT_EQ(ring.pick_slot(true), std::optional<std::size_t>(3));
+  fill(1);
+  fill(2);
+  fill(3);
+  EXPECT_EQ(places.arena().used(), 3u * 4096);
+  // Distinct, non-overlapping places of their own in the arena's memory.
+  EXPECT_NE(places[1].memory->host(), places[2].memory->host());
+  places[3].pins = 1;  // held: never displaced
+  places.sync(3);
+  places[2].prefetched_unused = true;  // a prefetch not used yet: only a demand may take it
+  places.sync(2);
+  // A prefetch of unit 4 (needed at distance 4) may only displace unit 1, needed sooner (1):
+  // none.
+  EXPECT_FALSE(places.find(4, false, 4, rank));
+  // A demand displaces unit 2 (needed at 2) before unit 1 (needed at 1).
+  const auto where = places.find(4, true, 0, rank);
+  ASSERT_TRUE(where);
+  const auto displaced = places.take(4, *where);
+  ASSERT_EQ(displaced.size(), 1u);
+  EXPECT_EQ(displaced[0].unit, 2u);
+  EXPECT_TRUE(displaced[0].prefetch_wasted);
+  EXPECT_EQ(places[2].state, det::UnitState::kAbsent);
+  EXPECT_FALSE(places[2].memory.has_value());
+  EXPECT_TRUE(places[4].memory.has_value());
 
-  const auto previous = ring.assign(3, 4);
-  EXPECT_TRUE(previous.prefetch_wasted);
-  EXPECT_EQ(previous.displaced, std::optional<std::uint32_t>(3));
-  EXPECT_FALSE(ring.find(3));
-  EXPECT_EQ(ring.find(4), std::optional<std::size_t>(3));
-  EXPECT_EQ(ring[3].state, det::SlotState::kEmpty);
-
-  ring[3].state = det::SlotState::kFailed;
-  ring.forget(3, 4);
-  EXPECT_FALSE(ring.find(4));
-  EXPECT_EQ(ring[3].block, -1);
-  ring[2].pins = 0;
-  EXPECT_EQ(ring.pick_slot(false), std::optional<std::size_t>(3));  // empty comes first
+  places[4].state = det::UnitState::kFailed;
+  places.forget(4);
+  EXPECT_FALSE(places.arena().contains(4));
+  EXPECT_EQ(places[4].state, det::UnitState::kAbsent);
 }
 
 // ---- the shared thread pool ------------------------------------------------------------------

@@ -150,7 +150,7 @@ TEST(EngineInPlace, ProcessHoldsNoMoreThanTheBudget) {
   const auto budget = streaming_budget(path);
   auto options = in_place_options(budget);
   eng::Engine engine(path, options);
-  ASSERT_EQ(engine.plan().slots, 2u);
+  ASSERT_GE(engine.plan().arena_bytes, 2 * engine.plan().largest_need);
   ASSERT_TRUE(engine.stats().in_place);
   std::uint64_t peak = 0;
   for (int pass = 0; pass < 3; ++pass) {

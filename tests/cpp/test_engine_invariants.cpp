@@ -18,7 +18,7 @@
 
 namespace ts = tensorstream;
 namespace eng = tensorstream::engine;
-using eng::detail::SlotState;
+using eng::detail::UnitState;
 using ts::testing::Fault;
 using ts::testing::FaultContext;
 using ts::testing::FaultInjectionEnv;
@@ -29,33 +29,38 @@ namespace {
 
 constexpr std::uint64_t KiB = 1024;
 
-// Block 0 resident (4 KiB), blocks 1–3 streamed through two 8 KiB slots: places 0 (resident),
-// 1 and 2 (slots).
+// Unit 0 resident (4 KiB), units 1–3 streamed through an arena of 8 KiB.
 struct Fixture {
   Fixture() {
     eng::ResidencyPlan plan;
     plan.resident = {true, false, false, false};
-    plan.slots = 2;
-    plan.slot_size = 8 * KiB;
+    plan.arena_bytes = 8 * KiB;
+    plan.largest_need = 4 * KiB;
     plan.resident_bytes = 4 * KiB;
-    std::vector<eng::detail::BlockBuffer> buffers;
-    buffers.emplace_back(4 * KiB);
-    buffers.emplace_back(8 * KiB);
-    buffers.emplace_back(8 * KiB);
-    ring.emplace(plan, std::move(buffers));
+    places.emplace(plan, std::vector<std::uint64_t>(4, 4 * KiB), std::vector<std::uint64_t>(4, 0),
+                   nullptr, std::nullopt, /*with_memory=*/true, nullptr);
     for (int b = 0; b < 4; ++b)
-      blocks.push_back({ts::detail::concat("layers.", b), 4 * KiB, {}, {}});
-    stats.device_bytes_in_use = ring->bytes();
-    stats.device_bytes_peak = ring->bytes();
-    budget = ring->bytes();
+      blocks.push_back({ts::detail::concat("layers.", b), 4 * KiB, {}, {}, {}, 0});
+    stats.device_bytes_in_use = places->device_bytes();
+    stats.device_bytes_peak = places->device_bytes();
+    budget = places->device_bytes();
+  }
+
+  // Gives streamed `unit` a place and `state`, as the engine does.
+  void place(std::uint32_t unit, UnitState state) {
+    const auto where = places->find(unit, true, 0, nullptr);
+    ASSERT_TRUE(where);
+    (void)places->take(unit, *where);
+    (*places)[unit].state = state;
+    places->sync(unit);
   }
 
   [[nodiscard]] std::string broken() const {
-    const auto what = eng::detail::broken_invariant(*ring, blocks, budget, stats);
+    const auto what = eng::detail::broken_invariant(*places, blocks, budget, stats);
     return what ? *what : std::string();
   }
 
-  std::optional<eng::detail::SlotRing> ring;
+  std::optional<eng::detail::UnitPlaces> places;
   std::vector<eng::BlockLayout> blocks;
   eng::EngineStats stats;
   std::uint64_t budget = 0;
@@ -68,16 +73,14 @@ std::string contains(const std::string& text, const std::string& part) {
 
 }  // namespace
 
-TEST(EngineInvariants, AHealthyRingHoldsThemAll) {
+TEST(EngineInvariants, HealthyPlacesHoldThemAll) {
   Fixture f;
   EXPECT_EQ(f.broken(), "");
-  (void)f.ring->assign(0, 0);
-  (*f.ring)[0].state = SlotState::kReady;
-  (void)f.ring->assign(1, 2);
-  (*f.ring)[1].state = SlotState::kFilling;
-  (*f.ring)[1].pins = 2;
-  (void)f.ring->assign(2, 3);
-  (*f.ring)[2].state = SlotState::kFailed;
+  (*f.places)[0].state = UnitState::kReady;
+  f.place(2, UnitState::kFilling);
+  (*f.places)[2].pins = 2;
+  f.places->sync(2);
+  f.place(3, UnitState::kFailed);
   f.stats.acquires = 3;
   f.stats.device_hits = 1;
   f.stats.device_misses = 1;
@@ -85,71 +88,56 @@ TEST(EngineInvariants, AHealthyRingHoldsThemAll) {
   f.stats.prefetches_used = 1;
   f.stats.prefetches_wasted = 1;
   EXPECT_EQ(f.broken(), "");
-  // A forgotten failure leaves a stale pin of a waiter on an empty place: legitimate.
-  f.ring->forget(2, 3);
-  (*f.ring)[2].pins = 1;
+  // A forgotten failure leaves a stale pin of a waiter on an absent unit: legitimate.
+  f.places->forget(3);
+  (*f.places)[3].pins = 1;
   EXPECT_EQ(f.broken(), "");
 }
 
 TEST(EngineInvariants, DeviceBytesOverTheBudget) {
   Fixture f;
   f.budget -= 1;
-  EXPECT_EQ(contains(f.broken(), "device bytes in use (20480) exceed the budget of 20479"), "");
+  EXPECT_EQ(contains(f.broken(), "device bytes in use (12288) exceed the budget of 12287"), "");
   Fixture g;
   g.stats.device_bytes_peak = g.budget + 4096;
-  EXPECT_EQ(contains(g.broken(), "peak device bytes (24576) exceed the budget"), "");
+  EXPECT_EQ(contains(g.broken(), "peak device bytes (16384) exceed the budget"), "");
   Fixture h;
   h.stats.device_bytes_in_use = 0;
-  EXPECT_EQ(contains(h.broken(), "the places hold 20480 bytes but device_bytes_in_use is 0"), "");
+  EXPECT_EQ(contains(h.broken(), "the places hold 12288 bytes but device_bytes_in_use is 0"), "");
+  Fixture k;
+  k.stats.arena_bytes_peak = 8 * KiB + 4096;
+  EXPECT_EQ(contains(k.broken(), "in a capacity of 8192"), "");
 }
 
 TEST(EngineInvariants, NegativePins) {
   Fixture f;
-  (void)f.ring->assign(1, 1);
-  (*f.ring)[1].state = SlotState::kReady;
-  (*f.ring)[1].pins = -1;
-  EXPECT_EQ(contains(f.broken(), "slot place 1 (ready, block 1, pins -1) has negative pins"), "");
+  f.place(1, UnitState::kReady);
+  (*f.places)[1].pins = -1;
+  EXPECT_EQ(contains(f.broken(), "streamed unit 'layers.1' (ready, pins -1) has negative pins"),
+            "");
 }
 
-TEST(EngineInvariants, AReadyPlaceMustBeItsBlocksPlace) {
+TEST(EngineInvariants, AStreamedUnitInUseHasAPlace) {
   Fixture f;
-  (void)f.ring->assign(1, 2);
-  (*f.ring)[1].state = SlotState::kReady;
-  (*f.ring)[2].block = 2;  // a second place claims block 2 without being its place
-  (*f.ring)[2].state = SlotState::kReady;
-  EXPECT_EQ(contains(f.broken(),
-                     "slot place 2 (ready, block 2, pins 0) holds block 'layers.2', "
-                     "whose place is 1"),
-            "");
+  (*f.places)[2].state = UnitState::kReady;  // ready, but never placed
+  EXPECT_EQ(contains(f.broken(), "streamed unit 'layers.2' (ready, pins 0) has no place"), "");
   Fixture g;
-  (*g.ring)[1].state = SlotState::kReady;  // ready, but for no block
-  EXPECT_EQ(contains(g.broken(),
-                     "slot place 1 (ready, block -1, pins 0) is not empty but holds "
-                     "no block"),
-            "");
-  Fixture h;
-  (*h.ring)[2].block = 9;
-  EXPECT_EQ(contains(h.broken(), "holds no block of the source"), "");
+  g.place(1, UnitState::kReady);
+  (*g.places)[1].memory.reset();
+  EXPECT_EQ(contains(g.broken(), "has no place in the arena"), "");
 }
 
-TEST(EngineInvariants, ResidentBlocksStayInTheirOwnPlace) {
+TEST(EngineInvariants, ResidentUnitsStayInTheirOwnBuffers) {
   Fixture f;
-  (void)f.ring->assign(1, 0);  // resident block 0 given a streaming slot
-  (*f.ring)[1].state = SlotState::kReady;
-  EXPECT_EQ(contains(f.broken(), "resident block 'layers.0' is in slot place 1"), "");
-  Fixture g;
-  (*g.ring)[0].block = 3;  // the resident place holding another block
-  EXPECT_EQ(contains(g.broken(),
-                     "resident place 0 (empty, block 3, pins 0) holds block "
-                     "'layers.3', which is not the block it is reserved for"),
-            "");
+  (*f.places)[0].memory.reset();
+  EXPECT_EQ(contains(f.broken(), "resident unit 'layers.0' (absent, pins 0) has no buffer"), "");
 }
 
-TEST(EngineInvariants, ABlocksRecordedPlaceHoldsIt) {
+TEST(EngineInvariants, TheArenaTreatsAUnitAsItsStateSays) {
   Fixture f;
-  (void)f.ring->assign(1, 1);
-  (*f.ring)[1].block = 2;  // the place moved on without the block's record
-  EXPECT_EQ(contains(f.broken(), "block 'layers.1' is recorded in place 1"), "");
+  f.place(1, UnitState::kReady);
+  (*f.places)[1].pins = 1;  // held, but the arena was not told: it could displace it
+  EXPECT_EQ(contains(f.broken(), "is cached in the arena instead of pinned"), "");
 }
 
 TEST(EngineInvariants, CountersStayConsistent) {
@@ -190,7 +178,7 @@ TEST(EngineInvariants, ConcurrentSchedulesPassEveryCheck) {
     options.backend = round < 2 ? ts::io::BackendType::kPread : ts::io::BackendType::kMmap;
     options.env = &env;
     options.slots = 4;
-    options.device_budget = eng::minimum_budget(sizes, options.slots) + rng() % (256 * KiB);
+    options.device_budget = eng::minimum_budget(sizes, 1) + rng() % (256 * KiB);
     options.prefetch = static_cast<eng::PrefetchStrategy>(round % 3);
     options.check_invariants = true;
     eng::Engine engine(path, options);

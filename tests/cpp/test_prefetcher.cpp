@@ -25,7 +25,7 @@ std::vector<bool> none_resident(std::size_t n) { return std::vector<bool>(n, fal
 }  // namespace
 
 TEST(Prefetcher, NoneNeverPrefetches) {
-  Prefetcher p(PrefetchStrategy::kNone, std::nullopt, none_resident(6), 4);
+  Prefetcher p(PrefetchStrategy::kNone, std::nullopt, none_resident(6), 3);
   for (std::uint32_t b = 0; b < 6; ++b) {
     p.record_acquire(b);
     EXPECT_TRUE(next(p, b).empty());
@@ -34,7 +34,7 @@ TEST(Prefetcher, NoneNeverPrefetches) {
 }
 
 TEST(Prefetcher, NextLayerWalksOnCyclicallyAsDeepAsTheRingAllows) {
-  Prefetcher p(PrefetchStrategy::kNextLayer, std::nullopt, none_resident(5), 3);
+  Prefetcher p(PrefetchStrategy::kNextLayer, std::nullopt, none_resident(5), 2);
   EXPECT_EQ(p.depth(), 2u);  // 3 slots: one computes, two in flight
   EXPECT_EQ(next(p, 0), (Blocks{1, 2}));
   EXPECT_EQ(next(p, 3), (Blocks{4, 0}));
@@ -42,7 +42,7 @@ TEST(Prefetcher, NextLayerWalksOnCyclicallyAsDeepAsTheRingAllows) {
 }
 
 TEST(Prefetcher, WalkNeverComesBackToTheCurrentBlock) {
-  Prefetcher p(PrefetchStrategy::kNextLayer, 10u, none_resident(3), 8);
+  Prefetcher p(PrefetchStrategy::kNextLayer, 10u, none_resident(3), 7);
   EXPECT_EQ(p.depth(), 7u);  // the fixed depth, clamped to slots - 1
   EXPECT_EQ(next(p, 1), (Blocks{2, 0}));
 }
@@ -50,7 +50,7 @@ TEST(Prefetcher, WalkNeverComesBackToTheCurrentBlock) {
 TEST(Prefetcher, ResidentBlocksAreWalkedOverButNotCounted) {
   // Blocks 1 and 2 stay in device memory: after 0 the two streamed blocks ahead are 3 and 4.
   Prefetcher p(PrefetchStrategy::kNextLayer, std::nullopt, {false, true, true, false, false, false},
-               3);
+               2);
   EXPECT_EQ(next(p, 0), (Blocks{1, 2, 3, 4}));
   EXPECT_EQ(next(p, 4), (Blocks{5, 0}));
 }
@@ -64,32 +64,32 @@ TEST(Prefetcher, EverythingResidentMeansNoDepth) {
 }
 
 TEST(Prefetcher, FixedDepthIsClampedToTheRing) {
-  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 1u, none_resident(8), 4).depth(), 1u);
-  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 0u, none_resident(8), 4).depth(), 0u);
-  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 9u, none_resident(8), 4).depth(), 3u);
-  Prefetcher zero(PrefetchStrategy::kNextLayer, 0u, none_resident(8), 4);
+  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 1u, none_resident(8), 3).depth(), 1u);
+  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 0u, none_resident(8), 3).depth(), 0u);
+  EXPECT_EQ(Prefetcher(PrefetchStrategy::kAdaptive, 9u, none_resident(8), 3).depth(), 3u);
+  Prefetcher zero(PrefetchStrategy::kNextLayer, 0u, none_resident(8), 3);
   EXPECT_TRUE(next(zero, 2).empty());
 }
 
 TEST(Prefetcher, DepthFollowsFillTimeOverComputeTime) {
-  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 6);
+  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 5);
   EXPECT_EQ(p.depth(), 5u);  // nothing measured yet: as deep as the ring allows
   p.record_fill(0.030);
   EXPECT_EQ(p.depth(), 5u);  // compute time still unknown
   p.record_compute(0.010);
   EXPECT_EQ(p.depth(), 3u);  // ceil(30 ms / 10 ms)
-  Prefetcher fast(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 6);
+  Prefetcher fast(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 5);
   fast.record_fill(0.001);
   fast.record_compute(0.050);
   EXPECT_EQ(fast.depth(), 1u);  // never below one
-  Prefetcher slow(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 6);
+  Prefetcher slow(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 5);
   slow.record_fill(1.0);
   slow.record_compute(0.001);
   EXPECT_EQ(slow.depth(), 5u);  // never beyond the ring
 }
 
 TEST(Prefetcher, TimesAreMovingAverages) {
-  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 10);
+  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(16), 9);
   p.record_compute(1.0);
   p.record_fill(1.0);
   EXPECT_EQ(p.depth(), 1u);
@@ -102,7 +102,7 @@ TEST(Prefetcher, TimesAreMovingAverages) {
 }
 
 TEST(Prefetcher, AdaptiveLearnsTheOrderOfOnePassAndWalksIt) {
-  Prefetcher p(PrefetchStrategy::kAdaptive, 2u, none_resident(6), 3);
+  Prefetcher p(PrefetchStrategy::kAdaptive, 2u, none_resident(6), 2);
   // The model runs its blocks out of store order: 3, 1, 4, 0 (2 and 5 are never used).
   for (const std::uint32_t b : {3u, 1u, 4u, 0u}) {
     p.record_acquire(b);
@@ -122,7 +122,7 @@ TEST(Prefetcher, AdaptiveLearnsTheOrderOfOnePassAndWalksIt) {
 }
 
 TEST(Prefetcher, AdaptiveOrderStopsBeforeTheCurrentBlockOnShortCycles) {
-  Prefetcher p(PrefetchStrategy::kAdaptive, 5u, none_resident(8), 8);
+  Prefetcher p(PrefetchStrategy::kAdaptive, 5u, none_resident(8), 7);
   for (const std::uint32_t b : {6u, 2u, 6u}) p.record_acquire(b);
   ASSERT_TRUE(p.order_learned());
   EXPECT_EQ(next(p, 6), (Blocks{2}));
@@ -130,8 +130,23 @@ TEST(Prefetcher, AdaptiveOrderStopsBeforeTheCurrentBlockOnShortCycles) {
 }
 
 TEST(Prefetcher, NextLayerDoesNotLearn) {
-  Prefetcher p(PrefetchStrategy::kNextLayer, 1u, none_resident(4), 4);
+  Prefetcher p(PrefetchStrategy::kNextLayer, 1u, none_resident(4), 3);
   for (const std::uint32_t b : {2u, 0u, 2u}) p.record_acquire(b);
   EXPECT_FALSE(p.order_learned());
   EXPECT_EQ(next(p, 2), (Blocks{3}));
+}
+
+TEST(Prefetcher, DistanceIsAcquiresToTheNextUse) {
+  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(4), 3);
+  // Before an order is learned: the source order, cyclically; the block itself comes back last.
+  EXPECT_EQ(p.distance(1, 2), 1u);
+  EXPECT_EQ(p.distance(1, 0), 3u);
+  EXPECT_EQ(p.distance(1, 1), 4u);
+  // The learned order 3, 1, 0, 2.
+  for (const std::uint32_t b : {3u, 1u, 0u, 2u, 3u}) p.record_acquire(b);
+  ASSERT_TRUE(p.order_learned());
+  EXPECT_EQ(p.distance(3, 1), 1u);
+  EXPECT_EQ(p.distance(3, 2), 3u);
+  EXPECT_EQ(p.distance(2, 3), 1u);
+  EXPECT_EQ(p.distance(0, 0), 4u);
 }

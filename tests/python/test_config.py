@@ -736,8 +736,9 @@ def test_engine_backend_names(backend: str, engine: str, gds: str) -> None:
         ("adaptive", 1, 2),
         ("adaptive", 2, 3),
         ("next_layer", 5, 6),
-        ("none", None, 2),
-        ("none", 4, 2),
+        # Nothing loads ahead: an arena of one unit, the rest of the budget resident.
+        ("none", None, 1),
+        ("none", 4, 1),
     ],
 )
 def test_engine_slots(strategy: str, depth: int | None, slots: int) -> None:

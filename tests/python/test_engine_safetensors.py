@@ -92,7 +92,7 @@ def test_sharded_llama_streams_bitwise(llama_checkpoint, prefetch, ram_cache, ba
     names = [engine.block_name(b) for b in range(engine.block_count)]
     assert names[0] == "model.embed_tokens" and names[1] == "model.layers.0"
     assert names[-1] == "lm_head"
-    assert engine.plan["slots"] > 0, "the budget must force streaming"
+    assert engine.plan["arena_bytes"] > 0, "the budget must force streaming"
     assert stream_and_compare(engine, memory, expected) == set(expected)
     stats = engine.stats()
     assert stats["device_bytes_peak"] <= budget

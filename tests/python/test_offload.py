@@ -62,10 +62,11 @@ def test_streamed_outputs_equal_in_memory(tmp_path, make_model, prefetch, ram_ca
     model = make_model()
     ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
     ref_logits, ref_tokens = reference(model, ids)
-    # Tied embeddings stay resident, then room for three layers: most layers must stream.
+    # Tied embeddings stay resident, then room for two and a half layers: most layers must
+    # stream (whether the arena is planned for one layer, without prefetching, or two).
     layers = model.model.layers if hasattr(model, "model") else model.transformer.h
     tied = model.lm_head.weight.numel() * 4 if model.config.tie_word_embeddings else 0
-    budget = tied + 3.5 * param_bytes(layers[0]) + 64 * 1024
+    budget = tied + 2.5 * param_bytes(layers[0]) + 64 * 1024
     config = Config(
         storage_path=tmp_path,
         vram_budget_gb=budget / 1e9,

@@ -90,8 +90,16 @@ def test_estimate_matches_what_offload_does(tmp_path):
     assert events[0]["minimum_budget"] == estimate["minimum_budget"]
     ts.offload(model, config.replace(vram_budget_gb=f"{estimate['minimum_budget']}B"))
     stats = ts.get_model_statistics(model)
-    assert stats["resident_param_bytes"] == estimate["resident_bytes"]
+    # The estimate at that budget describes the units offload chose there.
+    at_minimum = ts.estimate_model_memory(
+        tiny_llama(), config.replace(vram_budget_gb=f"{estimate['minimum_budget']}B")
+    )
+    assert stats["unit_tier"] == at_minimum["tier"]
+    assert stats["resident_param_bytes"] == at_minimum["resident_bytes"]
+    assert stats["units"] == len(at_minimum["block_bytes"])
     assert stats["budget"] == estimate["minimum_budget"]
+    # At 64 MiB everything fits: whole blocks, the embeddings and 4 layers and lm_head.
+    assert estimate["tier"] == "blocks"
     # dtype halves the estimate of floating-point weights.
     half = ts.estimate_model_memory(tiny_llama(), config.replace(dtype="bfloat16"))
     assert half["total_parameter_bytes"] == total // 2

@@ -55,7 +55,14 @@ def test_rows_are_complete_and_unique() -> None:
             assert row["default"] is None or row["default"] in row["choices"], row["name"]
         if row["default"] is None:
             assert row["optional"] or row["scope"] == "environment" or row["name"] == "device"
-    assert {o["name"] for o in _core.structural_options()} == {"device_memory", "env", "groups"}
+    assert {o["name"] for o in _core.structural_options()} == {
+        "device_memory",
+        "env",
+        "groups",
+        "unit_needs",
+        "unit_partial",
+        "memory_stream",
+    }
     assert not {o["name"] for o in _core.structural_options()} & set(TABLE)
 
 
@@ -164,7 +171,7 @@ def test_unknown_option_lists_the_known_ones(store) -> None:
         ("verify_checksums", 1, TypeError, "'verify_checksums': expected True or False; got int 1"),
         ("backend", 3, TypeError, "engine option 'backend': expected a str; got int 3"),
         ("device_budget", -1, ValueError, "option 'device_budget': -1 is not a non-negative"),
-        ("slots", 1, ValueError, "engine option 'slots': 1 is below the minimum of 2"),
+        ("slots", 0, ValueError, "engine option 'slots': 0 is below the minimum of 1"),
         ("prefetch_depth", 65, ValueError, "'prefetch_depth': 65 is above the maximum of 64"),
         ("wait_timeout_ms", 0, ValueError, "'wait_timeout_ms': 0 is below the minimum of 1"),
         ("gds", "maybe", ValueError, "engine option 'gds': gds mode 'maybe' is not one of"),
@@ -184,7 +191,8 @@ def test_options_reach_the_engine(store) -> None:
          "wait_timeout_ms": 5000, "backend": "pread", "check_invariants": True},
     )  # fmt: skip
     try:
-        assert engine.plan["slots"] in (0, 3)  # everything may fit: then no slot is needed
+        plan = engine.plan  # everything may fit: then nothing streams
+        assert plan["arena_bytes"] == 0 or plan["arena_bytes"] >= 3 * plan["largest_need"]
         engine.acquire(1)
         engine.release(1)
         stats = engine.stats()
@@ -203,7 +211,9 @@ STATS_KEYS = {
     "storage_gbps", "device_bytes_in_use", "device_bytes_peak", "device_budget",
     "prefetch_depth", "order_learned", "block_load_seconds", "backend", "in_place",
     "backend_note", "gds_mode", "gds_files", "gds_bytes", "gds_reason", "gds",
-    "bytes_from_page_cache", "ram_tier", "io", "invariant_checks",
+    "bytes_from_page_cache", "ram_tier", "io", "invariant_checks", "arena_bytes",
+    "arena_bytes_in_use", "arena_bytes_peak", "overlap", "row_reads", "rows_read",
+    "bytes_of_rows",
 }  # fmt: skip
 RAM_TIER_KEYS = {"capacity", "bytes_in_use", "peak_bytes_in_use", "entries", "hits", "misses",
                  "evictions", "rejections", "hit_rate"}  # fmt: skip

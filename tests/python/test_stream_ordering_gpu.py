@@ -184,12 +184,6 @@ def test_every_acquiring_stream_waits_for_the_ready_bytes(store):
         engine.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a slot's next fill waits only for the last release recorded ('done' is one event "
-    "per slot, re-recorded by each release), not for every holder's; the device memory "
-    "manager that replaces the slot ring is to keep one per holder",
-)
 def test_next_fill_waits_for_every_holders_release(store):
     path, expected = store
     memory = TorchMemory(DEVICE)

@@ -7,16 +7,30 @@
 //   source layout            engine/source_layout.hpp         blocks → extents → placements
 //   reader                   engine/detail/block_reader.hpp   extents → a block's buffer
 //                            (host_reader, in_place_reader, gds_reader; read_paths chooses)
-//   slot                     engine/detail/slot_ring.hpp      the places blocks live in
+//   place                    engine/residency.hpp             which units stay, how big the arena
+//                            engine/detail/arena.hpp          variable-size places in the arena
+//                            engine/detail/unit_places.hpp    what each unit holds, where
 //                            engine/detail/device_buffers.hpp their memory and events
 //   view                     BlockView below, TensorPlacement each tensor's offset in it
 // and engine/detail/engine_impl.hpp schedules it all (acquire, release, fill workers).
 //
-// Data path. A block is read by an I/O backend (io/backend.hpp) into host memory — straight
-// into its device slot when the device is the CPU, into a pinned staging buffer or a RAM-tier
-// entry otherwise — and, on a GPU, copied to its device slot on the engine's copy stream.
-// Blocks the residency plan (residency.hpp) keeps resident are loaded once and stay; the
-// others share a ring of slots.
+// Units. What the engine loads and releases as one is a unit: a block of the store by default,
+// or a caller-given group of tensors (from_store / from_safetensors with groups) — a decoder
+// layer, one module's weights, one expert. Engine::block_* and "block" below mean units.
+//
+// Data path. A unit is read by an I/O backend (io/backend.hpp) into host memory — straight
+// into its device memory when the device is the CPU, into a pinned staging buffer or a
+// RAM-tier entry otherwise — and, on a GPU, copied to its device memory on the engine's copy
+// stream. Units the residency plan (residency.hpp) keeps resident are loaded once and stay;
+// the others get places in one arena of the rest of the budget (detail/arena.hpp), as many
+// at once as their bytes allow: prefetching runs as far ahead as the arena has room. Below
+// the budget that holds two of the largest streamed units the engine still runs, one unit
+// at a time, and says so (EngineStats::overlap).
+//
+// Rows. acquire_rows() reads only some rows (first-dimension slices) of one tensor of a unit
+// into a place of the arena — the rows of an embedding that a forward looks up — instead of
+// the whole unit: on the CPU with pread through the page cache, on a GPU gathered into pinned
+// staging and copied once.
 //
 // In place (device "cpu" only). With backend kMmap — or kAuto when there is no RAM tier and
 // the source is at most three quarters of the memory the kernel reports available — a block is not
@@ -99,6 +113,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -119,11 +134,26 @@ struct BlockView {
   bool resident = false;
 };
 
+/// Rows of one tensor gathered by acquire_rows(): `rows` rows of `row_bytes`, one after the
+/// other, at a host pointer (device "cpu") or a device address, 256-byte aligned.
+struct RowsView {
+  std::uint64_t handle = 0;  ///< for release_rows()
+  std::byte* host = nullptr;
+  cuda::DevicePtr device = 0;
+  std::uint64_t rows = 0;
+  std::uint64_t row_bytes = 0;
+};
+
 class Engine {
  public:
   /// Opens `store_path`, plans residency under `options.device_budget` (throws
-  /// BudgetTooSmall naming the minimum) and allocates the slots (never more than the plan).
+  /// BudgetTooSmall naming the minimum) and allocates its memory (never more than the plan).
   Engine(const std::filesystem::path& store_path, EngineOptions options);
+  /// The same with units of the caller's `groups` (unit name -> tensor names, any of the
+  /// store's; tensors in no group are not streamed), or the store's blocks when empty.
+  /// Throws std::invalid_argument for bad groups, as from_safetensors.
+  static Engine from_store(const std::filesystem::path& store_path, EngineOptions options,
+                           const TensorGroups& groups = {});
   /// Streams the safetensors checkpoint at `path` (a `.safetensors` file, a Hugging Face
   /// checkpoint directory or an index file; see SafetensorsCheckpoint) in place. Blocks:
   /// `groups` (block name -> tensor names; tensors listed in no group are not streamed), or,
@@ -147,6 +177,20 @@ class Engine {
   void release(std::uint32_t block, cuda::StreamHandle stream = nullptr);
   /// Hints that `block` will be needed soon (no effect for resident or present blocks).
   void prefetch(std::uint32_t block);
+
+  /// Reads rows `rows` (first-dimension indices, each in range) of tensor `tensor` of
+  /// `block` into a place of the arena and pins it until release_rows(); on a GPU `stream`
+  /// waits for the copy. A resident block's rows are read the same way (the caller may use
+  /// its whole view instead). At most max_rows() rows at once (std::invalid_argument beyond,
+  /// and for a row out of range or a tensor without rows). Blocks until the rows are read.
+  RowsView acquire_rows(std::uint32_t block, std::uint32_t tensor,
+                        std::span<const std::int64_t> rows, cuda::StreamHandle stream = nullptr);
+  /// Unpins rows acquired with acquire_rows(); on a GPU records on `stream` what the place's
+  /// next user waits for. std::logic_error for an unknown handle.
+  void release_rows(std::uint64_t handle, cuda::StreamHandle stream = nullptr);
+  /// Rows of that tensor that fit the arena at once (0 when nothing streams: the arena is
+  /// empty).
+  [[nodiscard]] std::uint64_t max_rows(std::uint32_t block, std::uint32_t tensor) const;
 
   /// Cancels pending work, waits for fills in flight, frees every buffer; later calls throw
   /// Error("engine is closed"). Idempotent; the destructor calls it.

@@ -18,10 +18,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "tensorstream/cache/block_cache.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/io/env.hpp"
+#include "tensorstream/shim/cuda.hpp"
 
 namespace tensorstream::engine {
 
@@ -54,7 +56,8 @@ enum class GdsMode {
 struct EngineOptions {
   /// "cpu" or "cuda:N" (also "cuda" for device 0).
   std::string device = "cpu";
-  /// Hard cap on bytes of weights held in device memory (resident blocks + streaming slots).
+  /// Hard cap on bytes of weights held in device memory (resident units + the streaming
+  /// arena).
   std::uint64_t device_budget = 0;
   /// Pinned-RAM tier between storage and device (0: none).
   std::uint64_t ram_cache_bytes = 0;
@@ -70,7 +73,10 @@ struct EngineOptions {
   PrefetchStrategy prefetch = PrefetchStrategy::kAdaptive;
   /// Blocks to prefetch ahead; nullopt: chosen from measured I/O vs compute time.
   std::optional<unsigned> prefetch_depth;
-  /// Streaming slots in the ring (≥ 2); more allow deeper prefetch at the cost of budget.
+  /// The arena the plan aims for, in largest streamed units (≥ 1): with 2 a unit loads while
+  /// another computes; more allow deeper prefetch at the cost of budget that could hold
+  /// resident units. A budget too small for it gets fewer, down to 1 (no overlap; said in
+  /// EngineStats::overlap).
   unsigned slots = 2;
   /// Check every block read against the store's checksum. Checking happens in host memory,
   /// so it keeps blocks off the GPUDirect Storage path.
@@ -91,6 +97,15 @@ struct EngineOptions {
   /// Error naming the call and the broken one (engine/detail/invariants.hpp). One pass over
   /// the places per call: for debugging (Python: Config.debug_mode).
   bool check_invariants = false;
+  /// Per unit (empty: defaults), what the residency plan counts beyond its size
+  /// (residency.hpp, UnitDemand): the bytes that must be in the arena at once while the unit
+  /// is used (0: its size), and whether it is used by parts (rows) and so made resident last.
+  std::vector<std::uint64_t> unit_needs;
+  std::vector<bool> unit_partial;
+  /// A GPU with device_memory: the stream on which the memory's previous owner (torch's
+  /// caching allocator: the stream that was current when it allocated) may still have work
+  /// reading it. The first fill of any byte waits for that work. nullptr: the legacy stream.
+  cuda::StreamHandle memory_stream = nullptr;
 };
 
 namespace detail {

@@ -1,10 +1,22 @@
-// The residency plan: which blocks stay in device memory for good and which are streamed
-// through a ring of slots, within a hard byte budget.
+// The residency plan: which units stay in device memory for good and which are streamed
+// through the arena (engine/detail/arena.hpp), within a hard byte budget.
 //
-// Streaming a block costs its bytes over the slowest link on every pass, so the plan keeps
-// as many bytes resident as the budget allows beside the ring. The ring holds `slots`
-// buffers, each as large as the largest streamed block; with fewer than two slots nothing
-// can load while something computes, so two is the minimum whenever anything streams.
+// A unit is what the engine loads and releases as one: a decoder layer when it fits, else
+// one module's weights; an expert; the rows of an embedding. Streaming a unit costs its
+// bytes over the slowest link on every pass, so the plan keeps as many bytes resident as the
+// budget allows beside the arena, and gives the arena everything else.
+//
+// Each unit has a size (what it occupies when resident) and a *need*: the bytes that must be
+// in the arena at once while it is used — by default its size; more when units are held
+// together (a module's weights while its parent's are held); less when it is used by parts
+// (an embedding read row by row needs room for one row at least). The physical minimum of a
+// budget is therefore the units that cannot stream plus the largest need among those that
+// do: with that much, every unit is loaded when it is asked for and nothing overlaps.
+//
+// Overlap. While one unit computes the next can only load if the arena holds both, so the
+// plan first looks for the most resident bytes with an arena of at least `slots` (default 2)
+// times the largest streamed need; only when no such plan fits does it settle for one
+// (`overlap` false: every load then waits in front of the computation, and the engine says so).
 //
 // Thread-safety: pure functions.
 #pragma once
@@ -29,31 +41,56 @@ class BudgetTooSmall : public std::invalid_argument {
   std::uint64_t minimum_;
 };
 
+/// `bytes` rounded up to kSlotAlignment (alignment.hpp), at least one granule: what a unit
+/// occupies in device memory, resident or in the arena, and what the budget counts.
+[[nodiscard]] constexpr std::uint64_t device_footprint(std::uint64_t bytes) noexcept {
+  return bytes == 0 ? kSlotAlignment : align_up(bytes, kSlotAlignment);
+}
+
 struct ResidencyPlan {
-  std::vector<bool> resident;   ///< per block: kept in device memory
-  std::uint32_t slots = 0;      ///< streaming slots in the ring (0 if nothing streams)
-  std::uint64_t slot_size = 0;  ///< bytes per slot (largest streamed block, aligned)
-  std::uint64_t resident_bytes = 0;
-  std::uint64_t streamed_bytes = 0;  ///< bytes streamed per full pass over all blocks
-  /// Device bytes the plan uses: resident_bytes + slots × slot_size (≤ the budget).
-  [[nodiscard]] std::uint64_t device_bytes() const noexcept {
-    return resident_bytes + std::uint64_t{slots} * slot_size;
-  }
+  std::vector<bool> resident;  ///< per unit: kept in device memory
+  /// Bytes of the streaming arena: the whole budget left beside the resident units (0 when
+  /// nothing streams).
+  std::uint64_t arena_bytes = 0;
+  /// Footprint of the largest need among streamed units (0 when nothing streams).
+  std::uint64_t largest_need = 0;
+  /// The arena holds two of the largest streamed needs: a unit can load while another
+  /// computes. False at budgets below that: every load is waited for.
+  bool overlap = false;
+  std::uint64_t resident_bytes = 0;  ///< footprints of the resident units
+  std::uint64_t streamed_bytes = 0;  ///< bytes streamed per full pass over all units
+  /// Device bytes the plan uses: resident_bytes + arena_bytes (≤ the budget).
+  [[nodiscard]] std::uint64_t device_bytes() const noexcept { return resident_bytes + arena_bytes; }
 };
 
-// Every block size is counted rounded up to kSlotAlignment (alignment.hpp), the granularity
-// of device buffers inside the budget.
+/// What the planner knows of one unit.
+struct UnitDemand {
+  std::uint64_t size = 0;  ///< bytes when resident
+  /// Bytes that must be in the arena at once while the unit is used (see the top of this
+  /// file); 0 means `size`.
+  std::uint64_t need = 0;
+  /// Used by parts (an embedding read by rows): streaming it moves only the parts asked for,
+  /// not `size` bytes per pass, so it is the last to be made resident.
+  bool partial = false;
+};
 
-/// The smallest budget under which some plan with `min_slots` slots exists for blocks of
-/// `sizes`: all blocks streamed (min_slots × largest), or the largest resident and the rest
-/// streamed, and so on — the cheapest of these.
+/// The smallest budget under which a plan whose arena holds `slots` (≥ 1) times the largest
+/// streamed need exists: every unit streamed, or the units of the largest needs resident and
+/// the rest streamed, and so on — the cheapest of these. slots = 1 gives the physical
+/// minimum. Throws std::invalid_argument for slots = 0.
+[[nodiscard]] std::uint64_t minimum_budget(const std::vector<UnitDemand>& units,
+                                           std::uint32_t slots = 1);
+/// The same for units whose need is their size.
 [[nodiscard]] std::uint64_t minimum_budget(const std::vector<std::uint64_t>& sizes,
-                                           std::uint32_t min_slots = 2);
+                                           std::uint32_t slots = 1);
 
-/// Plans residency for blocks of `sizes` under `budget` bytes with up to `slots` streaming
-/// slots (at least 2 whenever a block streams; fewer only if everything is resident).
-/// Maximises resident bytes (so the fewest bytes stream per pass); ties prefer blocks that
-/// come first. Throws BudgetTooSmall, naming the minimum budget, if no plan fits.
+/// Plans residency under `budget` bytes: the most resident bytes (partial units last) beside
+/// an arena of at least `slots` (≥ 1) largest streamed needs, else beside fewer, down to one;
+/// ties prefer units that come first. Throws BudgetTooSmall, naming minimum_budget(units, 1),
+/// if no plan fits; std::invalid_argument for slots = 0.
+[[nodiscard]] ResidencyPlan plan_residency(const std::vector<UnitDemand>& units,
+                                           std::uint64_t budget, std::uint32_t slots = 2);
+/// The same for units whose need is their size.
 [[nodiscard]] ResidencyPlan plan_residency(const std::vector<std::uint64_t>& sizes,
                                            std::uint64_t budget, std::uint32_t slots = 2);
 

@@ -19,6 +19,12 @@
 //   layout_of_store        a TensorStream store: one extent per block (the block's aligned
 //                          extent, with the stored block checksum), its tensors at their
 //                          offsets in the block
+// A block whose tensors are misaligned in the read layout can be repacked (pack_for_device):
+// the reader then moves each tensor to a 256-aligned offset of the block's memory while
+// copying it there (the GPU's host-to-device copy, or a move inside the CPU buffer), so what
+// computes sees aligned tensors. Reading in place and GPUDirect Storage, which write the read
+// layout straight into the block's memory, take only blocks that need no repacking.
+//
 //   layout_of_safetensors  a Hugging Face safetensors checkpoint read in place: blocks are
 //                          caller-given tensor groups (or grouped by layer from the names),
 //                          each laid out by layout_of_tensors
@@ -41,12 +47,32 @@
 
 namespace tensorstream::engine {
 
-/// Where one tensor of a block lies in the block's buffer (BlockView::host / device).
+/// Where one tensor of a block lies in the block's buffer (BlockView::host / device), and
+/// where it lies in its source.
 struct TensorPlacement {
   std::string name;
   DType dtype{};
   std::vector<std::int64_t> shape;
   std::uint64_t offset = 0;  ///< byte offset in the block's buffer
+  std::uint64_t nbytes = 0;
+  std::uint32_t file = 0;         ///< index into Layout::files
+  std::uint64_t file_offset = 0;  ///< where its bytes start in that file
+};
+
+/// A stored checksum of one tensor inside an extent (a store's tensors, grouped by the
+/// caller): verify_checksums checks each tensor's bytes instead of the extent's.
+struct TensorChecksum {
+  std::string name;
+  std::uint64_t offset = 0;  ///< from the extent's first byte
+  std::uint64_t nbytes = 0;
+  std::uint64_t checksum = 0;
+};
+
+/// One move of a repacked block (pack_for_device): `nbytes` from `from` in the read layout to
+/// `to` in the block's memory.
+struct CopyRange {
+  std::uint64_t from = 0;
+  std::uint64_t to = 0;
   std::uint64_t nbytes = 0;
 };
 
@@ -63,13 +89,26 @@ struct Extent {
   std::uint64_t skip = 0;                 ///< where the bytes start inside the region
   std::string label;                      ///< tensor(s) read, for messages; empty for a store block
   std::optional<std::uint64_t> checksum;  ///< stored XXH3-64 of the bytes (a store), else none
+  std::vector<TensorChecksum> tensor_checksums;  ///< without `checksum`: per tensor, if stored
 };
 
 struct BlockLayout {
   std::string name;
-  std::uint64_t size = 0;  ///< bytes in memory (view size, what the residency plan counts)
+  /// Bytes the extents' read regions take (the read layout).
+  std::uint64_t size = 0;
   std::vector<Extent> extents;
+  /// Where each tensor is in the block's memory: the read layout, or after pack_for_device
+  /// the packed one.
   std::vector<TensorPlacement> tensors;
+  /// Empty: the block's memory is its read layout. Else (pack_for_device) the moves from the
+  /// read layout to the packed one, and the packed size.
+  std::vector<CopyRange> copies;
+  std::uint64_t packed_size = 0;
+
+  /// Bytes of the block's memory: `packed_size` when packed, else `size`.
+  [[nodiscard]] std::uint64_t memory_size() const noexcept {
+    return copies.empty() ? size : packed_size;
+  }
 };
 
 struct Layout {
@@ -94,13 +133,30 @@ struct SourceTensor {
 
 /// The block `name` made of `tensors`: read in (file, offset) order, each run of tensors
 /// adjacent in one file one extent (labelled "first" or "first .. last"; a run of zero bytes
-/// reads nothing), regions laid out as described at the top of this file. Placements keep
-/// the order of `tensors`. Throws std::invalid_argument if offsets overflow.
-[[nodiscard]] BlockLayout layout_of_tensors(std::string name,
-                                            std::span<const SourceTensor> tensors);
+/// reads nothing), regions laid out as described at the top of this file. Tensors at most
+/// `max_gap` bytes apart count as adjacent (the gap, alignment padding, is read with them).
+/// Placements keep the order of `tensors`. Throws std::invalid_argument if offsets overflow.
+[[nodiscard]] BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors,
+                                            std::uint64_t max_gap = 0);
 
-/// Opens the store at `path` (Store::open: FormatError / IoError for a bad store).
-[[nodiscard]] Layout layout_of_store(const std::filesystem::path& path);
+/// Opens the store at `path` (Store::open: FormatError / IoError for a bad store). Blocks:
+/// the store's own (one extent each, its stored checksum), or, when `groups` is not empty,
+/// the groups (block name -> tensor names, any of the store's tensors; tensors listed in no
+/// group are not streamed), each laid out by layout_of_tensors across the store's padding,
+/// verified by the tensors' stored checksums. Throws std::invalid_argument for bad groups
+/// as layout_of_safetensors does.
+[[nodiscard]] Layout layout_of_store(const std::filesystem::path& path,
+                                     const TensorGroups& groups = {});
+
+/// Tensors of the device's memory start at multiples of this (what cuBLAS's fastest kernels
+/// and the CPU's vector loads want).
+inline constexpr std::uint64_t kTensorPlacementAlignment = 256;
+
+/// When a tensor of `block` is not at a multiple of kTensorPlacementAlignment in the read
+/// layout (safetensors tensors keep their file alignment, often only 8 bytes), repacks it:
+/// tensors placed in order at aligned offsets, `copies` the moves, `packed_size` the end.
+/// No change when every tensor is aligned already. Returns whether it repacked.
+bool pack_for_device(BlockLayout& block);
 
 /// Opens the safetensors checkpoint at `path` (SafetensorsCheckpoint::open). Blocks: `groups`
 /// (block name -> tensor names; tensors listed in no group are not streamed), or, when empty,

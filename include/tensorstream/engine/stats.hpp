@@ -52,6 +52,13 @@ struct EngineStats {
   std::uint64_t device_bytes_in_use = 0;
   std::uint64_t device_bytes_peak = 0;
   std::uint64_t device_budget = 0;
+  std::uint64_t arena_bytes = 0;
+  std::uint64_t arena_bytes_in_use = 0;
+  std::uint64_t arena_bytes_peak = 0;
+  bool overlap = true;
+  std::uint64_t row_reads = 0;
+  std::uint64_t rows_read = 0;
+  std::uint64_t bytes_of_rows = 0;
   cache::Stats ram_tier;
   io::IoStats io;
   std::string backend;
@@ -87,7 +94,7 @@ void for_each_field(const EngineStats& s, Visit&& visit) {
   visit("bytes_from_storage", s.bytes_from_storage,
         "bytes of fills read from storage (in place: the part not found in the page cache)");
   visit("bytes_from_ram_tier", s.bytes_from_ram_tier, "bytes of fills served by the RAM tier");
-  visit("bytes_to_device", s.bytes_to_device, "bytes moved into device slots and resident buffers");
+  visit("bytes_to_device", s.bytes_to_device, "bytes moved into the arena and resident buffers");
   visit("fills", s.fills, "fills that succeeded");
   visit("prefetches_issued", s.prefetches_issued, "fills started ahead of an acquire");
   visit("prefetches_used", s.prefetches_used, "prefetched blocks later acquired");
@@ -103,6 +110,16 @@ void for_each_field(const EngineStats& s, Visit&& visit) {
   visit("device_bytes_in_use", s.device_bytes_in_use, "resident buffers + slots allocated");
   visit("device_bytes_peak", s.device_bytes_peak, "the highest device_bytes_in_use");
   visit("device_budget", s.device_budget, "the budget the engine runs under");
+  visit("arena_bytes", s.arena_bytes,
+        "the streaming arena: the budget left beside the resident units (0: nothing streams)");
+  visit("arena_bytes_in_use", s.arena_bytes_in_use, "bytes of the units placed in the arena now");
+  visit("arena_bytes_peak", s.arena_bytes_peak, "most bytes placed in the arena at once");
+  visit("overlap", s.overlap,
+        "the arena holds two of the largest streamed units, so a load runs while another unit "
+        "computes; false below that budget: every load is waited for");
+  visit("row_reads", s.row_reads, "acquire_rows() calls (embeddings streamed by rows)");
+  visit("rows_read", s.rows_read, "rows those calls read");
+  visit("bytes_of_rows", s.bytes_of_rows, "bytes of those rows: all that was read of the tables");
   visit("prefetch_depth", s.prefetch_depth, "prefetch depth in use now");
   visit("order_learned", s.order_learned, "`adaptive`: the cyclic order of acquires is known");
   visit("block_load_seconds", s.block_load_seconds,

@@ -32,8 +32,7 @@ namespace tensorstream::engine::detail {
 /// One fill, as the engine asks for it (taken under its lock when the fill starts).
 struct FillOrder {
   std::uint32_t block = 0;
-  bool demand = false;            ///< an acquire waits for it: read at high priority
-  bool wait_for_release = false;  ///< "done" was recorded: the consumer's release goes first
+  bool demand = false;  ///< an acquire waits for it: read at high priority
 };
 
 /// What a fill moved, for the engine's statistics. Filled in as the fill goes, and counted by

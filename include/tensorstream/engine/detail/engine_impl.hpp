@@ -3,14 +3,18 @@
 // else:
 //
 //   source_layout.hpp   what to stream: files, blocks, extents, tensor placements
-//   read_paths.hpp      which reader fills each block (host, in place, GDS), and why
-//   slot_ring.hpp       where blocks live in device memory, what each place holds
-//   device_buffers.hpp  the places' memory and their ready/done events
-//   prefetcher.hpp      which blocks to fill ahead
+//   read_paths.hpp      which reader fills each unit (host, in place, GDS), and why
+//   unit_places.hpp     where units live in device memory (resident buffers, arena places)
+//   device_buffers.hpp  their memory and ready/done events
+//   prefetcher.hpp      which units to fill ahead, and how soon each is needed again
+//   row_reader.hpp      the rows of a tensor (acquire_rows)
 //
 // Which calls may block, and thread-safety (every public call of Engine is thread-safe):
-//   acquire()     blocks while its block is not yet loaded, or while every slot stays held
-//                 (each wait bounded by wait_timeout); never waits for a copy on the host
+//   acquire()     blocks while its unit is not yet loaded, or while the arena has no room
+//                 that is not held (each wait bounded by wait_timeout); never waits for a
+//                 copy on the host
+//   acquire_rows() blocks while the rows are read (and waits for room like acquire())
+//   release_rows() does not block
 //   release()     does not block (on a GPU it records an event on the caller's stream)
 //   prefetch()    does not block
 //   close()       blocks until the fills in progress end (each bounded by wait_timeout) and
@@ -25,10 +29,12 @@
 // (stats(), a slot's drop) but never take mutex_ themselves: the order is mutex_ first.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -38,9 +44,11 @@
 
 #include "tensorstream/engine/detail/prefetcher.hpp"
 #include "tensorstream/engine/detail/read_paths.hpp"
-#include "tensorstream/engine/detail/slot_ring.hpp"
+#include "tensorstream/engine/detail/row_reader.hpp"
+#include "tensorstream/engine/detail/unit_places.hpp"
 #include "tensorstream/engine/engine.hpp"
 #include "tensorstream/engine/trace.hpp"
+#include "tensorstream/host_memory.hpp"
 
 namespace tensorstream::engine {
 
@@ -56,6 +64,10 @@ class Engine::Impl {
   BlockView acquire(std::uint32_t block, cuda::StreamHandle stream);
   void release(std::uint32_t block, cuda::StreamHandle stream);
   void prefetch(std::uint32_t block);
+  RowsView acquire_rows(std::uint32_t block, std::uint32_t tensor,
+                        std::span<const std::int64_t> rows, cuda::StreamHandle stream);
+  void release_rows(std::uint64_t handle, cuda::StreamHandle stream);
+  [[nodiscard]] std::uint64_t max_rows(std::uint32_t block, std::uint32_t tensor) const;
   void close();
   [[nodiscard]] EngineStats stats() const;
   [[nodiscard]] std::string trace_json() const;
@@ -67,41 +79,52 @@ class Engine::Impl {
   /// the broken invariant. Takes mutex_; nothing once closed. Defined in invariants.cpp.
   void check_after(std::string_view call, std::uint32_t block);
 
-  const Layout layout_;  // immutable
-  ResidencyPlan plan_;   // immutable after the constructor
+  using Clock = std::chrono::steady_clock;
+
+  Layout layout_;       // immutable after the constructor (packed for the device there)
+  ResidencyPlan plan_;  // immutable after the constructor
 
  private:
-  /// A fill to run: which place, for which block, of which assignment.
+  /// A fill to run: which unit, of which placement.
   struct Job {
-    std::size_t place = 0;
     std::uint32_t block = 0;
     std::uint64_t generation = 0;
     // Taken under mutex_ when the job starts, so the fill reads no shared state unlocked.
     bool demand = false;
-    bool wait_for_release = false;
   };
 
   // All of these run with mutex_ held.
   void check_open() const;
-  void assign(std::size_t place, std::uint32_t block);
-  void schedule_fill(std::size_t place, std::uint32_t block, bool demand);
-  std::optional<std::size_t> cancel_queued_prefetch();
-  void prefetch_locked(std::uint32_t block);
+  [[nodiscard]] detail::Arena::Rank rank() const;
+  /// Gives streamed `block` a place (displacing what the arena chose); false if none now.
+  bool place(std::uint32_t block, bool demand);
+  void dropped(const std::vector<detail::UnitPlaces::Displaced>& displaced);
+  void schedule_fill(std::uint32_t block, bool demand);
+  /// Drops every queued prefetch that has not started (their places free up); how many.
+  std::size_t cancel_queued_prefetches();
+  /// Waits on changed_ until `deadline`; false at the deadline.
+  bool wait_for_room(std::unique_lock<std::mutex>& lock, Clock::time_point deadline);
+  /// False if `block` could not be prefetched for want of room (the walk stops there).
+  bool prefetch_locked(std::uint32_t block);
   void prefetch_after(std::uint32_t block);
-  [[nodiscard]] BlockView view_of(const detail::Slot& slot, std::uint32_t block) const;
+  void note_arena_use();
+  [[nodiscard]] std::string held_units() const;
+  [[nodiscard]] BlockView view_of(const detail::Unit& unit, std::uint32_t block) const;
 
   // The fill workers: take a job under mutex_, run it without.
   void worker_loop();
   void run_fill(const Job& job);
 
-  const EngineOptions options_;               // immutable
-  std::optional<cuda::Device> cuda_device_;   // immutable; unset on the CPU
-  std::optional<cuda::Stream> copy_stream_;   // immutable; the fills' copies go here
-  TraceLog trace_;                            // thread-safe
-  std::optional<detail::ReadPaths> readers_;  // set in the constructor; fills use it
-                                              // unlocked, close() and stats() under mutex_
-  std::optional<detail::SlotRing> ring_;      // guarded by mutex_ (a place's memory: see
-                                              // BlockBuffer); set in the constructor
+  const EngineOptions options_;                   // immutable
+  std::optional<cuda::Device> cuda_device_;       // immutable; unset on the CPU
+  std::optional<cuda::Stream> copy_stream_;       // immutable; the fills' copies go here
+  TraceLog trace_;                                // thread-safe
+  std::optional<detail::ReadPaths> readers_;      // set in the constructor; fills use it
+                                                  // unlocked, close() and stats() under mutex_
+  std::optional<detail::UnitPlaces> places_;      // guarded by mutex_ (a unit's memory: see
+                                                  // BlockBuffer); set in the constructor
+  std::optional<detail::RowReader> rows_reader_;  // immutable after the constructor;
+                                                  // thread-safe
 
   mutable std::mutex mutex_;
   std::condition_variable changed_;               // place states and pins changed; closing
@@ -112,8 +135,16 @@ class Engine::Impl {
   std::optional<detail::Prefetcher> prefetcher_;  // guarded by mutex_
   std::vector<std::uint32_t> to_prefetch_;        // guarded by mutex_ (scratch of acquire)
   std::vector<std::int64_t> acquired_at_ns_;      // guarded by mutex_; per block
+  std::uint32_t current_ = 0;                     // guarded by mutex_: the last acquired
+  std::uint32_t next_rows_ = detail::kRowsBase;   // guarded by mutex_: ids of rows places
   EngineStats stats_;                             // guarded by mutex_
-  std::vector<std::thread> workers_;              // started last; joined by close()
+  // Rows read in place have memory of their own (the arena is only counted there).
+  std::map<std::uint32_t, AlignedBuffer> rows_memory_;  // guarded by mutex_
+  // A GPU: the pinned buffer rows are gathered in, and the event of its last copy out.
+  std::mutex rows_staging_mutex_;
+  AlignedBuffer rows_staging_;              // guarded by rows_staging_mutex_
+  std::optional<cuda::Event> rows_copied_;  // guarded by rows_staging_mutex_
+  std::vector<std::thread> workers_;        // started last; joined by close()
 };
 
 }  // namespace tensorstream::engine

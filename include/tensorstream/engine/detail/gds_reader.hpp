@@ -45,7 +45,8 @@ class GdsFiles {
   GdsFiles(const Layout& layout, const EngineOptions& options, io::Env& env,
            const cuda::Device* device);
 
-  /// Each file was tried and every extent of `block` is in a file cuFile reads.
+  /// Each file was tried, every extent of `block` is in a file cuFile reads, and the block
+  /// needs no repacking (source_layout.hpp: cuFile writes the read layout as it is).
   [[nodiscard]] bool covers(const BlockLayout& block) const noexcept;
   /// The registered handle of file `file` (it must be used).
   [[nodiscard]] const cuda::CuFileHandle& handle(std::uint32_t file) const {

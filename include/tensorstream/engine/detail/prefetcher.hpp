@@ -10,12 +10,17 @@
 //   kAdaptive   records the order of acquires until the first block repeats (one pass), then
 //               walks that order; before that, as kNextLayer
 //
-// How far ahead: `depth()` streamed blocks. The ring has `slots` slots and one of them holds
-// the block being computed, so at most slots - 1 can be in flight; a fixed depth is clamped to
-// that. Otherwise the depth is ceil(fill time / compute time) (moving averages, α = 0.2) —
-// enough blocks in flight that a block's fill finishes while the ones before it compute —
-// at least 1 and at most slots - 1 (slots - 1 until both times are known). The walk also
-// passes over resident blocks (they cost nothing once loaded) without counting them.
+// How far ahead: `depth()` streamed blocks, at most `max_depth` (what the arena can hold
+// beside the block being computed, from the plan); a fixed depth is clamped to that.
+// Otherwise the depth is ceil(fill time / compute time) (moving averages, α = 0.2) — enough
+// blocks in flight that a block's fill finishes while the ones before it compute — at least 1
+// and at most max_depth (max_depth until both times are known). The engine stops earlier when
+// the arena has no room left for the next one. The walk also passes over resident blocks
+// (they cost nothing once loaded) without counting them.
+//
+// How soon: distance() says how many acquires away a block's next use is (along the learned
+// order, else the source order; the block just used comes back last, after a full pass). The
+// arena ranks what it may displace by it.
 //
 // Thread-safety: none; the engine calls it under its mutex.
 #pragma once
@@ -31,9 +36,9 @@ namespace tensorstream::engine::detail {
 class Prefetcher {
  public:
   /// `resident[b]`: block b stays in device memory (the walk does not count it);
-  /// `slots`: streaming slots of the ring (0 when everything is resident).
+  /// `max_depth`: streamed blocks that may be in flight at once (0 when nothing streams).
   Prefetcher(PrefetchStrategy strategy, std::optional<unsigned> fixed_depth,
-             std::vector<bool> resident, std::uint32_t slots);
+             std::vector<bool> resident, std::uint32_t max_depth);
 
   /// An acquire of `block` (kAdaptive learns the order from these).
   void record_acquire(std::uint32_t block);
@@ -46,6 +51,9 @@ class Prefetcher {
   [[nodiscard]] unsigned depth() const noexcept;
   /// kAdaptive: one full pass has been recorded.
   [[nodiscard]] bool order_learned() const noexcept { return order_learned_; }
+  /// Acquires from `from` to the next use of `to`: 1 for the block after `from`, a full pass
+  /// for `from` itself; along the learned order where both are in it, else the source order.
+  [[nodiscard]] std::uint64_t distance(std::uint32_t from, std::uint32_t to) const noexcept;
 
   /// Replaces `out` with the blocks to prefetch after an acquire of `block`, nearest first:
   /// resident ones on the way included, until depth() streamed ones are listed or the walk
@@ -56,7 +64,7 @@ class Prefetcher {
   PrefetchStrategy strategy_;
   std::optional<unsigned> fixed_depth_;
   std::vector<bool> resident_;
-  std::uint32_t slots_;
+  std::uint32_t max_depth_;
   // kAdaptive: the order of acquires of the first pass, and each block's position in it.
   std::vector<std::uint32_t> order_;
   std::vector<std::int64_t> order_position_;  // -1: not in the order

@@ -23,7 +23,7 @@
 #include "tensorstream/engine/detail/gds_reader.hpp"
 #include "tensorstream/engine/detail/host_reader.hpp"
 #include "tensorstream/engine/detail/in_place_reader.hpp"
-#include "tensorstream/engine/detail/slot_ring.hpp"
+#include "tensorstream/engine/detail/unit_places.hpp"
 #include "tensorstream/engine/options.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/shim/cuda.hpp"
@@ -33,10 +33,13 @@ namespace tensorstream::engine::detail {
 class ReadPaths {
  public:
   /// Builds the readers of `layout` for `device` (nullptr: the CPU; then `copy_stream` is
-  /// null too). References must outlive the object. Throws what the readers' constructors
-  /// throw (a file that cannot be opened, gds=on where cuFile cannot read).
+  /// null too; `cpu_path` is the CPU's choice when the caller made it already, else
+  /// choose_cpu_read_path() makes it). References must
+  /// outlive the object. Throws what the readers' constructors throw (a file that cannot be
+  /// opened, gds=on where cuFile cannot read).
   ReadPaths(const Layout& layout, const EngineOptions& options, const cuda::Device* device,
-            const cuda::Stream* copy_stream, TraceLog& trace);
+            const cuda::Stream* copy_stream, TraceLog& trace,
+            std::optional<CpuReadPath> cpu_path = std::nullopt);
 
   /// The reader of `block` (not after close()).
   [[nodiscard]] BlockReader& reader(std::uint32_t block) const noexcept {
@@ -45,10 +48,10 @@ class ReadPaths {
   /// False when blocks are read in place: the buffers then need no memory of their own.
   [[nodiscard]] bool buffers_need_memory() const noexcept { return !in_place_; }
 
-  /// Once the buffers exist: registers the ring's slots with cuFile where blocks are read with
-  /// GDS (optional: stops at the first failure), and gives a GPU's host path its staging
-  /// (`fill_workers` buffers for the largest block).
-  void prepare(SlotRing& ring, std::uint64_t largest_block, unsigned fill_workers);
+  /// Once the buffers exist: registers the arena with cuFile where blocks are read with GDS
+  /// (optional), and gives a GPU's host path its staging (`fill_workers` buffers for the
+  /// largest block read through host memory).
+  void prepare(UnitPlaces& places, unsigned fill_workers);
 
   // ---- what EngineStats reports ----
   [[nodiscard]] const std::string& backend_name() const noexcept { return backend_name_; }
@@ -65,6 +68,7 @@ class ReadPaths {
 
  private:
   const cuda::Device* device_;
+  const Layout& layout_;
   bool in_place_ = false;
   std::string backend_name_;
   std::string backend_note_;
