@@ -480,3 +480,39 @@ def test_memory_peak_stays_far_below_the_model_size(tmp_path):
     assert measured["offloaded"] >= 8
     print(f"peak RSS growth {measured['growth']:,} bytes for a {size:,}-byte checkpoint")
     assert measured["growth"] < size / 3, (measured, size, budget)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_any_budget_streams_the_checkpoint_bitwise(checkpoints, tmp_path, kind):
+    """At 40%, 25% and 10% of the checkpoint's bytes and at the minimum, the model streams
+    from the checkpoint in place -- cut into finer units as the budget shrinks, its embedding
+    read by rows -- with bitwise outputs; below the minimum it is refused with that figure."""
+    import warnings
+
+    reference, path = checkpoints[kind]
+    total = sum(p.numel() * p.element_size() for p in reference.parameters())
+    minimum = _minimum_budget(path, storage_path=tmp_path)
+    tiers = set()
+    for budget in [int(total * f) for f in (0.40, 0.25, 0.10)] + [minimum]:
+        config = ts.Config(vram_budget_gb=f"{budget}B", storage_path=tmp_path)
+        if budget < minimum:
+            with pytest.raises(ts.BudgetTooSmallError) as info:
+                ts.from_pretrained(path, config)
+            assert info.value.minimum_budget == minimum
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            model = ts.from_pretrained(path, config)
+        try:
+            _assert_same(reference, model)
+            stats = ts.get_model_statistics(model)
+            peak = stats["device_bytes_peak"] + stats["resident_param_bytes"]
+            assert peak + stats["placeholder_bytes"] <= budget
+            tiers.add(stats["unit_tier"])
+        finally:
+            model.cleanup_tensorstream()
+    assert tiers - {"blocks"}, tiers
+    with pytest.raises(ts.BudgetTooSmallError) as info:
+        ts.from_pretrained(path, ts.Config(vram_budget_gb=f"{minimum - 1}B", storage_path=tmp_path))
+    assert info.value.minimum_budget == minimum
+    assert not list(tmp_path.glob("**/*.tstore")), "streamed in place: no store written"
