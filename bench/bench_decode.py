@@ -60,6 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~0.95 GB in bfloat16: 8 layers of 103 MB, embeddings and head of 66 MB each.
     "1gb": dict(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=16, vocab=16000,
                 dtype="bfloat16", prompt_len=512),
+    # ~1.07 GB in float32: 16 layers of 54 MB, embeddings and head of 131 MB each (the
+    # head is the largest single tensor: 12% of the model).
+    "1gb-fp32": dict(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=16,
+                     vocab=32000, dtype="float32", prompt_len=64),
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
                dtype="bfloat16", prompt_len=512),
     # The 7B shape with 16 of its 32 layers: 7.0 GB in bfloat16 (16 layers of 405 MB,
