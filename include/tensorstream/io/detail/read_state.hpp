@@ -102,7 +102,9 @@ class ReadState {
   bool cancel() noexcept;
 
   [[nodiscard]] bool ready() const noexcept { return done_flag_.load(std::memory_order_acquire); }
-  /// Blocks until complete; rethrows the error.
+  /// Blocks until complete; throws a fresh exception of the error's type and message (each
+  /// waiter its own: an exception object caught in two threads at once is a data race in
+  /// the C++ runtime, which updates the object's handler count unsynchronised).
   void wait() const;
   [[nodiscard]] bool wait_for(std::chrono::nanoseconds timeout) const;
 
@@ -128,7 +130,14 @@ class ReadState {
   mutable std::condition_variable cv_;
   bool done_ = false;
   bool cancelled_ = false;
-  std::exception_ptr error_;
+  std::exception_ptr error_;  // handed to on_complete only
+  // The error as data, captured when it is recorded (by the one thread that recorded it).
+  struct Failure {
+    enum class Kind { kError, kIo, kFormat, kChecksum, kCancelled, kArgument } kind = Kind::kError;
+    std::string message;
+    int code = 0;
+  } failure_;
+  static Failure capture(const std::exception_ptr& error) noexcept;
 };
 
 /// One piece of a read: at most request_size bytes, on aligned boundaries.
