@@ -336,3 +336,30 @@ def test_copy_is_untouched(tmp_path):
     with torch.no_grad():
         assert torch.equal(clone(ids).logits, reference(ids).logits)
     clone.cleanup_tensorstream()
+
+
+def test_no_overlap_is_warned_and_reported(tmp_path):
+    """At the minimum a unit cannot load while another computes: offload() warns, naming the
+    budget that would overlap, and the statistics say so; with room for two units they
+    overlap."""
+    make = ARCHS["llama"]
+    reference = _build(make)
+    config = _base_config(tmp_path)
+    estimate = ts.estimate_model_memory(reference, config)
+    minimum, overlap = estimate["minimum_budget"], estimate["overlap_budget"]
+    assert minimum < overlap
+    model = _build(make)
+    with pytest.warns(RuntimeWarning, match="no overlap") as record:
+        offload(model, config.replace(vram_budget_gb=f"{minimum}B"))
+    assert f"{overlap:,}" in str(record[0].message)
+    assert get_model_statistics(model)["overlap"] is False
+    model.cleanup_tensorstream()
+    model = _build(make)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        offload(model, config.replace(vram_budget_gb=f"{overlap}B"))
+    assert get_model_statistics(model)["overlap"] is True
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    model.cleanup_tensorstream()

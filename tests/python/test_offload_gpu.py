@@ -161,3 +161,42 @@ def test_to_cuda_after_a_cpu_offload_moves_the_runtime(tmp_path):
     with torch.no_grad():
         assert model(x.cpu()).logits.device.type == "cpu"
     model.cleanup_tensorstream()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_any_budget_on_cuda_is_bitwise(tmp_path, arch):
+    """At 25% and 10% of the model and at the minimum the model streams on the GPU in units
+    smaller than a layer (the embedding by rows: gathered into pinned memory, one copy), with
+    bitwise outputs and the budget kept against torch's allocator."""
+    import warnings
+
+    x = _ids()
+    expected_logits, expected_tokens = _reference(MODELS[arch], x)
+    probe = _build(MODELS[arch])
+    config = Config(storage_path=tmp_path, min_layer_size=MIN_LAYER, device=DEVICE)
+    total = sum(p.numel() * p.element_size() for p in probe.parameters())
+    minimum = ts.estimate_model_memory(probe, config)["minimum_budget"]
+    del probe
+    for budget in (int(total * 0.25), int(total * 0.10), minimum):
+        if budget < minimum:
+            with pytest.raises(ts.BudgetTooSmallError) as info:
+                ts.offload(_build(MODELS[arch]), config.replace(vram_budget_gb=f"{budget}B"))
+            assert info.value.minimum_budget == minimum
+            continue
+        model = _build(MODELS[arch])
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ts.offload(model, config.replace(vram_budget_gb=f"{budget}B"))
+        assert torch.cuda.memory_allocated() - before <= budget
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, expected_logits)
+            tokens = model.generate(x[:1], max_new_tokens=8, do_sample=False)
+        assert torch.equal(tokens, expected_tokens)
+        stats = ts.get_model_statistics(model)
+        assert stats["vram_in_use"] <= budget
+        assert stats["device_bytes_peak"] <= stats["device_budget"]
+        if budget == minimum:
+            assert stats["unit_tier"] != "blocks"
+        model.cleanup_tensorstream()
