@@ -44,6 +44,13 @@ class IoError : public Error {
   int code_;
 };
 
+/// An operation that was cancelled before it completed: a read cancelled (or dropped because
+/// its backend was destroyed), io::ReadTicket::wait() throws it.
+class Cancelled : public Error {
+ public:
+  using Error::Error;
+};
+
 /// The CUDA driver (or cuFile) reported an error, or is needed but not usable.
 class CudaError : public Error {
  public:

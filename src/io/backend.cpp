@@ -204,35 +204,10 @@ void ReadState::fail(std::exception_ptr error, bool cancelled) noexcept {
   if (done_) return;
   if (!error_) {
     error_ = std::move(error);
-    failure_ = capture(error_);
+    failure_ = tensorstream::detail::ErrorValue::of(error_);
     cancelled_ = cancelled;
   }
   stop_.store(true, std::memory_order_release);
-}
-
-ReadState::Failure ReadState::capture(const std::exception_ptr& error) noexcept {
-  using Kind = Failure::Kind;
-  try {
-    try {
-      std::rethrow_exception(error);
-    } catch (const Cancelled& e) {
-      return {Kind::kCancelled, e.what(), 0};
-    } catch (const ChecksumError& e) {
-      return {Kind::kChecksum, e.what(), 0};
-    } catch (const FormatError& e) {
-      return {Kind::kFormat, e.what(), 0};
-    } catch (const IoError& e) {
-      return {Kind::kIo, e.what(), e.code()};
-    } catch (const std::invalid_argument& e) {
-      return {Kind::kArgument, e.what(), 0};
-    } catch (const std::exception& e) {
-      return {Kind::kError, e.what(), 0};
-    } catch (...) {
-      return {Kind::kError, "unknown error", 0};
-    }
-  } catch (...) {  // copying the message ran out of memory
-    return {};
-  }
 }
 
 void ReadState::finish_request() noexcept {
@@ -249,7 +224,7 @@ bool ReadState::cancel() noexcept {
       } catch (...) {  // building the message ran out of memory: still cancel
         error_ = std::current_exception();
       }
-      failure_ = capture(error_);
+      failure_ = tensorstream::detail::ErrorValue::of(error_);
       cancelled_ = true;
     }
     stop_.store(true, std::memory_order_release);
@@ -290,24 +265,7 @@ void ReadState::complete() noexcept {
 void ReadState::wait() const {
   std::unique_lock lock(mutex_);
   cv_.wait(lock, [&] { return done_; });
-  if (!error_) return;
-  using Kind = Failure::Kind;
-  const auto& f = failure_;
-  switch (f.kind) {
-    case Kind::kCancelled:
-      throw Cancelled(f.message);
-    case Kind::kChecksum:
-      throw ChecksumError(f.message);
-    case Kind::kFormat:
-      throw FormatError(f.message);
-    case Kind::kIo:
-      throw IoError(f.message, f.code);
-    case Kind::kArgument:
-      throw std::invalid_argument(f.message);
-    case Kind::kError:
-      break;
-  }
-  throw Error(f.message);
+  if (error_) failure_.raise();
 }
 
 bool ReadState::wait_for(std::chrono::nanoseconds timeout) const {

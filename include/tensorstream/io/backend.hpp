@@ -149,11 +149,8 @@ struct ReadPlan {
 // ---- tickets ----------------------------------------------------------------------------
 
 /// Thrown by ReadTicket::wait() for a read that was cancelled (or dropped because its
-/// backend was destroyed) before it completed.
-class Cancelled : public Error {
- public:
-  using Error::Error;
-};
+/// backend was destroyed) before it completed (errors.hpp).
+using tensorstream::Cancelled;
 
 /// Identifies a file opened on one backend. Ids are never reused by a backend.
 enum class FileId : std::uint32_t {};

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "tensorstream/detail/error_value.hpp"
 #include "tensorstream/detail/file.hpp"
 #include "tensorstream/io/backend.hpp"
 
@@ -132,12 +133,7 @@ class ReadState {
   bool cancelled_ = false;
   std::exception_ptr error_;  // handed to on_complete only
   // The error as data, captured when it is recorded (by the one thread that recorded it).
-  struct Failure {
-    enum class Kind { kError, kIo, kFormat, kChecksum, kCancelled, kArgument } kind = Kind::kError;
-    std::string message;
-    int code = 0;
-  } failure_;
-  static Failure capture(const std::exception_ptr& error) noexcept;
+  tensorstream::detail::ErrorValue failure_;
 };
 
 /// One piece of a read: at most request_size bytes, on aligned boundaries.
