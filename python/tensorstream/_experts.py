@@ -313,7 +313,9 @@ def _routed_forward(runtime: OffloadedModel, state: ExpertsRuntime, index: int):
         predicted: set[int] = set()
         if state.predict and following is not None and following.router is not None:
             with torch.no_grad():
-                picks = _indices(following.router(hidden_states.reshape(-1, hidden_states.shape[-1])))
+                picks = _indices(
+                    following.router(hidden_states.reshape(-1, hidden_states.shape[-1]))
+                )
             predicted = {e for e in torch.unique(picks).tolist() if 0 <= e < following.num_experts}
             for e in sorted(predicted):
                 unit = following.units[e]
