@@ -53,6 +53,7 @@ __all__ = [
     "ExpertsSite",
     "ExpertsRuntime",
     "expert_tensor_name",
+    "expert_slices",
     "expert_unit_name",
     "find_experts",
     "install_routed",
@@ -157,6 +158,20 @@ def split_store_params(
         for e in range(site.num_experts):
             for _, q, fused in site.params:
                 out.append((expert_tensor_name(q, e), fused.detach()[e]))
+    return out
+
+
+def expert_slices(sites: list[ExpertsSite], key_of: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """For a checkpoint whose tensors ``key_of`` names (model name -> checkpoint name): each
+    expert slice's store name -> (checkpoint tensor, expert), with ``key_of`` extended by the
+    slices' names (``<checkpoint name>.<e>``)."""
+    out = {}
+    for site in sites:
+        for _, qname, _ in site.params:
+            for e in range(site.num_experts):
+                key = expert_tensor_name(key_of[qname], e)
+                key_of[expert_tensor_name(qname, e)] = key
+                out[key] = (key_of[qname], e)
     return out
 
 

@@ -250,3 +250,50 @@ def test_dense_model_has_no_experts(tmp_path):
     with pytest.raises(ValueError, match="no streamed experts"):
         model.tensorstream.predict_experts = True
     model.cleanup_tensorstream()
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "gpt_oss"))
+def test_moe_from_pretrained_fused_checkpoint(tmp_path, arch):
+    """A checkpoint holding the fused [E, ...] expert tensors (the model's own parameter
+    names, as gpt-oss checkpoints store theirs): from_pretrained converts it into a store of
+    per-expert slices and streams the routed experts, bitwise."""
+    from safetensors.torch import save_file
+
+    reference = _build(arch)
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    reference.config.save_pretrained(path)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    state.pop("lm_head.weight", None) if reference.config.tie_word_embeddings else None
+    save_file(state, str(path / "model.safetensors"))
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ref_tokens = reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    budget = int(_total(reference) * 0.30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = ts.from_pretrained(
+            path,
+            ts.Config(storage_path=tmp_path / "s", vram_budget_gb=f"{budget}B"),
+            experts_implementation="eager",
+        )
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    stats = _check_budget_kept(model, budget)
+    assert stats["experts"]["units"] == LAYERS * EXPERTS
+    assert stats["store"].endswith(".tstore")
+    model.cleanup_tensorstream()
+
+
+def test_moe_from_pretrained_per_expert_checkpoint_is_refused_clearly(tmp_path):
+    """save_pretrained writes Mixtral's experts one tensor per expert and projection (the
+    Hub's layout, under block_sparse_moe): the first parameter not found is named."""
+    reference = _build("mixtral")
+    reference.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="does not hold the model.s parameter .model.layers.0.mlp"):
+        ts.from_pretrained(tmp_path / "ckpt", ts.Config(storage_path=tmp_path / "s"))
