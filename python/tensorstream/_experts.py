@@ -113,8 +113,26 @@ def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None
     return None
 
 
+# Whether experts stream as units of their own; off, an MoE layer streams like any other
+# (its fused expert tensors whole): the baseline of bench/bench_moe.py. Set via whole_layers().
+_ENABLED = [True]
+
+
+class whole_layers:  # noqa: N801 - used as a context manager, like a function
+    """``with whole_layers(): offload(...)``: offloads inside stream MoE layers whole, every
+    expert read each pass (for comparisons; not thread-safe)."""
+
+    def __enter__(self) -> None:
+        _ENABLED[0] = False
+
+    def __exit__(self, *exc: object) -> None:
+        _ENABLED[0] = True
+
+
 def find_experts(model: nn.Module) -> list[ExpertsSite]:
     """The experts sites of ``model`` in module order (none for a dense model)."""
+    if not _ENABLED[0]:
+        return []
     modules = dict(model.named_modules())
     sites = []
     for name, module in modules.items():
