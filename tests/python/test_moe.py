@@ -297,3 +297,31 @@ def test_moe_from_pretrained_per_expert_checkpoint_is_refused_clearly(tmp_path):
     reference.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="does not hold the model.s parameter .model.layers.0.mlp"):
         ts.from_pretrained(tmp_path / "ckpt", ts.Config(storage_path=tmp_path / "s"))
+
+
+def test_bench_moe_smoke(tmp_path):
+    """bench/bench_moe.py --smoke runs end to end; streamed tokens equal the in-memory ones,
+    and the GPU variant dry-runs without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_moe.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(script), "--smoke", "--models", "mixtral", "--systems",
+           "memory,experts+predict,experts", "--workdir", str(tmp_path / "w"),
+           "--json-out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())["models"]["mixtral"]["results"]
+    assert [r["system"] for r in rows] == ["memory", "experts+predict", "experts"]
+    for r in rows[1:]:
+        assert r["tokens_equal_memory"] is True
+        assert r["bytes_per_token"] > 0 and r["tok_per_s"] > 0
+    assert rows[1]["prediction_recall"] is not None and rows[2]["prediction_recall"] is None
+    if not torch.cuda.is_available():
+        p = subprocess.run([*cmd[:3], "--device", "cuda"], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0 and "dry run" in p.stdout, p.stdout + p.stderr
