@@ -21,6 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._experts import (
+    ExpertsSite,
+    expert_tensor_name,
+    expert_unit_name,
+    find_experts,
+    fused_ids,
+    router_ids,
+    split_store_params,
+)
+
 __all__ = [
     "TIERS",
     "Block",
@@ -98,6 +108,13 @@ class TensorSlot:
     nbytes: int
     dtype: torch.dtype
     shape: torch.Size
+    # The parameter's own shape where the slot holds a slice of it (one expert of a fused
+    # [E, ...] parameter); its placeholder has that shape.
+    full_shape: torch.Size | None = None
+
+    @property
+    def param_shape(self) -> torch.Size:
+        return self.full_shape if self.full_shape is not None else self.shape
 
 
 @dataclass
@@ -123,6 +140,12 @@ class Block:
     # Per thread: how many of this thread's forwards of the block the pre-hook entered, so the
     # post-hook (which torch also calls after a failed pre-hook) only undoes what was done.
     entered: threading.local = field(default_factory=threading.local)
+    # One expert of an experts site (_experts): its index, the fused parameters' attributes
+    # (one per entry of ``params``, whose parameters are the fused ones) and, while held, the
+    # views of its slices by attribute (under ``lock``).
+    expert: int | None = None
+    expert_attrs: list[str] = field(default_factory=list)
+    expert_views: Any = None
 
 
 def streamed_blocks(model: nn.Module, min_layer_size: int) -> list[Block]:
@@ -169,6 +192,10 @@ def store_blocks(
     rest = [(n, p) for n, p in _unique_named_parameters(model) if id(p) not in taken]
     if rest:
         out.append((REST_BLOCK, rest))
+    # Fused experts parameters are stored one slice per expert (_experts).
+    sites = find_experts(model)
+    if sites:
+        out = [(name, split_store_params(params, sites)) for name, params in out]
     return out
 
 
@@ -184,6 +211,9 @@ class Partition:
     sites: list[tuple[nn.Module, list[Block]]]
     resident: list[tuple[str, nn.Parameter]]
     held_with: list[set[int]]
+    # The experts sites whose experts are units (acquired by their routed forward, not by a
+    # site's hooks); their routers are resident.
+    experts: list[ExpertsSite] = field(default_factory=list)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -215,15 +245,39 @@ def partition(model: nn.Module, min_layer_size: int, tier: int) -> Partition:
     site_module: dict[int, nn.Module] = {}
     units: list[Block] = []
 
+    # Experts: each expert its own unit, the fused parameters in no other unit, the routers
+    # resident (the next layer's routing is predicted with them).
+    experts = find_experts(model)
+    fused, routers = fused_ids(experts), router_ids(experts)
+    experts_of = {id(x.module): x for x in experts}
+
     def add(
         name: str, module: nn.Module, params: list[tuple[str, nn.Parameter]], *sites: nn.Module
     ) -> None:
-        unit = Block(index=len(units), name=name, module=module, params=params)
-        unit.rows = _is_row_table(module, params, shared)
-        units.append(unit)
-        for site in sites:
-            site_units.setdefault(id(site), []).append(unit)
-            site_module[id(site)] = site
+        params = [(n, p) for n, p in params if id(p) not in fused and id(p) not in routers]
+        if params:
+            unit = Block(index=len(units), name=name, module=module, params=params)
+            unit.rows = _is_row_table(module, params, shared)
+            units.append(unit)
+            for site in sites:
+                site_units.setdefault(id(site), []).append(unit)
+                site_module[id(site)] = site
+        for sub in module.modules():
+            x = experts_of.get(id(sub))
+            if x is None or x.units:
+                continue
+            for e in range(x.num_experts):
+                x.units.append(
+                    Block(
+                        index=len(units),
+                        name=expert_unit_name(x.name, e),
+                        module=x.module,
+                        params=[(expert_tensor_name(q, e), p) for _, q, p in x.params],
+                        expert=e,
+                        expert_attrs=[attr for attr, _, _ in x.params],
+                    )
+                )
+                units.append(x.units[-1])
 
     def own(prefix: str, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [
@@ -281,9 +335,12 @@ def partition(model: nn.Module, min_layer_size: int, tier: int) -> Partition:
         here = held | {u.index for u in site_units.get(id(module), ())}
         for u in site_units.get(id(module), ()):
             enclosing.setdefault(u.index, set()).update(here - {u.index})
+        x = experts_of.get(id(module))
+        for u in x.units if x is not None else ():
+            enclosing.setdefault(u.index, set()).update(here)  # one expert at a time
         for child in module.children():
             walk(child, here)
 
     walk(model, frozenset())
     held_with = [enclosing.get(u.index, set()) for u in units]
-    return Partition(tier, units, sites, resident, held_with)
+    return Partition(tier, units, sites, resident, held_with, [x for x in experts if x.units])

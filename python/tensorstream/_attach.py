@@ -26,6 +26,7 @@ from torch import nn
 from . import _core, _debug
 from ._analysis import TIERS, Partition, TensorSlot
 from ._dtypes import NAME_TO_TORCH, name_to_dtype
+from ._experts import install_routed
 from ._hooks import (
     make_guarded_apply,
     make_post_hook,
@@ -183,7 +184,7 @@ def attach(
         config=config,
     )
     runtime.tier = choice.name
-    _install(model, runtime, choice.part)
+    _install(model, runtime, choice.part, config)
     return runtime
 
 
@@ -203,20 +204,25 @@ def _map_parameters(
             info = placements[name]
             dtype = name_to_dtype(info["dtype"], name)
             shape = torch.Size(info["shape"])
-            if shape != param.shape:
+            # An expert's tensor is its slice of a fused [E, ...] parameter.
+            expected = param.shape[1:] if block.expert is not None else param.shape
+            if shape != expected:
                 raise ValueError(
                     f"tensorstream: {source.description} holds '{name}' with shape "
-                    f"{tuple(shape)}, the model expects {tuple(param.shape)}"
+                    f"{tuple(shape)}, the model expects {tuple(expected)}"
                 )
-            block.slots.append(TensorSlot(param, info["offset"], info["nbytes"], dtype, shape))
+            full = param.shape if block.expert is not None else None
+            block.slots.append(
+                TensorSlot(param, info["offset"], info["nbytes"], dtype, shape, full)
+            )
     # Only once every block maps: a failure above leaves the parameters as they were.
     for block in blocks:
         for slot in block.slots:
-            slot.param.data = placeholder(slot.dtype, slot.shape, device)
+            slot.param.data = placeholder(slot.dtype, slot.param_shape, device)
             slot.param.requires_grad_(False)
 
 
-def _install(model: nn.Module, runtime: OffloadedModel, part: Partition) -> None:
+def _install(model: nn.Module, runtime: OffloadedModel, part: Partition, config: Any) -> None:
     """Hooks every site of ``part`` (its units' slots filled, their parameters placeholders),
     guards ``.to()``/``.cpu()`` moves and attaches the runtime handle to ``model``."""
     for module, units in part.sites:
@@ -234,6 +240,10 @@ def _install(model: nn.Module, runtime: OffloadedModel, part: Partition) -> None
         runtime._hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         runtime._hooks.append(module.register_forward_hook(post, always_call=True))
     runtime._sites = [module for module, _ in part.sites]
+    if part.experts:
+        # Only the routed experts stream; a closed runtime's experts fail like other sites.
+        install_routed(runtime, part.experts, predict=True)
+        runtime._sites += [x.module for x in part.experts]
     for module in {id(m): m for m in (model, *runtime._sites)}.values():
         module._apply = make_guarded_apply(runtime, module)  # type: ignore[method-assign]
         runtime._guarded.append(module)

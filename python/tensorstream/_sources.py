@@ -212,18 +212,24 @@ class StoreSource(_Units):
         storage: Path,
         checkpoint: Checkpoint,
         groups: dict[str, list[str]],
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
+        slices: dict[str, tuple[str, int]] | None = None,
     ) -> StoreSource:
         """A store of ``groups`` read from ``checkpoint`` with floating-point tensors
         converted to ``dtype``, one tensor in memory at a time. Its name hashes the checkpoint
         files' identity (path, size, modification time, inode), the groups and the dtype, so
         it is reused until any of them changes; the write is crash-safe (a store is complete
-        or absent)."""
+        or absent). ``slices`` names tensors that are one expert's slice of a checkpoint
+        tensor (name -> (checkpoint tensor, expert index)); ``dtype`` None keeps the
+        checkpoint's dtypes."""
         identity = []
         for file in checkpoint.files:
             st = file.stat()
             identity.append([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-        key = json.dumps({"files": identity, "groups": groups, "dtype": str(dtype)}, sort_keys=True)
+        key = json.dumps(
+            {"files": identity, "groups": groups, "dtype": str(dtype), "slices": slices or {}},
+            sort_keys=True,
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         path = storage / f"pretrained-{digest}.tstore"
         if path.exists():
@@ -234,12 +240,20 @@ class StoreSource(_Units):
             except _core.TensorStreamError:
                 logger.warning("tensorstream: converted store %s is unreadable; rewriting", path)
         logger.info("tensorstream: converting the checkpoint's tensors to %s into %s", dtype, path)
+        slices = slices or {}
         with store_writer(path) as writer:
             for name, keys in groups.items():
                 writer.begin_block(name)
+                fused: dict[str, Any] = {}  # the block's sliced checkpoint tensors, read once
                 for k in keys:
-                    t = checkpoint.load(k)
-                    if t.is_floating_point() and t.dtype != dtype:
+                    if k in slices:
+                        whole, expert = slices[k]
+                        if whole not in fused:
+                            fused[whole] = checkpoint.load(whole)
+                        t = fused[whole][expert]
+                    else:
+                        t = checkpoint.load(k)
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                         t = t.to(dtype)
                     t = t.contiguous()
                     writer.add_tensor(
@@ -250,6 +264,7 @@ class StoreSource(_Units):
                         t.numel() * t.element_size(),
                     )
                     del t
+                fused.clear()
                 writer.end_block()
             writer.commit()
         return cls(path)

@@ -172,7 +172,11 @@ def estimate_model_memory(model: Any, config: Any = None) -> dict[str, Any]:
                 "_resident": resident,
                 "_placeholders": placeholders,
                 "_units": {u.name: size for u, size in zip(part.units, sizes, strict=True)},
-                "_streamed": sum(size_of(p) for u in part.units for _, p in u.params),
+                "_streamed": sum(
+                    size_of(p) // (p.shape[0] if u.expert is not None else 1)
+                    for u in part.units
+                    for _, p in u.params
+                ),
             }
         )
     if config.vram_budget_bytes is not None:

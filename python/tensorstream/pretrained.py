@@ -30,6 +30,7 @@ from torch import nn
 from ._analysis import TIERS, partition, store_blocks
 from ._attach import attach, check_config, check_device, choose_units
 from ._checkpoint import Checkpoint
+from ._experts import expert_slices, find_experts
 from ._sources import CheckpointSource, StoreSource, usable_storage
 from ._torch_memory import placeholder, trim_host_heap
 
@@ -70,8 +71,20 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
         if p.numel() > 0:
             key_of[qname] = _tensor_for(checkpoint, qname, p, prefix)
     dtype = config.torch_dtype
+    # Experts stream one expert at a time from a store of per-expert slices (the checkpoint's
+    # fused [E, ...] tensors are not cut in place): the store is converted, in Config.dtype
+    # if one is given, else in the checkpoint's dtypes.
+    slices = expert_slices(find_experts(model), key_of)
     source: StoreSource | CheckpointSource
-    if dtype is not None and checkpoint.needs_conversion(key_of.values(), dtype):
+    if slices:
+        layout = {
+            name: [key_of[q] for q, _ in params]
+            for name, params in store_blocks(model, config.min_layer_size)
+        }
+        source = StoreSource.converted(
+            usable_storage(config), checkpoint, layout, dtype, slices=slices
+        )
+    elif dtype is not None and checkpoint.needs_conversion(key_of.values(), dtype):
         # A store of every tensor in Config.dtype, so that any tier's units are cut from it.
         layout = {
             name: [key_of[q] for q, _ in params]
@@ -107,10 +120,12 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
             # parameter cannot take data on another device). On the CPU: the source's dtype
             # is not known yet, and a shared placeholder of another dtype on the device would
             # be held there outside the budget.
-            param = nn.Parameter(
-                placeholder(p.dtype, p.shape, torch.device("cpu")), requires_grad=False
-            )
-            replacements[id(p)] = param
+            param = replacements.get(id(p))  # the experts' units share their fused parameters
+            if param is None:
+                param = nn.Parameter(
+                    placeholder(p.dtype, p.shape, torch.device("cpu")), requires_grad=False
+                )
+                replacements[id(p)] = param
             named.append((key_of[qname], param))
         block.params = named
 

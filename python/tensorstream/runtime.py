@@ -179,6 +179,19 @@ class OffloadedModel:
         self._resident: list[bool] = []  # the plan's resident units, of engine _resident_of
         self._resident_of: Any = None
         self.tier = "blocks"  # how finely the model is cut into units (_analysis.TIERS)
+        self._experts: Any = None  # the routed experts forwards (_experts.ExpertsRuntime)
+
+    @property
+    def predict_experts(self) -> bool:
+        """Whether each experts layer prefetches the experts the next layer's router picks
+        for its input (True by default; a model without experts: False)."""
+        return bool(self._experts is not None and self._experts.predict)
+
+    @predict_experts.setter
+    def predict_experts(self, value: bool) -> None:
+        if self._experts is None:
+            raise ValueError("tensorstream: this model has no streamed experts")
+        self._experts.predict = bool(value)
 
     def unit_resident(self, index: int) -> bool:
         """Whether the engine's plan keeps unit ``index`` in device memory for good."""
@@ -282,7 +295,7 @@ class OffloadedModel:
                     module._buffers[name] = b.to(device)
             for block in self._blocks:
                 for slot in block.slots:
-                    slot.param.data = placeholder(slot.dtype, slot.shape, device)
+                    slot.param.data = placeholder(slot.dtype, slot.param_shape, device)
 
     @property
     def placeholder_bytes(self) -> int:
@@ -318,6 +331,8 @@ class OffloadedModel:
             io_throughput_gbps=stats["storage_gbps"],
             stall_time_seconds=stats["stall_seconds"],
         )
+        if self._experts is not None:
+            stats["experts"] = self._experts.statistics()
         return stats
 
     def print_statistics(self) -> None:
@@ -372,7 +387,7 @@ class OffloadedModel:
         self._guarded.clear()
         for block in self._blocks:
             for slot in block.slots:
-                slot.param.data = placeholder(slot.dtype, slot.shape, self.device)
+                slot.param.data = placeholder(slot.dtype, slot.param_shape, self.device)
         for module in self._sites:
             module.register_forward_pre_hook(closed_hook)
         for module, padding_idx in self._padding:

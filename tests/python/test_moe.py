@@ -1,0 +1,327 @@
+"""Mixture-of-experts models stream only their routed experts (tiny random-weight models of
+four architectures built from configs, no downloads; CPU device).
+
+Each expert is its own unit (its slices of the fused ``[E, ...]`` parameters), the experts
+forward acquires only the experts the tokens are routed to, computing with transformers'
+eager experts forward: logits and greedy ``generate()`` are bitwise those of the in-memory
+model (experts implementation "eager") at 30% and 10% of the model's bytes, the budget is
+kept, a decode token reads about k/E of the experts' bytes, and the next layer's experts
+are predicted from its router."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+import tensorstream as ts
+from tensorstream.config import Config
+from tensorstream.offload import get_model_statistics, offload
+
+torch = pytest.importorskip("torch")
+T = pytest.importorskip("transformers")
+
+VOCAB = 128
+EXPERTS = 8
+TOP_K = 2
+LAYERS = 3
+
+
+def _config(arch: str):
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        num_experts_per_tok=TOP_K,
+    )
+    if arch == "mixtral":
+        cfg = T.MixtralConfig(intermediate_size=128, num_local_experts=EXPERTS, **base)
+        return cfg, T.MixtralForCausalLM
+    if arch == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(
+            intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+            num_experts=EXPERTS, **base,
+        )  # fmt: skip
+        return cfg, T.Qwen2MoeForCausalLM
+    if arch == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=64, num_experts=EXPERTS, head_dim=16,
+            **base,
+        )  # fmt: skip
+        return cfg, T.Qwen3MoeForCausalLM
+    cfg = T.GptOssConfig(
+        intermediate_size=64, num_local_experts=EXPERTS, head_dim=16, sliding_window=8, **base
+    )
+    return cfg, T.GptOssForCausalLM
+
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+
+
+def _build(arch: str):
+    torch.manual_seed(0)
+    cfg, cls = _config(arch)
+    cfg._experts_implementation = "eager"
+    return cls(cfg).eval()
+
+
+def _ids(shape=(1, 9), seed=1):
+    return torch.randint(2, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _total(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _base(tmp_path) -> Config:
+    return Config(storage_path=tmp_path, min_layer_size=1 << 14, verify_checksums=True)
+
+
+def _offload(arch, config, budget):
+    model = _build(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no overlap at the smallest budgets
+        offload(model, config.replace(vram_budget_gb=f"{budget}B"))
+    return model
+
+
+def _check_budget_kept(model, budget: int) -> dict:
+    stats = get_model_statistics(model)
+    peak = stats["device_bytes_peak"] + stats["resident_param_bytes"] + stats["placeholder_bytes"]
+    assert peak <= budget, f"device bytes {peak} exceed the budget {budget}"
+    return stats
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fraction", (0.30, 0.10))
+def test_moe_bitwise_streaming_only_routed_experts(tmp_path, arch, fraction):
+    reference = _build(arch)
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ref_tokens = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    config = _base(tmp_path)
+    budget = int(_total(reference) * fraction)
+    minimum = ts.estimate_model_memory(reference, config)["minimum_budget"]
+    if budget < minimum:
+        with pytest.raises(ts.BudgetTooSmallError) as info:
+            _offload(arch, config, budget)
+        assert info.value.minimum_budget == minimum
+        return
+    model = _offload(arch, config, budget)
+    runtime = model.tensorstream
+    expert_units = [u for u in runtime._blocks if u.expert is not None]
+    assert len(expert_units) == LAYERS * EXPERTS
+    assert expert_units[3].name == "model.layers.0.mlp.experts.3"
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref_logits), f"{arch} at {fraction:.0%}: logits differ"
+    assert torch.equal(tokens, ref_tokens), f"{arch} at {fraction:.0%}: tokens differ"
+    stats = _check_budget_kept(model, budget)
+    experts = stats["experts"]
+    assert experts["sites"] == LAYERS and experts["units"] == LAYERS * EXPERTS
+    # One forward per layer and pass (the logits, generate's prompt and 5 decode steps); a
+    # prompt acquires each expert at most once a layer, a one-token step at most k.
+    assert experts["forwards"] == LAYERS * 7
+    assert experts["acquires"] <= LAYERS * (2 * EXPERTS + 5 * TOP_K)
+    assert 0.0 <= experts["hit_rate"] <= 1.0
+    assert experts["predicted"] > 0 and 0.0 < experts["prediction_recall"] <= 1.0
+    model.cleanup_tensorstream()
+
+
+def _decode_bytes_per_token(model, steps=12) -> float:
+    runtime = model.tensorstream
+    with torch.no_grad():
+        out = model(_ids(), use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        before = runtime._engine.stats()["bytes_to_device"]
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        after = runtime._engine.stats()["bytes_to_device"]
+    return (after - before) / steps
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "qwen3_moe"))
+@pytest.mark.parametrize("predict", (True, False))
+def test_moe_decode_reads_about_k_of_e_experts(tmp_path, arch, predict):
+    """A decode token reads the non-expert units it streams plus at most k experts a layer
+    (2k with prefetches that miss): far below a pass over every streamed byte."""
+    reference = _build(arch)
+    budget = int(_total(reference) * 0.10)
+    model = _offload(arch, _base(tmp_path), budget)
+    runtime = model.tensorstream
+    runtime.predict_experts = predict
+    sizes = runtime.source.unit_sizes("cpu")
+    resident = runtime._engine.plan["resident"]
+    units = runtime._blocks
+    streamed = [(u, s) for u, s, r in zip(units, sizes, resident, strict=True) if not r]
+    non_expert = sum(s for u, s in streamed if u.expert is None)
+    expert = max(s for u, s in streamed if u.expert is not None)
+    every = sum(s for _, s in streamed)
+    per_token = _decode_bytes_per_token(model)
+    # Prefetches that miss (the router's prediction, or the engine's own learned-order
+    # prefetch) load at most as many experts again as are routed.
+    routed_bound = non_expert + LAYERS * TOP_K * 2 * expert
+    assert per_token <= routed_bound, (per_token, routed_bound)
+    # The experts are most of the model: reading k of E of them is well under a full pass.
+    assert per_token * 2 < every, (per_token, every)
+    _check_budget_kept(model, budget)
+    assert runtime.predict_experts is predict
+    if not predict:
+        assert runtime.statistics()["experts"]["predicted"] == 0
+    model.cleanup_tensorstream()
+
+
+def _routing(reference, ids) -> list[set[int]]:
+    """The experts each layer of the in-memory model routes ``ids`` to."""
+    seen: list[set[int]] = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(
+            lambda m, a, out: seen.append(set(out[-1].reshape(-1).tolist()))
+        )
+        for layer in reference.model.layers
+    ]
+    with torch.no_grad():
+        logits = reference(ids).logits
+    for h in hooks:
+        h.remove()
+    return seen, logits
+
+
+def test_moe_prompt_routing_to_every_expert(tmp_path):
+    reference = _build("mixtral")
+    ids = _ids((2, 48), seed=3)
+    seen, ref_logits = _routing(reference, ids)
+    assert all(s == set(range(EXPERTS)) for s in seen), seen
+    budget = int(_total(reference) * 0.10)
+    model = _offload("mixtral", _base(tmp_path), budget)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.equal(logits, ref_logits)
+    stats = _check_budget_kept(model, budget)
+    assert stats["experts"]["acquires"] == LAYERS * EXPERTS
+    # The trace shows the expert loads by unit name.
+    trace = model.tensorstream.export_trace(tmp_path / "trace.json").read_text()
+    json.loads(trace)
+    assert "model.layers.2.mlp.experts.7" in trace
+    model.cleanup_tensorstream()
+    with pytest.raises(RuntimeError, match="closed"):
+        model(ids)
+
+
+def test_moe_store_holds_one_tensor_per_expert(tmp_path):
+    model = _offload("gpt_oss", _base(tmp_path), int(_total(_build("gpt_oss")) * 0.30))
+    store = ts._core.Store(str(model.tensorstream.store_path))
+    names = {t["name"]: t for t in store.tensors}
+    for e in range(EXPERTS):
+        for attr, shape in (
+            ("gate_up_proj", [64, 128]),
+            ("gate_up_proj_bias", [128]),
+            ("down_proj", [64, 64]),
+            ("down_proj_bias", [64]),
+        ):
+            t = names[f"model.layers.1.mlp.experts.{attr}.{e}"]
+            assert list(t["shape"]) == shape
+    assert "model.layers.1.mlp.experts.gate_up_proj" not in names
+    # The routers are resident (the next layer's routing is predicted from them).
+    assert "model.layers.1.mlp.router.weight" in names
+    units = {u.name for u in model.tensorstream._blocks}
+    assert not any("router" in n for n in units)
+    model.cleanup_tensorstream()
+
+
+def test_dense_model_has_no_experts(tmp_path):
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(
+        T.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB,
+        )
+    ).eval()  # fmt: skip
+    offload(model, _base(tmp_path))
+    assert "experts" not in model.tensorstream.statistics()
+    assert model.tensorstream.predict_experts is False
+    with pytest.raises(ValueError, match="no streamed experts"):
+        model.tensorstream.predict_experts = True
+    model.cleanup_tensorstream()
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "gpt_oss"))
+def test_moe_from_pretrained_fused_checkpoint(tmp_path, arch):
+    """A checkpoint holding the fused [E, ...] expert tensors (the model's own parameter
+    names, as gpt-oss checkpoints store theirs): from_pretrained converts it into a store of
+    per-expert slices and streams the routed experts, bitwise."""
+    from safetensors.torch import save_file
+
+    reference = _build(arch)
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    reference.config.save_pretrained(path)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    state.pop("lm_head.weight", None) if reference.config.tie_word_embeddings else None
+    save_file(state, str(path / "model.safetensors"))
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ref_tokens = reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    budget = int(_total(reference) * 0.30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = ts.from_pretrained(
+            path,
+            ts.Config(storage_path=tmp_path / "s", vram_budget_gb=f"{budget}B"),
+            experts_implementation="eager",
+        )
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    stats = _check_budget_kept(model, budget)
+    assert stats["experts"]["units"] == LAYERS * EXPERTS
+    assert stats["store"].endswith(".tstore")
+    model.cleanup_tensorstream()
+
+
+def test_moe_from_pretrained_per_expert_checkpoint_is_refused_clearly(tmp_path):
+    """save_pretrained writes Mixtral's experts one tensor per expert and projection (the
+    Hub's layout, under block_sparse_moe): the first parameter not found is named."""
+    reference = _build("mixtral")
+    reference.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="does not hold the model.s parameter .model.layers.0.mlp"):
+        ts.from_pretrained(tmp_path / "ckpt", ts.Config(storage_path=tmp_path / "s"))
+
+
+def test_bench_moe_smoke(tmp_path):
+    """bench/bench_moe.py --smoke runs end to end; streamed tokens equal the in-memory ones,
+    and the GPU variant dry-runs without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_moe.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(script), "--smoke", "--models", "mixtral", "--systems",
+           "memory,experts+predict,experts", "--workdir", str(tmp_path / "w"),
+           "--json-out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())["models"]["mixtral"]["results"]
+    assert [r["system"] for r in rows] == ["memory", "experts+predict", "experts"]
+    for r in rows[1:]:
+        assert r["tokens_equal_memory"] is True
+        assert r["bytes_per_token"] > 0 and r["tok_per_s"] > 0
+    assert rows[1]["prediction_recall"] is not None and rows[2]["prediction_recall"] is None
+    if not torch.cuda.is_available():
+        p = subprocess.run([*cmd[:3], "--device", "cuda"], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0 and "dry run" in p.stdout, p.stdout + p.stderr
