@@ -111,6 +111,7 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
   stats_.overlap = plan_.largest_need == 0 || plan_.overlap;
   stats_.gds_mode = options_.gds;
   stats_.gds_files = readers_->gds().used_files();
+  stats_.compressed_units = layout_.decoded_blocks();
   try {
     for (unsigned w = 0; w < kFillWorkers; ++w) workers_.emplace_back([this] { worker_loop(); });
   } catch (...) {
@@ -516,6 +517,9 @@ void Engine::Impl::run_fill(const Job& job) {
   stats_.bytes_from_page_cache += report.bytes_from_page_cache;
   stats_.bytes_from_ram_tier += report.bytes_from_ram_tier;
   stats_.gds_bytes += report.gds_bytes;
+  stats_.bytes_read_compressed += report.compressed_bytes_read;
+  stats_.bytes_decoded += report.bytes_decoded;
+  stats_.decode_seconds += report.decode_seconds;
   stats_.io_seconds += report.io_seconds;
   const double seconds = seconds_since(start);
   auto& u = (*places_)[job.block];
@@ -583,7 +587,9 @@ EngineStats Engine::Impl::stats() const {
   out.backend = readers_->backend_name();
   out.in_place = readers_->in_place();
   out.backend_note = readers_->backend_note();
-  out.gds_reason = readers_->gds().reason();
+  out.gds_reason = readers_->gds_reason();
+  out.decode_note = readers_->decode_note(out);
+  out.decode_threads = readers_->decode_threads();
   out.gds = readers_->gds().outcome();
   out.order_learned = prefetcher_->order_learned();
   out.prefetch_depth = prefetcher_->depth();

@@ -40,6 +40,12 @@ CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& lay
     // The page cache would duplicate the tier: read into the tier instead.
     return {false, "a RAM tier is configured: blocks are copied into it"};
   }
+  const auto decoded = layout.decoded_blocks();
+  if (decoded > 0 && options.backend == BackendType::kMmap) {
+    return {false, concat("backend mmap cannot map ", decoded, " of the ", layout.blocks.size(),
+                          " units in place: they hold compressed chunks, which are decoded into "
+                          "their buffers (read through the mmap backend)")};
+  }
   if (options.backend == BackendType::kMmap) return {true, ""};
   const std::uint64_t source_bytes = layout.bytes();
   const auto available = mem_available_bytes();
@@ -51,6 +57,13 @@ CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& lay
             concat("auto: the ", layout.kind, " (", source_bytes,
                    " bytes) is more than three quarters of the available memory (", *available,
                    " bytes): reading with O_DIRECT, not through the page cache")};
+  }
+  if (decoded > 0) {
+    return {false, concat("auto: the ", layout.kind, " (", source_bytes,
+                          " bytes decoded) fits in the page cache, but ", decoded, " of its ",
+                          layout.blocks.size(),
+                          " units hold compressed chunks, which cannot be read in place: "
+                          "reading them with a backend and decoding them into their buffers")};
   }
   return {true,
           concat("auto: the ", layout.kind, " (", source_bytes, " bytes) fits in the page cache (",

@@ -79,8 +79,14 @@ struct EngineOptions {
   /// EngineStats::overlap).
   unsigned slots = 2;
   /// Check every block read against the store's checksum. Checking happens in host memory,
-  /// so it keeps blocks off the GPUDirect Storage path.
+  /// so it keeps blocks off the GPUDirect Storage path. For a compressed block: each chunk's
+  /// stored checksum before it is decoded, then the decoded bytes' (the block's raw_checksum,
+  /// or each tensor's).
   bool verify_checksums = false;
+  /// Threads that decode the chunks of a compressed unit at once, the fill worker included
+  /// (a pool shared by the fill workers); 0: one per core, at most 8. Fewer leave cores to
+  /// the computation (on the CPU the same cores run the model), more decode a unit sooner.
+  unsigned decode_threads = 0;
   /// GPUDirect Storage: kAuto (default) reads straight into device memory wherever cuFile
   /// works with the nvidia-fs kernel module, and falls back per file; kOn insists (the
   /// constructor throws if it cannot, and a CPU device is std::invalid_argument); kOff never

@@ -36,7 +36,9 @@ struct CpuReadPath {
 
 /// The CPU's choice (engine.hpp, "In place"): kMmap reads in place where windows work and
 /// there is no RAM tier; kAuto also needs the source to be at most three quarters of
-/// MemAvailable (/proc/meminfo); other backends never read in place.
+/// MemAvailable (/proc/meminfo); other backends never read in place. A source with decoded
+/// extents (compressed store blocks) is never read in place: a window maps stored bytes, and
+/// decoding needs a buffer (the note says so).
 [[nodiscard]] CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout);
 
 class InPlaceReader final : public BlockReader {
