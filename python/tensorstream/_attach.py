@@ -27,6 +27,7 @@ from ._analysis import TensorSlot
 from ._dtypes import name_to_dtype
 from ._hooks import make_guarded_apply, make_post_hook, make_pre_hook
 from ._pressure import make_pressure_forward
+from ._sources import store_compression
 from ._torch_memory import placeholder
 from .runtime import OffloadedModel, bind_runtime, engine_options, start_engine
 
@@ -38,13 +39,9 @@ __all__ = ["attach", "check_config", "check_device"]
 
 
 def check_config(config: Any) -> None:
-    """Settings accepted by Config whose feature does not exist yet fail loudly here rather
-    than being ignored."""
-    if config.compression_enabled:
-        raise NotImplementedError(
-            "tensorstream: compression_enabled=True: store compression is not implemented "
-            "yet (stores are written uncompressed); set compression_enabled=False"
-        )
+    """Settings accepted by Config that this build cannot honour fail loudly here, before any
+    work, rather than being ignored (compression without zstd)."""
+    store_compression(config)
 
 
 def check_device(device: torch.device) -> None:

@@ -4,6 +4,8 @@
   :func:`tensorstream.offload` (:meth:`StoreSource.of_blocks`, named by the weights'
   fingerprint and reused while they are unchanged), or converted from a checkpoint into
   ``Config.dtype`` by :func:`tensorstream.from_pretrained` (:meth:`StoreSource.converted`).
+  Either is written compressed when the Config asks (:func:`store_compression`); the engine
+  decodes it on its fill path.
 * :class:`CheckpointSource`: a safetensors checkpoint streamed in place, its tensors grouped
   into the model's blocks.
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from ._checkpoint import Checkpoint
     from ._torch_memory import TorchMemory
 
-__all__ = ["CheckpointSource", "StoreSource", "usable_storage"]
+__all__ = ["CheckpointSource", "StoreSource", "store_compression", "usable_storage"]
 
 logger = logging.getLogger("tensorstream")
 
@@ -53,6 +55,20 @@ def usable_storage(config: Any) -> Path:
     return storage
 
 
+def store_compression(config: Any) -> int:
+    """The writer's compression level that ``config`` asks for: ``compression_level`` with
+    ``compression_enabled``, else 0 (none). Raises TensorStreamError at once, before any work,
+    when compression is asked of a build without zstd."""
+    if not config.compression_enabled:
+        return 0
+    info = _core.compression_info()
+    if not info["available"]:
+        raise _core.TensorStreamError(
+            f"tensorstream: compression_enabled=True cannot be honoured: {info['codec']}"
+        )
+    return int(config.compression_level)
+
+
 class StoreSource:
     """A store file; its blocks are the runtime's blocks, in order."""
 
@@ -69,31 +85,34 @@ class StoreSource:
 
     def streaming_minimum(self, options: dict[str, Any]) -> int:
         """The smallest engine budget for this store's blocks (the physical minimum)."""
-        sizes = [b["raw_size"] for b in _core.Store(str(self.path)).blocks]
+        sizes = [b["raw_size"] for b in _open_store(self.path).blocks]
         return int(_core.minimum_budget(sizes, 1))
 
     def dtype_names(self) -> set[str]:
         """The dtypes (torch names) of the store's tensors, from its metadata."""
-        return {t["dtype"] for t in _core.Store(str(self.path)).tensors}
+        return {t["dtype"] for t in _open_store(self.path).tensors}
 
     @classmethod
-    def of_blocks(cls, storage: Path, blocks: list[Block]) -> StoreSource:
+    def of_blocks(cls, storage: Path, blocks: list[Block], *, compression: int = 0) -> StoreSource:
         """The store of ``blocks``' parameters (their current values) in ``storage``:
-        ``<fingerprint>.tstore``, reused when it exists with that fingerprint, else written
-        (crash-safe)."""
+        ``<fingerprint>.tstore``, or ``<fingerprint>.z<level>.tstore`` written at compression
+        level ``compression`` (1..9; 0: none), reused when it exists with that fingerprint,
+        else written (crash-safe). The compression is in the name: the fingerprint is the same
+        compressed or not."""
         fingerprint = _fingerprint(blocks)
-        path = storage / f"{fingerprint}.tstore"
+        suffix = f".z{compression}" if compression else ""
+        path = storage / f"{fingerprint}{suffix}.tstore"
         reuse = False
         if path.exists():
             try:
-                reuse = _core.Store(str(path)).info["fingerprint"] == fingerprint
+                reuse = _open_store(path).info["fingerprint"] == fingerprint
             except _core.TensorStreamError:
                 reuse = False
         if reuse:
             logger.info("tensorstream: reusing store %s", path)
         else:
             logger.info("tensorstream: writing store %s", path)
-            _write_blocks(path, blocks)
+            _write_blocks(path, blocks, compression)
         return cls(path)
 
     @classmethod
@@ -102,34 +121,45 @@ class StoreSource:
         storage: Path,
         checkpoint: Checkpoint,
         groups: dict[str, list[str]],
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
+        *,
+        compression: int = 0,
     ) -> StoreSource:
         """A store of ``groups`` read from ``checkpoint`` with floating-point tensors
-        converted to ``dtype``, one tensor in memory at a time. Its name hashes the checkpoint
-        files' identity (path, size, modification time, inode), the groups and the dtype, so
+        converted to ``dtype`` (None: kept), one tensor in memory at a time, compressed at
+        level ``compression`` (1..9; 0: none). Its name hashes the checkpoint files' identity
+        (path, size, modification time, inode), the groups, the dtype and the compression, so
         it is reused until any of them changes; the write is crash-safe (a store is complete
         or absent)."""
         identity = []
         for file in checkpoint.files:
             st = file.stat()
             identity.append([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-        key = json.dumps({"files": identity, "groups": groups, "dtype": str(dtype)}, sort_keys=True)
+        fields: dict[str, Any] = {"files": identity, "groups": groups, "dtype": str(dtype)}
+        if compression:  # absent for none: uncompressed stores keep their earlier names
+            fields["compression"] = compression
+        key = json.dumps(fields, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         path = storage / f"pretrained-{digest}.tstore"
         if path.exists():
             try:
-                _core.Store(str(path))
+                _open_store(path)
                 logger.info("tensorstream: reusing converted store %s", path)
                 return cls(path)
             except _core.TensorStreamError:
                 logger.warning("tensorstream: converted store %s is unreadable; rewriting", path)
-        logger.info("tensorstream: converting the streamed tensors to %s into %s", dtype, path)
-        with store_writer(path) as writer:
+        logger.info(
+            "tensorstream: converting the streamed tensors (dtype %s, compression %s) into %s",
+            dtype if dtype is not None else "kept",
+            compression or "none",
+            path,
+        )
+        with store_writer(path, compression=compression or None) as writer:
             for name, keys in groups.items():
                 writer.begin_block(name)
                 for k in keys:
                     t = checkpoint.load(k)
-                    if t.is_floating_point() and t.dtype != dtype:
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                         t = t.to(dtype)
                     t = t.contiguous()
                     writer.add_tensor(
@@ -197,8 +227,14 @@ def _fingerprint(blocks: list[Block]) -> str:
     return _core.fingerprint(entries)
 
 
-def _write_blocks(path: Path, blocks: list[Block]) -> None:
-    with store_writer(path) as writer:
+def _open_store(path: Path) -> Any:
+    """The store at ``path`` for its metadata (compressed blocks accepted: the engine decodes
+    them)."""
+    return _core.Store(str(path), decode_compressed=True)
+
+
+def _write_blocks(path: Path, blocks: list[Block], compression: int = 0) -> None:
+    with store_writer(path, compression=compression or None) as writer:
         for block in blocks:
             writer.begin_block(block.name)
             for qname, p in block.params:

@@ -47,7 +47,7 @@ from torch import nn
 from ._analysis import streamed_blocks
 from ._attach import attach, check_config, check_device
 from ._pressure import set_memory_pressure_callback
-from ._sources import StoreSource, usable_storage
+from ._sources import StoreSource, store_compression, usable_storage
 from ._torch_memory import trim_host_heap
 from .runtime import OffloadedModel, get_model_statistics, runtime_of
 
@@ -76,7 +76,9 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
 
     blocks = streamed_blocks(model, config.min_layer_size)
     streamed_ids = {id(p) for b in blocks for _, p in b.params}
-    source = StoreSource.of_blocks(usable_storage(config), blocks)
+    source = StoreSource.of_blocks(
+        usable_storage(config), blocks, compression=store_compression(config)
+    )
 
     # Resident parameters (everything not streamed) count against the device budget too.
     resident_bytes = sum(

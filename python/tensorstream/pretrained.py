@@ -4,9 +4,10 @@ the whole model in CPU RAM.
 1. The model is built from ``path/config.json`` on the meta device (no weights allocated).
 2. Blocks are found as :func:`tensorstream.offload` finds them; each block's parameters are
    streamed by the engine straight from the ``.safetensors`` files (no store is written) --
-   unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's: the
-   streamed tensors are then converted one at a time into a store in ``storage_path`` (kept
-   and reused while the checkpoint's files are unchanged), which the engine streams.
+   unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's, or
+   ``Config.compression_enabled`` for a compressed store: the streamed tensors are then
+   converted one at a time into a store in ``storage_path`` (kept and reused while the
+   checkpoint's files are unchanged), which the engine streams.
 3. Everything else (norms, tied weights, persistent buffers) is read from the checkpoint one
    tensor at a time and placed on the device; non-persistent buffers (rotary ``inv_freq``)
    are recomputed by building a fresh copy of the small module that owns them.
@@ -30,7 +31,7 @@ from torch import nn
 from ._analysis import streamed_blocks
 from ._attach import attach, check_config, check_device
 from ._checkpoint import Checkpoint
-from ._sources import CheckpointSource, StoreSource, usable_storage
+from ._sources import CheckpointSource, StoreSource, store_compression, usable_storage
 from ._torch_memory import placeholder, trim_host_heap
 
 __all__ = ["from_pretrained", "main"]
@@ -39,7 +40,9 @@ __all__ = ["from_pretrained", "main"]
 def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: Any) -> nn.Module:
     """Builds the Hugging Face model of the checkpoint directory ``path`` (``config.json`` and
     ``*.safetensors``) and streams its large layers straight from the checkpoint's files under
-    ``config``'s budgets. The weights are never all held in CPU RAM; no store is written.
+    ``config``'s budgets. The weights are never all held in CPU RAM; no store is written
+    (unless ``config`` asks for another dtype or for compression: then the streamed tensors
+    are converted one at a time into a store, which is streamed).
     ``kwargs`` go to ``AutoModelForCausalLM.from_config``. Returns the model, whose
     ``forward``/``generate`` work unchanged; ``model.tensorstream`` is its runtime handle."""
     from .config import Config  # noqa: PLC0415
@@ -93,11 +96,16 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     # them in Config.dtype when the checkpoint holds another floating-point dtype.
     groups = {block.name: [key for key, _ in block.params] for block in blocks}
     dtype = config.torch_dtype
+    compression = store_compression(config)
     source: StoreSource | CheckpointSource
-    if dtype is not None and checkpoint.needs_conversion(
-        (k for keys in groups.values() for k in keys), dtype
+    if compression or (
+        dtype is not None
+        and checkpoint.needs_conversion((k for keys in groups.values() for k in keys), dtype)
     ):
-        source = StoreSource.converted(usable_storage(config), checkpoint, groups, dtype)
+        # A compressed store is written when asked: safetensors are never compressed.
+        source = StoreSource.converted(
+            usable_storage(config), checkpoint, groups, dtype, compression=compression
+        )
     else:
         source = CheckpointSource(root, groups)
     attach(model, source, blocks, config=config, device=device, resident_bytes=resident_bytes)
