@@ -271,6 +271,25 @@ std::vector<Setting> build_table() {
                   "(`docs/benchmarks.md`); on the CPU the same cores run the model, so fewer "
                   "threads leave it more. Unused by stores without compressed blocks."}));
   rows.push_back(choice_row(
+      kEngine, "compressed_reads", [](auto& o) -> auto& { return o.compressed_reads; },
+      {engine::CompressedReads::kAuto, engine::CompressedReads::kDecode,
+       engine::CompressedReads::kDecodedCopy},
+      engine::compressed_reads_name,
+      [](const std::string& n) { return engine::parse_compressed_reads(n); },
+      {.meaning =
+           "How a compressed store's units are read. `decode`: each fill reads the stored "
+           "chunks and decodes them on its way (`decode_threads`). `decoded_copy`: when the "
+           "engine starts, every compressed unit is decoded once into a temporary, unlinked "
+           "file beside the store (disk space: the decoded bytes; time: one decoding pass), "
+           "which is then streamed as an uncompressed store (in place, GPUDirect Storage, "
+           "O_DIRECT). `auto` declines to decode on the critical path where that would be "
+           "slower than reading decoded bytes: a decoded copy on the CPU when an uncompressed "
+           "store of this size would be read in place from the page cache, and elsewhere when "
+           "the storage, measured at start on 64 MiB of chunks (stores with at least 256 MiB "
+           "of them), reads faster than the decode threads decode; otherwise `decode`. A copy "
+           "that cannot be made (no room) falls back to `decode`. `stats()`: `decode_note` "
+           "(which, and why), `decoded_copy_bytes`."}));
+  rows.push_back(choice_row(
       kEngine, "gds", [](auto& o) -> auto& { return o.gds; },
       {GdsMode::kAuto, GdsMode::kOn, GdsMode::kOff}, engine::gds_mode_name,
       [](const std::string& n) { return engine::parse_gds_mode(n); },

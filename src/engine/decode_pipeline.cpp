@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <thread>
 
 #include "tensorstream/alignment.hpp"
 #include "tensorstream/codec.hpp"
@@ -12,6 +13,11 @@ namespace tensorstream::engine::detail {
 
 using Clock = std::chrono::steady_clock;
 using tensorstream::detail::concat;
+
+unsigned decode_threads_for(const EngineOptions& options) noexcept {
+  if (options.decode_threads > 0) return options.decode_threads;
+  return std::clamp(std::thread::hardware_concurrency(), 1u, 8u);
+}
 
 DecodePipeline::DecodePipeline(const Layout& layout, io::Backend& backend,
                                std::span<const io::FileId> files, unsigned threads, bool verify,

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 
 #include "tensorstream/alignment.hpp"
 #include "tensorstream/errors.hpp"
@@ -44,10 +43,8 @@ HostReader::HostReader(const Layout& layout, const EngineOptions& options, io::E
         std::make_unique<cache::BlockCache>(capacity, options.cache_policy, std::move(entries));
   }
   if (layout_.decoded_blocks() > 0) {
-    unsigned threads = options.decode_threads;
-    if (threads == 0) threads = std::clamp(std::thread::hardware_concurrency(), 1u, 8u);
-    decode_ = std::make_unique<DecodePipeline>(layout_, *backend_, files_, threads, verify_,
-                                               verifier_, trace_);
+    decode_ = std::make_unique<DecodePipeline>(
+        layout_, *backend_, files_, decode_threads_for(options), verify_, verifier_, trace_);
   }
 }
 

@@ -7,6 +7,8 @@
 // `make test-tsan`).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
@@ -164,6 +166,7 @@ class EngineCompressed : public ::testing::Test {
     o.device_budget = 3 * largest_;  // everything streams through the arena
     o.backend = backend;
     o.decode_threads = 2;
+    o.compressed_reads = eng::CompressedReads::kDecode;  // the decoded copy has tests of its own
     return o;
   }
 
@@ -249,7 +252,7 @@ TEST_F(EngineCompressed, WithChecksumsEveryDecodedBlockIsVerified) {
   EXPECT_EQ(engine.stats().failures, 0u);
 }
 
-TEST_F(EngineCompressed, InPlaceReadingFallsBackToDecodingAndSaysWhy) {
+TEST_F(EngineCompressed, InPlaceReadingFallsBackToDecodingOnFillsAndSaysWhy) {
   for (const auto backend : {ts::io::BackendType::kMmap, ts::io::BackendType::kAuto}) {
     SCOPED_TRACE(std::string(ts::io::backend_name(backend)));
     eng::Engine engine(path_, options(backend));
@@ -344,6 +347,117 @@ TEST_F(EngineCompressed, RowsOfACompressedTensorAreDecoded) {
                std::invalid_argument);
 }
 
+// ---- the decoded copy ---------------------------------------------------------------------
+
+namespace {
+
+std::size_t files_in(const std::filesystem::path& dir) {
+  return static_cast<std::size_t>(std::distance(std::filesystem::directory_iterator(dir),
+                                                std::filesystem::directory_iterator{}));
+}
+
+// An environment whose temporary files (O_TMPFILE) cannot be created: a full disk.
+class NoRoomEnv final : public ts::io::EnvWrapper {
+ public:
+  NoRoomEnv() : EnvWrapper(ts::io::Env::posix()) {}
+  [[nodiscard]] ts::detail::FileDescriptor open(const std::filesystem::path& path,
+                                                int flags) override {
+    if ((flags & O_TMPFILE) == O_TMPFILE) {
+      ts::detail::throw_errno("cannot create a file in '" + path.string() + "'", ENOSPC);
+    }
+    return EnvWrapper::open(path, flags);
+  }
+};
+
+}  // namespace
+
+TEST_F(EngineCompressed, OnTheCpuAutoDeclinesToDecodeAndReadsADecodedCopyInPlace) {
+  for (const auto backend : {ts::io::BackendType::kAuto, ts::io::BackendType::kMmap}) {
+    SCOPED_TRACE(std::string(ts::io::backend_name(backend)));
+    auto o = options(backend);
+    o.compressed_reads = eng::CompressedReads::kAuto;
+    const auto before = files_in(dir_.path());
+    {
+      eng::Engine engine(path_, o);
+      EXPECT_EQ(files_in(dir_.path()), before) << "the copy has no name";
+      for (int pass = 0; pass < 2; ++pass) {
+        for (std::uint32_t b = 0; b < engine.block_count(); ++b) expect_unit(engine, b, expected_);
+      }
+      const auto s = engine.stats();
+      EXPECT_TRUE(s.in_place) << s.backend_note;
+      EXPECT_EQ(s.compressed_units, compressed_blocks_);
+      EXPECT_GT(s.decoded_copy_bytes, 0u);
+      EXPECT_GT(s.decoded_copy_seconds, 0.0);
+      EXPECT_EQ(s.bytes_decoded, 0u) << "nothing is decoded on the fills";
+      EXPECT_EQ(s.bytes_read_compressed, 0u);
+      EXPECT_NE(s.decode_note.find("in place from the page cache"), std::string::npos)
+          << s.decode_note;
+      EXPECT_NE(s.decode_note.find("decoded copy"), std::string::npos) << s.decode_note;
+      // The raw units still come from the store, the decoded ones from the copy: both paths.
+      EXPECT_EQ(s.gds_files, 0u);
+    }
+    EXPECT_EQ(files_in(dir_.path()), before);
+  }
+}
+
+TEST_F(EngineCompressed, ADecodedCopyServesEveryPathBitwise) {
+  const auto store = ts::Store::open(path_, kDecode);
+  const auto bf16 = static_cast<std::uint32_t>(
+      std::find(kAllDTypes.begin(), kAllDTypes.end(), ts::DType::kBFloat16) - kAllDTypes.begin());
+  const std::string block = store.blocks()[bf16].name;
+  const eng::TensorGroups groups = {
+      {"w", {block + ".w"}},
+      {"b", {block + ".b"}},
+      {"across", {"mixed.v", "layers.0.w", "noise.b"}},
+  };
+  for (const auto backend : {ts::io::BackendType::kPread, ts::io::BackendType::kAuto}) {
+    for (const bool verify : {false, true}) {
+      SCOPED_TRACE(std::string(ts::io::backend_name(backend)) + (verify ? " verify" : ""));
+      auto o = options(backend);
+      o.compressed_reads = eng::CompressedReads::kDecodedCopy;
+      o.verify_checksums = verify;
+      eng::Engine engine(path_, o);
+      for (std::uint32_t b = 0; b < engine.block_count(); ++b) expect_unit(engine, b, expected_);
+      const auto s = engine.stats();
+      EXPECT_GT(s.decoded_copy_bytes, 0u);
+      EXPECT_EQ(s.bytes_decoded, 0u);
+      EXPECT_NE(s.decode_note.find("compressed_reads = decoded_copy"), std::string::npos)
+          << s.decode_note;
+      // Rows of a tensor that was compressed now come from the copy, raw.
+      const auto w = engine.tensors(bf16)[0];
+      const auto row = w.nbytes / static_cast<std::uint64_t>(w.shape[0]);
+      const std::vector<std::int64_t> rows = {3, 400, 3};
+      const auto view = engine.acquire_rows(bf16, 0, rows);
+      const auto& want = expected_.at(w.name)->data;
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        const auto at = want.begin() + static_cast<std::ptrdiff_t>(rows[i] * row);
+        EXPECT_TRUE(std::equal(at, at + static_cast<std::ptrdiff_t>(row), view.host + i * row));
+      }
+      engine.release_rows(view.handle);
+      // Units that cover parts of blocks: the copy holds just their chunks' bytes.
+      eng::Engine parts = eng::Engine::from_store(path_, o, groups);
+      for (std::uint32_t u = 0; u < 3; ++u) expect_unit(parts, u, expected_);
+      EXPECT_GT(parts.stats().decoded_copy_bytes, 0u);
+      EXPECT_LT(parts.stats().decoded_copy_bytes, s.decoded_copy_bytes);
+    }
+  }
+}
+
+TEST_F(EngineCompressed, WithoutRoomForACopyTheUnitsAreDecodedOnTheFills) {
+  NoRoomEnv env;
+  auto o = options(ts::io::BackendType::kAuto);
+  o.compressed_reads = eng::CompressedReads::kAuto;
+  o.env = &env;
+  eng::Engine engine(path_, o);
+  for (std::uint32_t b = 0; b < engine.block_count(); ++b) expect_unit(engine, b, expected_);
+  const auto s = engine.stats();
+  EXPECT_EQ(s.decoded_copy_bytes, 0u);
+  EXPECT_GT(s.bytes_decoded, 0u);
+  EXPECT_FALSE(s.in_place);
+  EXPECT_NE(s.decode_note.find("could not be made"), std::string::npos) << s.decode_note;
+  EXPECT_NE(s.decode_note.find(dir_.path().string()), std::string::npos) << s.decode_note;
+}
+
 // ---- damage -----------------------------------------------------------------------------
 
 namespace {
@@ -417,6 +531,27 @@ TEST_F(EngineCompressed, ADamagedChunkIsAChecksumErrorNamingFileBlockAndChunk) {
       expect_names(e.what(), path_, victim);
     }
     engine.close();
+  }
+}
+
+TEST_F(EngineCompressed, ADamagedChunkStopsTheDecodedCopyAndReachesTheWaiter) {
+  const auto victim = compressed_chunk(path_);
+  auto bytes = read_file(path_);
+  bytes[victim.file_offset + victim.info.stored_size * 3 / 4] ^= std::byte{0x20};
+  write_file(path_, bytes);
+  auto o = options(ts::io::BackendType::kAuto);
+  o.compressed_reads = eng::CompressedReads::kDecodedCopy;
+  eng::Engine engine(path_, o);  // starts: the copy is not made, the note says why
+  const auto s = engine.stats();
+  EXPECT_EQ(s.decoded_copy_bytes, 0u);
+  EXPECT_NE(s.decode_note.find("could not be made"), std::string::npos) << s.decode_note;
+  expect_names(s.decode_note, path_, victim);
+  expect_unit(engine, 0, expected_);
+  try {
+    (void)engine.acquire(victim.block);
+    FAIL() << "damage not detected";
+  } catch (const ts::ChecksumError& e) {
+    expect_names(e.what(), path_, victim);
   }
 }
 

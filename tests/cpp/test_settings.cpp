@@ -68,8 +68,8 @@ TEST(Settings, TheRowsInDocumentationOrder) {
   for (const auto& row : ts::settings()) names.emplace_back(row.name);
   const std::vector<std::string> expected{
       "device", "device_budget", "ram_cache_bytes", "cache_policy", "backend", "prefetch",
-      "prefetch_depth", "slots", "verify_checksums", "decode_threads", "gds", "wait_timeout_ms",
-      "trace_capacity", "check_invariants",
+      "prefetch_depth", "slots", "verify_checksums", "decode_threads", "compressed_reads", "gds",
+      "wait_timeout_ms", "trace_capacity", "check_invariants",
       // io
       "num_threads", "request_size", "queue_depth", "direct",
       // python

@@ -41,6 +41,7 @@
 
 #include "tensorstream/detail/thread_pool.hpp"
 #include "tensorstream/engine/detail/block_reader.hpp"
+#include "tensorstream/engine/options.hpp"
 #include "tensorstream/engine/source_layout.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/host_memory.hpp"
@@ -48,6 +49,10 @@
 #include "tensorstream/store.hpp"
 
 namespace tensorstream::engine::detail {
+
+/// Threads that decode a unit's chunks at once under `options`: decode_threads, or for 0 one
+/// per core, at most 8.
+[[nodiscard]] unsigned decode_threads_for(const EngineOptions& options) noexcept;
 
 class DecodePipeline {
  public:

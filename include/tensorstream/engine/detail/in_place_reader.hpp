@@ -40,6 +40,10 @@ struct CpuReadPath {
 /// extents (compressed store blocks) is never read in place: a window maps stored bytes, and
 /// decoding needs a buffer (the note says so).
 [[nodiscard]] CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout);
+/// The same as if no unit of `layout` had to be decoded: whether an uncompressed source of
+/// its size would be read in place (the decoded copy's rule, decoded_copy.hpp).
+[[nodiscard]] CpuReadPath choose_cpu_read_path_uncompressed(const EngineOptions& options,
+                                                            const Layout& layout);
 
 class InPlaceReader final : public BlockReader {
  public:
