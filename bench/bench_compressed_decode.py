@@ -129,12 +129,64 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "backend_note": stats["backend_note"],
         "in_place": stats["in_place"],
         "decode_threads": stats["decode_threads"],
+        "decoded_copy_bytes": stats["decoded_copy_bytes"],
+        "decoded_copy_seconds": stats["decoded_copy_seconds"],
         "direct": [f["direct"] for f in stats["io"]["files"]],
     }
 
 
 def bandwidth_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return bd.storage_bandwidth(Path(spec["store"]), "cpu", repeat=spec["repeat"])
+
+
+def tier_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the RAM tier's choice costs: the engine streams the compressed store with a tier
+    that holds every unit (decoded, as it does); pass 1 fills read and decode (tier misses),
+    pass 2 fills copy out of the tier (hits). A tier of compressed units would decode on every
+    hit instead: `tensorstream bench-codec` gives that rate (decoding from memory into
+    memory) on the same store, in the same process tree."""
+    from tensorstream import _core  # noqa: PLC0415
+
+    options = {
+        "device": "cpu",
+        "device_budget": spec["budget"],
+        "ram_cache_bytes": 2 * spec["param_bytes"],
+        "cache_policy": "lru",
+        "backend": "pread",
+        "prefetch": "none",
+        "compressed_reads": "decode",
+    }
+    engine = _core.Engine(spec["store"], options, None, None)
+    passes = []
+    for _ in range(2):
+        before = engine.stats()
+        for b in range(engine.block_count):
+            engine.acquire(b)
+            engine.release(b)
+        after = engine.stats()
+        moved = after["bytes_to_device"] - before["bytes_to_device"]
+        seconds = after["fill_seconds"] - before["fill_seconds"]
+        passes.append(
+            {
+                "bytes": moved,
+                "fill_seconds": seconds,
+                "fill_gbps": moved / seconds / 1e9 if seconds > 0 else None,
+                "from_ram_tier": after["bytes_from_ram_tier"] - before["bytes_from_ram_tier"],
+                "decoded": after["bytes_decoded"] - before["bytes_decoded"],
+            }
+        )
+    engine.close()
+    native = bd._find_native()
+    codec = None
+    if native:
+        p = subprocess.run(
+            [native, "bench-codec", spec["store"], "--levels", str(spec["level"]),
+             "--threads", "1,2", "--max-mib", "64", "--json"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if p.returncode == 0:
+            codec = json.loads(p.stdout)
+    return {"misses": passes[0], "hits": passes[1], "bench_codec": codec}
 
 
 # ---- the throttled device --------------------------------------------------------------------
@@ -243,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--bandwidth-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--tier-worker", help=argparse.SUPPRESS)
     ap.add_argument("--preset", default="1gb", choices=sorted(bd.PRESETS))
     ap.add_argument("--level", type=int, default=3, help="compression level (1..9)")
     ap.add_argument("--budget-fraction", type=float, default=0.25)
@@ -261,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bandwidth_worker:
         print(json.dumps(bandwidth_worker(json.loads(args.bandwidth_worker))))
+        return 0
+    if args.tier_worker:
+        print(json.dumps(tier_worker(json.loads(args.tier_worker))))
         return 0
     if args.smoke:
         args.preset, args.repeat, args.new_tokens, args.prompt_len = "tiny", 1, 4, 8
@@ -347,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             bandwidth[storage["name"]] = _run_worker(
                 "bandwidth-worker", {"store": raw["store"], "repeat": 3}, storage["cgroup"], 900
             )
+        packed = next(x for x in runs if x["storage"] == "disk" and x["system"] == "compressed")
+        tier = _run_worker(
+            "tier-worker",
+            {"store": packed["store"], "budget": budget, "param_bytes": param_bytes,
+             "level": args.level},
+            None,
+            900,
+        )  # fmt: skip
     finally:
         if device is not None:
             device.teardown()
@@ -367,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_note": mine[-1]["decode_note"],
                 "backend_note": mine[-1]["backend_note"],
                 "in_place": mine[-1]["in_place"],
+                "reads": sorted(
+                    {"decoded copy" if x["decoded_copy_bytes"] else "decode" for x in mine}
+                    if system == "compressed"
+                    else {"in place" if x["in_place"] else "O_DIRECT" for x in mine}
+                ),
+                "decoded_copy_seconds": _median([x["decoded_copy_seconds"] for x in mine]),
                 "direct": mine[-1]["direct"],
             }
         raw_tokens = [x["tokens"] for x in runs if x["storage"] == name and x["system"] == "raw"]
@@ -399,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "level": args.level,
         "throttle": {"limits_mbps": limits, "not_measured_because": throttle_note},
         "bandwidth": bandwidth,
+        "ram_tier": tier,
         "summary": summary,
         "runs": runs,
     }
@@ -412,26 +483,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.preset}: {param_bytes / 1e9:.3f} GB bf16, budget {budget / 1e9:.3f} GB, "
           f"level {args.level}, {args.new_tokens} new tokens, batch 1")  # fmt: skip
     print(
-        "| storage | GB/s (O_DIRECT) | store | tok/s | MB read/step | MB decoded/step "
+        "| storage | GB/s | store | reads | tok/s | MB read/step | MB decoded/step "
         "| decode s/step | stall s/step | compressed / raw |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
+        gbps = s["storage_gbps"]
         for system in SYSTEMS:
             row = s["systems"][system]
             ps = row["per_step"]
-            gbps = s["storage_gbps"]
+            ratio = f"**{s['speedup']:.2f}x**" if system == "compressed" and s["speedup"] else ""
             print(
-                f"| {name} | {gbps:.2f} | {system} (x{row['store_ratio']:.2f}) | "
-                f"{row['decode_tok_s']:.2f} | {ps['bytes_from_storage'] / 1e6:.0f} | "
-                f"{ps['bytes_decoded'] / 1e6:.0f} | {ps['decode_seconds']:.3f} | "
-                f"{ps['stall_seconds']:.3f} | "
-                + (f"**{s['speedup']:.2f}x**" if system == "compressed" and s["speedup"] else "")
-                + " |"
-                if gbps
-                else f"| {name} | - | {system} | {row['decode_tok_s']:.2f} | | | | | |"
+                f"| {name} | {gbps or 0:.2f} | {system} (x{row['store_ratio']:.2f}) | "
+                f"{', '.join(row['reads'])} | {row['decode_tok_s']:.2f} | "
+                f"{ps['bytes_from_storage'] / 1e6:.0f} | {ps['bytes_decoded'] / 1e6:.0f} | "
+                f"{ps['decode_seconds']:.3f} | {ps['stall_seconds']:.3f} | {ratio} |"
             )
-        print(f"|  | tokens match: {s['tokens_match']} | | | | | | | |")
+        print(f"|  | tokens match: {s['tokens_match']} | | | | | | | | |")
+    codec = (tier.get("bench_codec") or {}).get("results") or [{}]
+    print(
+        f"\nRAM tier (decoded units): hits fill at {tier['hits']['fill_gbps'] or 0:.2f} GB/s, "
+        f"misses (read + decode) at {tier['misses']['fill_gbps'] or 0:.2f} GB/s; decoding "
+        f"from memory (what a tier of compressed units would do on every hit): "
+        f"{codec[0].get('decode_gbps_per_thread')} GB/s per thread"
+    )
     print(f"\nJSON: {out}")
     ok = all(s["tokens_match"] for s in summary.values())
     return 0 if ok else 1

@@ -101,7 +101,7 @@ void DecodePipeline::decode_piece(std::uint32_t block, const Piece& piece,
   job.raw = dest.subspan(e.buffer_offset + e.skip + (piece.raw_begin - e.decode->raw_offset),
                          piece.raw_end - piece.raw_begin);
   job.raw_offset = piece.raw_begin;
-  // Always: a chunk's checksum costs a few percent of its decoding, and damage in its raw
+  // Always: a chunk's checksum costs about a tenth of its decoding, and damage in its raw
   // zstd blocks would otherwise decode into wrong numbers.
   job.verify = true;
   // The piece's chunks at once: the pool's threads and this one take them from a counter.
