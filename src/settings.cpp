@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "tensorstream/cache/block_cache.hpp"
+#include "tensorstream/codec.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/shim/cuda.hpp"
@@ -260,6 +261,34 @@ std::vector<Setting> build_table() {
        .meaning = "Check every block read against its XXH3-64 (tens of GB/s per core; failures "
                   "raise `ChecksumError` naming file, block, offset). Checking happens in host "
                   "memory, so it keeps blocks off GPUDirect Storage."}));
+  rows.push_back(option_row(
+      kEngine, "decode_threads", [](auto& o) -> auto& { return o.decode_threads; },
+      {.max = 64,
+       .default_text = "0 (one per core, at most 8)",
+       .meaning = "Threads that decode the chunks of a compressed unit at once (the fill "
+                  "worker and a pool shared by the fill workers), while the unit's next chunks "
+                  "are read. Decoding runs at about 1.9 GB/s of bf16 per thread "
+                  "(`docs/benchmarks.md`); on the CPU the same cores run the model, so fewer "
+                  "threads leave it more. Unused by stores without compressed blocks."}));
+  rows.push_back(choice_row(
+      kEngine, "compressed_reads", [](auto& o) -> auto& { return o.compressed_reads; },
+      {engine::CompressedReads::kAuto, engine::CompressedReads::kDecode,
+       engine::CompressedReads::kDecodedCopy},
+      engine::compressed_reads_name,
+      [](const std::string& n) { return engine::parse_compressed_reads(n); },
+      {.meaning =
+           "How a compressed store's units are read. `decode`: each fill reads the stored "
+           "chunks and decodes them on its way (`decode_threads`). `decoded_copy`: when the "
+           "engine starts, every compressed unit is decoded once into a temporary, unlinked "
+           "file beside the store (disk space: the decoded bytes; time: one decoding pass), "
+           "which is then streamed as an uncompressed store (in place, GPUDirect Storage, "
+           "O_DIRECT). `auto` declines to decode on the critical path where that would be "
+           "slower than reading decoded bytes: a decoded copy on the CPU when an uncompressed "
+           "store of this size would be read in place from the page cache, and elsewhere when "
+           "the storage, measured at start on 64 MiB of chunks (stores with at least 256 MiB "
+           "of them), reads faster than the decode threads decode; otherwise `decode`. A copy "
+           "that cannot be made (no room) falls back to `decode`. `stats()`: `decode_note` "
+           "(which, and why), `decoded_copy_bytes`."}));
   rows.push_back(choice_row(
       kEngine, "gds", [](auto& o) -> auto& { return o.gds; },
       {GdsMode::kAuto, GdsMode::kOn, GdsMode::kOff}, engine::gds_mode_name,
@@ -392,6 +421,29 @@ std::vector<Setting> build_table() {
                   "converted one tensor at a time). Also `torch.float16` / `torch.bfloat16`, "
                   "`\"fp16\"`, `\"bf16\"`."},
       {"float16", "bfloat16"}));
+  rows.push_back(plain_row(
+      kPython, "compression_enabled", SettingKind::kBool, false,
+      {.config_field = "compression_enabled",
+       .meaning = "Write the stores losslessly compressed (byte planes + zstd in 1 MiB chunks, "
+                  "`docs/store-format.md`): `offload` writes `<fingerprint>.z<level>.tstore`, "
+                  "`from_pretrained` converts the streamed tensors into a compressed store "
+                  "(instead of streaming the checkpoint in place). The engine decodes each "
+                  "unit on its fill path, chunks in parallel (`decode_threads`): about 1.46x "
+                  "fewer bytes to read for bf16 weights, 1.19x for fp16/fp32, at about 1.9 GB/s "
+                  "of decoding per core; it pays where storage is slower than decoding "
+                  "(`docs/benchmarks.md`). The engine's `decode_note` says how compressed units "
+                  "are read. Refused in a build without zstd."}));
+  rows.push_back(plain_row(
+      kPython, "compression_level", SettingKind::kInteger,
+      std::uint64_t{static_cast<std::uint64_t>(codec::kDefaultLevel)},
+      {.min = static_cast<std::uint64_t>(codec::kMinLevel),
+       .max = static_cast<std::uint64_t>(codec::kMaxLevel),
+       .config_field = "compression_level",
+       .meaning = "The writer's compression level with `compression_enabled`: 1 tries zstd "
+                  "level 1 on every chunk, 2..9 also a stronger zstd level (2, 3, 5, 7, 9, 12, "
+                  "15, 19), keeping the smaller. On weights the ratio hardly changes with the "
+                  "level, writing time does (level 9: ~7 MB/s per core); reading speed does "
+                  "not depend on it (`docs/store-format.md`, \"Compression levels\")."}));
   rows.push_back(plain_row(
       kPython, "debug_mode", SettingKind::kBool, false,
       {.config_field = "debug_mode",
@@ -591,11 +643,13 @@ const std::vector<StructuralOption>& structural_options() {
        "Per unit, the bytes that must be in the arena at once while it is used (0: its size): "
        "more for a module's weights held while its children's load, less for a table read by "
        "rows."},
-      {"unit_partial", "options key `unit_partial` (list of bool); C++: "
+      {"unit_partial",
+       "options key `unit_partial` (list of bool); C++: "
        "`EngineOptions::unit_partial`",
        "Per unit, whether it is used by parts (rows): streaming it then moves only what is asked "
        "for, so the plan makes it resident last."},
-      {"memory_stream", "options key `memory_stream` (a CUstream as int); C++: "
+      {"memory_stream",
+       "options key `memory_stream` (a CUstream as int); C++: "
        "`EngineOptions::memory_stream`",
        "A GPU with caller-provided memory: the stream its previous owner (torch's allocator: the "
        "stream current when it allocated) may still have work on; the first write of any byte "

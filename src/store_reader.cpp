@@ -43,10 +43,10 @@ Store Store::open(const std::filesystem::path& path, const OpenOptions& options)
     TS_EXPECT(options.decode_compressed, FormatError, "store '", source,
               "' has compressed blocks (the first is block '", b.name, "', blocks[", i, "], ",
               b.chunk_count, " chunks, ", b.stored_size, " bytes stored for ", b.raw_size,
-              " raw); this reader reads block extents as raw bytes and cannot decode them. "
-              "The streaming engine does not read compressed stores yet: write the store "
-              "without compression (tensorstream convert without --compress), or read it "
-              "with load_from_ts / Store::read_block, which decode");
+              " raw); it was opened for reading block extents as raw bytes, which would "
+              "misread them. Open it to decode (OpenOptions::decode_compressed; Python "
+              "_core.Store(path, decode_compressed=True)) and read it with read_block / "
+              "read_tensor or the streaming engine, which decode");
     if (codec::available()) break;
     for (std::uint32_t k = 0; k < b.chunk_count; ++k) {
       const auto& c = store.chunks_[b.first_chunk + k];

@@ -151,10 +151,11 @@ using ParallelFor =
 /// How Store::open treats compressed blocks.
 struct OpenOptions {
   /// Accept stores with compressed (kChunked) blocks, to be read through read_block(),
-  /// read_range() or the decoders of codec.hpp. Off by default: a caller that reads block
-  /// extents itself (from BlockInfo::offset and stored_size, as the streaming engine does)
-  /// would otherwise receive compressed bytes as if they were raw, so Store::open refuses
-  /// such a store with a FormatError naming the file and its first compressed block.
+  /// read_range() or the decoders of codec.hpp (the streaming engine's layout_of_store opens
+  /// stores so and decodes on its fill path). Off by default: a caller that reads block
+  /// extents itself (from BlockInfo::offset and stored_size) would otherwise receive
+  /// compressed bytes as if they were raw, so Store::open refuses such a store with a
+  /// FormatError naming the file and its first compressed block.
   bool decode_compressed = false;
 };
 

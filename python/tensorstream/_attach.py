@@ -35,7 +35,7 @@ from ._hooks import (
     make_rows_pre_hook,
 )
 from ._pressure import make_pressure_forward, notify
-from ._sources import UnitSpec
+from ._sources import UnitSpec, store_compression
 from ._torch_memory import placeholder, placeholder_bytes
 from .runtime import OffloadedModel, bind_runtime, engine_options, start_engine
 
@@ -47,13 +47,9 @@ __all__ = ["TierCost", "attach", "check_config", "check_device", "choose_units",
 
 
 def check_config(config: Any) -> None:
-    """Settings accepted by Config whose feature does not exist yet fail loudly here rather
-    than being ignored."""
-    if config.compression_enabled:
-        raise NotImplementedError(
-            "tensorstream: compression_enabled=True: store compression is not implemented "
-            "yet (stores are written uncompressed); set compression_enabled=False"
-        )
+    """Settings accepted by Config that this build cannot honour fail loudly here, before any
+    work, rather than being ignored (compression without zstd)."""
+    store_compression(config)
 
 
 def check_device(device: torch.device) -> None:

@@ -4,6 +4,8 @@
   :func:`tensorstream.offload` (:meth:`StoreSource.of_blocks`, named by the weights'
   fingerprint and reused while they are unchanged), or converted from a checkpoint into
   ``Config.dtype`` by :func:`tensorstream.from_pretrained` (:meth:`StoreSource.converted`).
+  Either is written compressed when the Config asks (:func:`store_compression`); the engine
+  decodes it on its fill path.
 * :class:`CheckpointSource`: a safetensors checkpoint streamed in place, its tensors grouped
   into the model's blocks.
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from ._checkpoint import Checkpoint
     from ._torch_memory import TorchMemory
 
-__all__ = ["CheckpointSource", "StoreSource", "UnitSpec", "usable_storage"]
+__all__ = ["CheckpointSource", "StoreSource", "UnitSpec", "store_compression", "usable_storage"]
 
 logger = logging.getLogger("tensorstream")
 
@@ -129,6 +131,20 @@ class _Units:
         return int(_core.minimum_budget(sizes, 2, needs, partial)) if sizes else 0
 
 
+def store_compression(config: Any) -> int:
+    """The writer's compression level that ``config`` asks for: ``compression_level`` with
+    ``compression_enabled``, else 0 (none). Raises TensorStreamError at once, before any work,
+    when compression is asked of a build without zstd."""
+    if not config.compression_enabled:
+        return 0
+    info = _core.compression_info()
+    if not info["available"]:
+        raise _core.TensorStreamError(
+            f"tensorstream: compression_enabled=True cannot be honoured: {info['codec']}"
+        )
+    return int(config.compression_level)
+
+
 def usable_storage(config: Any) -> Path:
     """``config.storage_path``, created if missing; OSError/PermissionError naming it if it
     cannot hold a store."""
@@ -167,11 +183,11 @@ class StoreSource(_Units):
         )
 
     def _tensor_info(self, name: str) -> dict[str, Any]:
-        return next(t for t in _core.Store(str(self.path)).tensors if t["name"] == name)
+        return next(t for t in _open_store(self.path).tensors if t["name"] == name)
 
     def tensor_nbytes(self) -> dict[str, int]:
         """Bytes of each tensor of the store, by name."""
-        return {t["name"]: int(t["nbytes"]) for t in _core.Store(str(self.path)).tensors}
+        return {t["name"]: int(t["nbytes"]) for t in _open_store(self.path).tensors}
 
     def dtype_names(self) -> set[str]:
         """The dtypes (torch names) of the units' tensors, from the store's metadata."""
@@ -180,30 +196,37 @@ class StoreSource(_Units):
             names = {n for group in self.spec.groups.values() for n in group}
         return {
             t["dtype"]
-            for t in _core.Store(str(self.path)).tensors
+            for t in _open_store(self.path).tensors
             if names is None or t["name"] in names
         }
 
     @classmethod
     def of_blocks(
-        cls, storage: Path, blocks: list[tuple[str, list[tuple[str, Any]]]]
+        cls,
+        storage: Path,
+        blocks: list[tuple[str, list[tuple[str, Any]]]],
+        *,
+        compression: int = 0,
     ) -> StoreSource:
         """The store of ``blocks`` -- (block name, [(tensor name, tensor)]), their current
-        values -- in ``storage``: ``<fingerprint>.tstore``, reused when it exists with that
-        fingerprint, else written (crash-safe)."""
+        values -- in ``storage``: ``<fingerprint>.tstore``, or ``<fingerprint>.z<level>.tstore``
+        written at compression level ``compression`` (1..9; 0: none), reused when it exists
+        with that fingerprint, else written (crash-safe). The compression is in the name: the
+        fingerprint is the same compressed or not."""
         fingerprint = _fingerprint(blocks)
-        path = storage / f"{fingerprint}.tstore"
+        suffix = f".z{compression}" if compression else ""
+        path = storage / f"{fingerprint}{suffix}.tstore"
         reuse = False
         if path.exists():
             try:
-                reuse = _core.Store(str(path)).info["fingerprint"] == fingerprint
+                reuse = _open_store(path).info["fingerprint"] == fingerprint
             except _core.TensorStreamError:
                 reuse = False
         if reuse:
             logger.info("tensorstream: reusing store %s", path)
         else:
             logger.info("tensorstream: writing store %s", path)
-            _write_blocks(path, blocks)
+            _write_blocks(path, blocks, compression)
         return cls(path)
 
     @classmethod
@@ -214,6 +237,8 @@ class StoreSource(_Units):
         groups: dict[str, list[str]],
         dtype: torch.dtype | None,
         slices: dict[str, tuple[str, int]] | None = None,
+        *,
+        compression: int = 0,
     ) -> StoreSource:
         """A store of ``groups`` read from ``checkpoint`` with floating-point tensors
         converted to ``dtype``, one tensor in memory at a time. Its name hashes the checkpoint
@@ -221,27 +246,30 @@ class StoreSource(_Units):
         it is reused until any of them changes; the write is crash-safe (a store is complete
         or absent). ``slices`` names tensors that are one expert's slice of a checkpoint
         tensor (name -> (checkpoint tensor, expert index)); ``dtype`` None keeps the
-        checkpoint's dtypes."""
+        checkpoint's dtypes. Compressed at level ``compression`` (1..9; 0: none), which the
+        name also hashes."""
         identity = []
         for file in checkpoint.files:
             st = file.stat()
             identity.append([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-        key = json.dumps(
-            {"files": identity, "groups": groups, "dtype": str(dtype), "slices": slices or {}},
-            sort_keys=True,
-        )
+        fields: dict[str, Any] = {
+            "files": identity, "groups": groups, "dtype": str(dtype), "slices": slices or {},
+        }  # fmt: skip
+        if compression:  # absent for none: uncompressed stores keep their earlier names
+            fields["compression"] = compression
+        key = json.dumps(fields, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         path = storage / f"pretrained-{digest}.tstore"
         if path.exists():
             try:
-                _core.Store(str(path))
+                _open_store(path)
                 logger.info("tensorstream: reusing converted store %s", path)
                 return cls(path)
             except _core.TensorStreamError:
                 logger.warning("tensorstream: converted store %s is unreadable; rewriting", path)
         logger.info("tensorstream: converting the checkpoint's tensors to %s into %s", dtype, path)
         slices = slices or {}
-        with store_writer(path) as writer:
+        with store_writer(path, compression=compression or None) as writer:
             for name, keys in groups.items():
                 writer.begin_block(name)
                 fused: dict[str, Any] = {}  # the block's sliced checkpoint tensors, read once
@@ -326,8 +354,16 @@ def _fingerprint(blocks: list[tuple[str, list[tuple[str, Any]]]]) -> str:
     return _core.fingerprint(entries)
 
 
-def _write_blocks(path: Path, blocks: list[tuple[str, list[tuple[str, Any]]]]) -> None:
-    with store_writer(path) as writer:
+def _open_store(path: Path) -> Any:
+    """The store at ``path`` for its metadata (compressed blocks accepted: the engine decodes
+    them)."""
+    return _core.Store(str(path), decode_compressed=True)
+
+
+def _write_blocks(
+    path: Path, blocks: list[tuple[str, list[tuple[str, Any]]]], compression: int = 0
+) -> None:
+    with store_writer(path, compression=compression or None) as writer:
         for name, params in blocks:
             writer.begin_block(name)
             for qname, p in params:

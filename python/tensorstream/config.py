@@ -546,7 +546,7 @@ _VALIDATORS: dict[str, Callable[[object, Mapping[str, str]], Any]] = {
     "prefetch_depth": _check_int_setting("prefetch_depth", "prefetch_depth"),
     "cache_policy": _check_cache_policy,
     "compression_enabled": _check_bool("compression_enabled"),
-    "compression_level": _check_int("compression_level", 1, 9),
+    "compression_level": _check_int_setting("compression_level", "compression_level"),
     "num_io_threads": _check_int_setting("num_io_threads", "num_threads"),
     "memory_pressure_mode": _check_enum("memory_pressure_mode", MemoryPressureMode),
     "verify_checksums": _check_bool("verify_checksums"),
@@ -588,14 +588,15 @@ def _backend_default() -> BackendType:
 
 
 # The default of each field that the table gives (storage_path, vram_budget_gb and device are
-# None, "decide later": the environment, the free memory, the model's device; compression is
-# not in the table yet).
+# None, "decide later": the environment, the free memory, the model's device).
 _TABLE_DEFAULTS: dict[str, Any] = {
     "ram_cache_gb": _SETTINGS["ram_cache_bytes"]["default"] / GB,
     "backend": _backend_default(),
     "prefetch_strategy": PrefetchStrategy(_SETTINGS["prefetch"]["default"]),
     "prefetch_depth": _SETTINGS["prefetch_depth"]["default"],
     "cache_policy": _SETTINGS["cache_policy"]["default"],
+    "compression_enabled": _SETTINGS["compression_enabled"]["default"],
+    "compression_level": _SETTINGS["compression_level"]["default"],
     "num_io_threads": _SETTINGS["num_threads"]["default"],
     "memory_pressure_mode": MemoryPressureMode(_SETTINGS["memory_pressure_mode"]["default"]),
     "verify_checksums": _SETTINGS["verify_checksums"]["default"],
@@ -635,8 +636,11 @@ class Config:
     * ``prefetch_depth`` -- layers read ahead (range: the table's ``prefetch_depth``); None:
       chosen from measured I/O vs compute.
     * ``cache_policy`` -- RAM-tier eviction: "auto" (cyclic-aware), "lru", "lfu", "fifo".
-    * ``compression_enabled`` (False), ``compression_level`` (3, 1..9) -- lossless store
-      compression.
+    * ``compression_enabled``, ``compression_level`` (range: the table's
+      ``compression_level``) -- write the stores losslessly compressed at that level
+      (``offload``: ``<fingerprint>.z<level>.tstore``; ``from_pretrained``: a converted,
+      compressed store instead of the checkpoint in place); the engine decodes each unit on
+      its fill path.
     * ``num_io_threads`` -- I/O worker threads (range: the table's ``num_threads``).
     * ``memory_pressure_mode`` -- :class:`MemoryPressureMode`.
     * ``verify_checksums`` -- verify every read against the store's checksums.
@@ -669,8 +673,8 @@ class Config:
         prefetch_strategy: PrefetchStrategy | str = _TABLE_DEFAULTS["prefetch_strategy"],
         prefetch_depth: int | None = _TABLE_DEFAULTS["prefetch_depth"],
         cache_policy: str = _TABLE_DEFAULTS["cache_policy"],
-        compression_enabled: bool = False,
-        compression_level: int = 3,
+        compression_enabled: bool = _TABLE_DEFAULTS["compression_enabled"],
+        compression_level: int = _TABLE_DEFAULTS["compression_level"],
         num_io_threads: int = _TABLE_DEFAULTS["num_io_threads"],
         memory_pressure_mode: MemoryPressureMode | str = _TABLE_DEFAULTS["memory_pressure_mode"],
         verify_checksums: bool = _TABLE_DEFAULTS["verify_checksums"],
@@ -721,7 +725,9 @@ class Config:
     )
     cache_policy = _field("cache_policy", "RAM-tier eviction: auto, lru, lfu or fifo.")
     compression_enabled = _field("compression_enabled", "Lossless store compression.")
-    compression_level = _field("compression_level", "Compression level, 1..9.")
+    compression_level = _field(
+        "compression_level", f"Compression level, {_range('compression_level')}."
+    )
     num_io_threads = _field("num_io_threads", f"I/O worker threads, {_range('num_threads')}.")
     memory_pressure_mode = _field("memory_pressure_mode", "MemoryPressureMode.")
     verify_checksums = _field("verify_checksums", "Verify every read against its checksum.")

@@ -47,7 +47,7 @@ from torch import nn
 from ._analysis import TIERS, partition, store_blocks
 from ._attach import attach, check_config, check_device, choose_units
 from ._pressure import set_memory_pressure_callback
-from ._sources import StoreSource, usable_storage
+from ._sources import StoreSource, store_compression, usable_storage
 from ._torch_memory import trim_host_heap
 from .runtime import OffloadedModel, get_model_statistics, runtime_of
 
@@ -76,7 +76,9 @@ def offload(model: nn.Module, config: Any = None) -> nn.Module:
 
     # The store holds every parameter once, so that any tier's units are cut from it.
     source = StoreSource.of_blocks(
-        usable_storage(config), store_blocks(model, config.min_layer_size)
+        usable_storage(config),
+        store_blocks(model, config.min_layer_size),
+        compression=store_compression(config),
     )
     partitions = [partition(model, config.min_layer_size, tier) for tier in range(len(TIERS))]
     choice = choose_units(

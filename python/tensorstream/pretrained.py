@@ -4,9 +4,10 @@ the whole model in CPU RAM.
 1. The model is built from ``path/config.json`` on the meta device (no weights allocated).
 2. Blocks are found as :func:`tensorstream.offload` finds them; each block's parameters are
    streamed by the engine straight from the ``.safetensors`` files (no store is written) --
-   unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's: the
-   streamed tensors are then converted one at a time into a store in ``storage_path`` (kept
-   and reused while the checkpoint's files are unchanged), which the engine streams.
+   unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's, or
+   ``Config.compression_enabled`` for a compressed store: the tensors are then converted one
+   at a time into a store in ``storage_path`` (kept and reused while the checkpoint's files
+   are unchanged), which the engine streams.
 3. Everything else (norms, tied weights, persistent buffers) is read from the checkpoint one
    tensor at a time and placed on the device; non-persistent buffers (rotary ``inv_freq``)
    are recomputed by building a fresh copy of the small module that owns them.
@@ -31,7 +32,7 @@ from ._analysis import TIERS, partition, store_blocks
 from ._attach import attach, check_config, check_device, choose_units
 from ._checkpoint import Checkpoint
 from ._experts import expert_slices, find_experts
-from ._sources import CheckpointSource, StoreSource, usable_storage
+from ._sources import CheckpointSource, StoreSource, store_compression, usable_storage
 from ._torch_memory import placeholder, trim_host_heap
 
 __all__ = ["from_pretrained", "main"]
@@ -75,22 +76,24 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     # fused [E, ...] tensors are not cut in place): the store is converted, in Config.dtype
     # if one is given, else in the checkpoint's dtypes.
     slices = expert_slices(find_experts(model), key_of)
+    # A compressed store is written when asked: safetensors are never compressed.
+    compression = store_compression(config)
     source: StoreSource | CheckpointSource
-    if slices:
+    if (
+        slices
+        or compression
+        or (dtype is not None and checkpoint.needs_conversion(key_of.values(), dtype))
+    ):
+        # A store of every tensor (in Config.dtype when given), so that any tier's units are
+        # cut from it.
         layout = {
             name: [key_of[q] for q, _ in params]
             for name, params in store_blocks(model, config.min_layer_size)
         }
         source = StoreSource.converted(
-            usable_storage(config), checkpoint, layout, dtype, slices=slices
-        )
-    elif dtype is not None and checkpoint.needs_conversion(key_of.values(), dtype):
-        # A store of every tensor in Config.dtype, so that any tier's units are cut from it.
-        layout = {
-            name: [key_of[q] for q, _ in params]
-            for name, params in store_blocks(model, config.min_layer_size)
-        }
-        source = StoreSource.converted(usable_storage(config), checkpoint, layout, dtype)
+            usable_storage(config), checkpoint, layout, dtype, slices=slices or None,
+            compression=compression,
+        )  # fmt: skip
     else:
         source = CheckpointSource(root, {})
 

@@ -61,6 +61,28 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
     cuda_device_.emplace(ordinal);
     copy_stream_.emplace(*cuda_device_);
   }
+  // Compressed units: decoded on the fills, or once into a decoded copy (decoded_copy.hpp).
+  compressed_units_ = layout_.decoded_blocks();
+  if (compressed_units_ > 0) {
+    io::Env& env = options_.env != nullptr ? *options_.env : io::Env::posix();
+    auto choice = detail::choose_compressed_reads(layout_, options_,
+                                                  cuda_device_ ? &*cuda_device_ : nullptr, env);
+    compressed_note_ = std::move(choice.note);
+    if (choice.copy) {
+      try {
+        decoded_copy_.emplace(layout_, options_, env);
+        compressed_note_ +=
+            concat(": the ", compressed_units_, " units with compressed chunks were decoded once (",
+                   decoded_copy_->seconds(), " s on ", decoded_copy_->threads(),
+                   " threads) into a temporary decoded copy of ", decoded_copy_->bytes(),
+                   " bytes (unlinked, in '", decoded_copy_->directory().string(),
+                   "'), which is streamed as an uncompressed source");
+      } catch (const std::exception& e) {
+        compressed_note_ += concat(", but the decoded copy could not be made (", e.what(),
+                                   "): decoding on every fill");
+      }
+    }
+  }
   detail::CpuReadPath cpu_path;
   if (!cuda_device_) cpu_path = detail::choose_cpu_read_path(options_, layout_);
   // Where a copy puts the bytes in their place anyway (a GPU's host path, a CPU buffer read
@@ -111,6 +133,11 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
   stats_.overlap = plan_.largest_need == 0 || plan_.overlap;
   stats_.gds_mode = options_.gds;
   stats_.gds_files = readers_->gds().used_files();
+  stats_.compressed_units = compressed_units_;
+  if (decoded_copy_) {
+    stats_.decoded_copy_bytes = decoded_copy_->bytes();
+    stats_.decoded_copy_seconds = decoded_copy_->seconds();
+  }
   try {
     for (unsigned w = 0; w < kFillWorkers; ++w) workers_.emplace_back([this] { worker_loop(); });
   } catch (...) {
@@ -516,6 +543,9 @@ void Engine::Impl::run_fill(const Job& job) {
   stats_.bytes_from_page_cache += report.bytes_from_page_cache;
   stats_.bytes_from_ram_tier += report.bytes_from_ram_tier;
   stats_.gds_bytes += report.gds_bytes;
+  stats_.bytes_read_compressed += report.compressed_bytes_read;
+  stats_.bytes_decoded += report.bytes_decoded;
+  stats_.decode_seconds += report.decode_seconds;
   stats_.io_seconds += report.io_seconds;
   const double seconds = seconds_since(start);
   auto& u = (*places_)[job.block];
@@ -583,7 +613,13 @@ EngineStats Engine::Impl::stats() const {
   out.backend = readers_->backend_name();
   out.in_place = readers_->in_place();
   out.backend_note = readers_->backend_note();
-  out.gds_reason = readers_->gds().reason();
+  out.gds_reason = readers_->gds_reason();
+  // How compressed units are read: decoded on the fills (the readers say how), or the copy.
+  out.decode_note = readers_->decode_note(out);
+  if (!compressed_note_.empty()) {
+    out.decode_note += (out.decode_note.empty() ? "" : "; ") + compressed_note_;
+  }
+  out.decode_threads = decoded_copy_ ? decoded_copy_->threads() : readers_->decode_threads();
   out.gds = readers_->gds().outcome();
   out.order_learned = prefetcher_->order_learned();
   out.prefetch_depth = prefetcher_->depth();

@@ -105,7 +105,8 @@ GdsFiles::GdsFiles(const Layout& layout, const EngineOptions& options, io::Env& 
 
 bool GdsFiles::covers(const BlockLayout& block) const noexcept {
   // A repacked block moves its tensors while copying, which cuFile's straight write cannot.
-  return per_file_ && block.copies.empty() &&
+  // A compressed block's chunks are decoded in host memory.
+  return per_file_ && block.copies.empty() && !block.decoded() &&
          std::all_of(block.extents.begin(), block.extents.end(),
                      [&](const Extent& e) { return handles_[e.file].has_value(); });
 }

@@ -42,6 +42,10 @@ HostReader::HostReader(const Layout& layout, const EngineOptions& options, io::E
     cache_ =
         std::make_unique<cache::BlockCache>(capacity, options.cache_policy, std::move(entries));
   }
+  if (layout_.decoded_blocks() > 0) {
+    decode_ = std::make_unique<DecodePipeline>(
+        layout_, *backend_, files_, decode_threads_for(options), verify_, verifier_, trace_);
+  }
 }
 
 void HostReader::allocate_staging(unsigned count, std::uint64_t bytes) {
@@ -132,18 +136,28 @@ void HostReader::read(std::uint32_t block, std::span<std::byte> dest, bool deman
                       FillReport& report) {
   const auto& info = layout_.blocks[block];
   const std::int64_t start = now_ns();
+  const double decode_before = report.decode_seconds;
+  const std::uint64_t compressed_before = report.compressed_bytes_read;
   const auto deadline = Clock::now() + wait_timeout_;
-  std::vector<io::ReadTicket> tickets;
-  tickets.reserve(info.extents.size());
+  std::vector<io::ReadTicket> tickets(info.extents.size());
   std::uint64_t bytes = 0;
-  for (const auto& e : info.extents) {
+  bool decoded = false;
+  for (std::size_t i = 0; i < info.extents.size(); ++i) {
+    const auto& e = info.extents[i];
+    if (e.decode) {
+      decoded = true;
+      continue;
+    }
     io::SubmitOptions submit;
     submit.priority = demand ? io::Priority::kHigh : io::Priority::kNormal;
-    tickets.push_back(backend_->submit(files_[e.file], e.file_offset, e.length,
-                                       dest.subspan(e.buffer_offset), std::move(submit)));
+    tickets[i] = backend_->submit(files_[e.file], e.file_offset, e.length,
+                                  dest.subspan(e.buffer_offset), std::move(submit));
     bytes += e.length;
   }
+  // While the plain extents are read, the decoded ones are read and decoded piece by piece.
+  if (decoded) decode_->run(block, dest, demand, deadline, wait_timeout_, report);
   for (std::size_t i = 0; i < tickets.size(); ++i) {
+    if (!tickets[i].valid()) continue;
     const auto& e = info.extents[i];
     const auto where = [&] { return describe_extent(layout_, block, i); };
     std::span<std::byte> data;
@@ -168,9 +182,12 @@ void HostReader::read(std::uint32_t block, std::span<std::byte> dest, bool deman
     if (verify_) verifier_.check(block, i, data);
   }
   const auto end = now_ns();
-  trace_.record({SpanKind::kRead, block, bytes, start, end});
+  trace_.record({SpanKind::kRead, block, bytes + report.compressed_bytes_read - compressed_before,
+                 start, end});
   report.bytes_from_storage += bytes;
-  report.io_seconds += static_cast<double>(end - start) / 1e9;
+  // The time decoding is the decoder's; the rest of the read waited for storage.
+  report.io_seconds +=
+      static_cast<double>(end - start) / 1e9 - (report.decode_seconds - decode_before);
 }
 
 io::IoStats HostReader::io_stats() const { return backend_ ? backend_->stats() : io::IoStats{}; }
@@ -180,6 +197,7 @@ cache::Stats HostReader::ram_tier_stats() const {
 }
 
 void HostReader::close() {
+  decode_.reset();  // its pool's threads go with it
   staging_.clear();
   cache_.reset();
   backend_.reset();

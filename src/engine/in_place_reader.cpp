@@ -31,7 +31,7 @@ std::optional<std::uint64_t> mem_available_bytes() {
 
 }  // namespace
 
-CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout) {
+CpuReadPath choose_cpu_read_path_uncompressed(const EngineOptions& options, const Layout& layout) {
   using io::BackendType;
   if (options.backend != BackendType::kAuto && options.backend != BackendType::kMmap) return {};
   const auto unsupported = io::block_windows_unsupported_reason();
@@ -55,6 +55,22 @@ CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& lay
   return {true,
           concat("auto: the ", layout.kind, " (", source_bytes, " bytes) fits in the page cache (",
                  *available, " bytes available): reading in place")};
+}
+
+CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout) {
+  auto path = choose_cpu_read_path_uncompressed(options, layout);
+  const auto decoded = layout.decoded_blocks();
+  if (!path.in_place || decoded == 0) return path;
+  if (options.backend == io::BackendType::kMmap) {
+    return {false, concat("backend mmap cannot map ", decoded, " of the ", layout.blocks.size(),
+                          " units in place: they hold compressed chunks, which are decoded into "
+                          "their buffers (read through the mmap backend)")};
+  }
+  return {false, concat("auto: the ", layout.kind, " (", layout.bytes(),
+                        " bytes decoded) fits in the page cache, but ", decoded, " of its ",
+                        layout.blocks.size(),
+                        " units hold compressed chunks, which cannot be read in place: "
+                        "reading them with a backend and decoding them into their buffers")};
 }
 
 // One window per block, each extent's aligned read region mapped where the copying paths

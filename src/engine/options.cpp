@@ -50,6 +50,27 @@ GdsMode parse_gds_mode(std::string_view name) {
   throw std::invalid_argument(concat("gds mode '", name, "' is not one of auto, on, off"));
 }
 
+std::string_view compressed_reads_name(CompressedReads mode) noexcept {
+  switch (mode) {
+    case CompressedReads::kAuto:
+      return "auto";
+    case CompressedReads::kDecode:
+      return "decode";
+    case CompressedReads::kDecodedCopy:
+      return "decoded_copy";
+  }
+  return "";
+}
+
+CompressedReads parse_compressed_reads(std::string_view name) {
+  for (const auto m :
+       {CompressedReads::kAuto, CompressedReads::kDecode, CompressedReads::kDecodedCopy}) {
+    if (compressed_reads_name(m) == name) return m;
+  }
+  throw std::invalid_argument(
+      concat("compressed_reads '", name, "' is not one of auto, decode, decoded_copy"));
+}
+
 namespace detail {
 
 int parse_device(const std::string& device) {

@@ -2,7 +2,11 @@
 
 #include <algorithm>
 
+#include "tensorstream/errors.hpp"
+
 namespace tensorstream::engine::detail {
+
+using tensorstream::detail::concat;
 
 ReadPaths::ReadPaths(const Layout& layout, const EngineOptions& options, const cuda::Device* device,
                      const cuda::Stream* copy_stream, TraceLog& trace,
@@ -32,12 +36,64 @@ ReadPaths::ReadPaths(const Layout& layout, const EngineOptions& options, const c
                                 : static_cast<BlockReader*>(host_reader_.get());
   by_block_.assign(layout.blocks.size(), host);
   for (std::size_t b = 0; b < layout.blocks.size(); ++b) {
-    if (!gds_->covers(layout.blocks[b])) continue;
+    if (!gds_->covers(layout.blocks[b])) {
+      const auto& block = layout.blocks[b];
+      if (block.decoded() && gds_->used_files() > 0 &&
+          std::all_of(block.extents.begin(), block.extents.end(),
+                      [&](const Extent& e) { return gds_->outcome()[e.file].used; })) {
+        ++gds_decoded_;
+      }
+      continue;
+    }
     if (!gds_reader_) {
       gds_reader_ = std::make_unique<GdsReader>(layout, options, *gds_, *copy_stream, trace);
     }
     by_block_[b] = gds_reader_.get();
   }
+  if (const auto decoded = layout.decoded_blocks(); decoded > 0) {
+    decode_threads_ = host_reader_->decode_threads();
+    std::string into = "their buffers";
+    if (options.ram_cache_bytes > 0) into = "the RAM tier's entries, which hold them decoded,";
+    if (device != nullptr && options.ram_cache_bytes == 0) {
+      into = "pinned staging, then copied to the device once";
+    }
+    decode_note_ =
+        concat(decoded, " of ", layout.blocks.size(), " units hold compressed chunks: read with ",
+               backend_name_, " and decoded on ", decode_threads_, " threads straight into ", into);
+    if (device == nullptr && !backend_note_.empty()) {
+      decode_note_ += concat("; ", backend_note_);
+    }
+    if (gds_decoded_ > 0) {
+      decode_note_ += concat("; not with GPUDirect Storage (cuFile cannot decode): ", gds_decoded_,
+                             " units go through host memory");
+    }
+  }
+}
+
+std::string ReadPaths::gds_reason() const {
+  std::string reason = gds_->reason();
+  if (gds_decoded_ > 0) {
+    reason += concat(reason.empty() ? "" : "; ", gds_decoded_,
+                     " units hold compressed chunks, which are decoded in host memory: read "
+                     "through it, not with GPUDirect Storage");
+  }
+  return reason;
+}
+
+std::string ReadPaths::decode_note(const EngineStats& stats) const {
+  if (decode_note_.empty()) return {};
+  std::string note = decode_note_;
+  // Where decoding, not storage, is what the fills wait for, say so with the two rates.
+  if (stats.bytes_decoded > 0 && stats.decode_seconds > 0 && stats.io_seconds > 0 &&
+      stats.decode_seconds > stats.io_seconds) {
+    const double decode_gbps =
+        static_cast<double>(stats.bytes_decoded) / stats.decode_seconds / 1e9;
+    const double read_gbps = static_cast<double>(stats.bytes_from_storage) / stats.io_seconds / 1e9;
+    note += concat("; decoding (", decode_gbps,
+                   " GB/s of decoded bytes) took longer than reading (", read_gbps,
+                   " GB/s of stored bytes): the fills wait for the decoder, not for storage");
+  }
+  return note;
 }
 
 void ReadPaths::prepare(UnitPlaces& places, unsigned fill_workers) {

@@ -5,6 +5,7 @@
 
 #include "tensorstream/alignment.hpp"
 #include "tensorstream/block_naming.hpp"
+#include "tensorstream/codec.hpp"
 #include "tensorstream/errors.hpp"
 #include "tensorstream/io/backend.hpp"
 #include "tensorstream/safetensors.hpp"
@@ -16,6 +17,16 @@ std::uint64_t Layout::bytes() const noexcept {
   std::uint64_t total = 0;
   for (const auto& b : blocks) total += b.size;
   return total;
+}
+
+bool BlockLayout::decoded() const noexcept {
+  return std::any_of(extents.begin(), extents.end(),
+                     [](const Extent& e) { return e.decode.has_value(); });
+}
+
+std::size_t Layout::decoded_blocks() const noexcept {
+  return static_cast<std::size_t>(std::count_if(blocks.begin(), blocks.end(),
+                                                [](const BlockLayout& b) { return b.decoded(); }));
 }
 
 BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors,
@@ -65,8 +76,15 @@ BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> te
   flush();
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    block.tensors.push_back(
-        TensorPlacement{t.name, t.dtype, t.shape, offset_of[i], t.nbytes, t.file, t.file_offset});
+    TensorPlacement p;
+    p.name = t.name;
+    p.dtype = t.dtype;
+    p.shape = t.shape;
+    p.offset = offset_of[i];
+    p.nbytes = t.nbytes;
+    p.file = t.file;
+    p.file_offset = t.file_offset;
+    block.tensors.push_back(std::move(p));
   }
   return block;
 }
@@ -97,6 +115,10 @@ bool pack_for_device(BlockLayout& block) {
 
 namespace {
 
+std::string concat_tensor(const std::string& label) {
+  return detail::concat(", tensor '", label, "'");
+}
+
 // Caller-given groups, checked: every block named once and non-empty, every tensor known
 // (`find` returns nullptr for an unknown one) and in at most one block.
 template <typename Find>
@@ -119,22 +141,53 @@ void check_groups(const TensorGroups& groups, const std::string& source, Find fi
 }  // namespace
 
 Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& groups) {
-  const auto store = Store::open(path);
+  // Compressed blocks are decoded by the readers (the extents say how): open to decode.
+  const auto store = Store::open(path, OpenOptions{.decode_compressed = true});
   Layout layout;
   layout.source = store.path();
   layout.kind = "store";
   layout.files.push_back(store.path());
+  // Layout::compressed index of compressed store block `b`, added on first use.
+  std::vector<std::optional<std::uint32_t>> compressed_of(store.blocks().size());
+  auto compressed_index = [&](std::uint32_t b) {
+    if (!compressed_of[b]) {
+      const auto& info = store.blocks()[b];
+      const auto chunks = store.block_chunks(b);
+      compressed_of[b] = static_cast<std::uint32_t>(layout.compressed.size());
+      layout.compressed.push_back(CompressedBlock{
+          info.name, b, 0, info.offset, info.raw_size, {chunks.begin(), chunks.end()}});
+    }
+    return *compressed_of[b];
+  };
   if (groups.empty()) {
     for (std::size_t i = 0; i < store.blocks().size(); ++i) {
       const auto& info = store.blocks()[i];
       BlockLayout block;
       block.name = info.name;
       block.size = info.raw_size;
-      block.extents.push_back(
-          Extent{0, info.offset, info.stored_size, 0, 0, {}, info.checksum, {}});
+      Extent extent;
+      extent.file_offset = info.offset;
+      extent.length = info.stored_size;
+      std::optional<std::uint32_t> compressed;
+      if (info.codec == Codec::kChunked) {
+        compressed = compressed_index(static_cast<std::uint32_t>(i));
+        extent.checksum = info.raw_checksum;  // verified on the decoded bytes
+        extent.decode = ExtentDecode{*compressed, 0, info.raw_size, 0};
+      } else {
+        extent.checksum = info.checksum;
+      }
+      block.extents.push_back(std::move(extent));
       for (const auto& t : store.block_tensors(i)) {
-        block.tensors.push_back(TensorPlacement{t.name, t.dtype, t.shape, t.offset_in_block,
-                                                t.nbytes, 0, info.offset + t.offset_in_block});
+        TensorPlacement p;
+        p.name = t.name;
+        p.dtype = t.dtype;
+        p.shape = t.shape;
+        p.offset = t.offset_in_block;
+        p.nbytes = t.nbytes;
+        p.file_offset = compressed ? info.offset : info.offset + t.offset_in_block;
+        p.compressed = compressed;
+        p.raw_offset = compressed ? t.offset_in_block : 0;
+        block.tensors.push_back(std::move(p));
       }
       layout.blocks.push_back(std::move(block));
     }
@@ -143,13 +196,19 @@ Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& gr
   const auto where = detail::concat("store '", store.path().string(), "'");
   check_groups(groups, where,
                [&](const std::string& t) { return store.find_tensor(t).has_value(); });
+  // A tensor of a compressed block is laid out at its raw position, home.offset +
+  // offset_in_block, in a file of its own (1 + its Layout::compressed index) so that only the
+  // tensors of one compressed block share an extent; its extents are then rewritten to read
+  // the covering chunks of the real file and decode them.
   for (const auto& [name, tensor_names] : groups) {
     std::vector<SourceTensor> tensors;
     std::vector<const TensorInfo*> infos;
     for (const auto& t : tensor_names) {
       const auto& info = store.tensors()[*store.find_tensor(t)];
       const auto& home = store.blocks()[info.block];
-      tensors.push_back(SourceTensor{info.name, info.dtype, info.shape, 0,
+      const std::uint32_t file =
+          home.codec == Codec::kChunked ? 1 + compressed_index(info.block) : 0;
+      tensors.push_back(SourceTensor{info.name, info.dtype, info.shape, file,
                                      home.offset + info.offset_in_block, info.nbytes});
       infos.push_back(&info);
     }
@@ -158,12 +217,30 @@ Layout layout_of_store(const std::filesystem::path& path, const TensorGroups& gr
     for (auto& e : block.extents) {
       for (std::size_t i = 0; i < tensors.size(); ++i) {
         const auto& t = tensors[i];
-        if (t.file_offset >= e.file_offset &&
+        if (t.file == e.file && t.file_offset >= e.file_offset &&
             t.file_offset + t.nbytes <= e.file_offset + e.length) {
           e.tensor_checksums.push_back(
               TensorChecksum{t.name, t.file_offset - e.file_offset, t.nbytes, infos[i]->checksum});
         }
       }
+      if (e.file == 0) continue;
+      const auto c = e.file - 1;
+      const auto& home = layout.compressed[c];
+      const auto raw_offset = e.file_offset - home.file_offset;
+      const auto range = codec::chunks_covering(home.chunks, raw_offset, e.length);
+      e.decode = ExtentDecode{c, raw_offset, e.length, range.stored_begin};
+      e.file = home.file;
+      e.file_offset = home.file_offset + range.stored_begin;
+      e.length = range.stored_end - range.stored_begin;
+    }
+    for (auto& p : block.tensors) {
+      if (p.file == 0) continue;
+      const auto c = p.file - 1;
+      const auto& home = layout.compressed[c];
+      p.compressed = c;
+      p.raw_offset = p.file_offset - home.file_offset;
+      p.file = home.file;
+      p.file_offset = home.file_offset;
     }
     layout.blocks.push_back(std::move(block));
   }
@@ -204,6 +281,14 @@ std::string describe_extent(const Layout& layout, std::uint32_t block, std::size
   const auto& info = layout.blocks[block];
   const auto& e = info.extents[extent];
   const auto& file = layout.files[e.file];
+  if (e.decode) {
+    const auto& home = layout.compressed[e.decode->block];
+    return detail::concat("block '", info.name, "'",
+                          e.label.empty() ? std::string() : concat_tensor(e.label), " (",
+                          e.decode->raw_length, " bytes decoded from ", e.length,
+                          " stored bytes at offset ", e.file_offset, " of '", file.string(),
+                          "', compressed store block '", home.name, "', blocks[", home.index, "])");
+  }
   return e.label.empty()
              ? detail::concat("block '", info.name, "' (", e.length, " bytes at offset ",
                               e.file_offset, " of '", file.string(), "')")

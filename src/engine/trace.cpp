@@ -22,6 +22,8 @@ std::string_view span_kind_name(SpanKind kind) noexcept {
       return "evict";
     case SpanKind::kGdsRead:
       return "gds read";
+    case SpanKind::kDecode:
+      return "decode";
   }
   return "unknown";
 }
@@ -79,7 +81,7 @@ std::string TraceLog::to_chrome_json(
   }
   std::string out = "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
   // One named track per kind.
-  for (int k = 0; k <= static_cast<int>(SpanKind::kGdsRead); ++k) {
+  for (int k = 0; k <= static_cast<int>(SpanKind::kDecode); ++k) {
     const auto name = span_kind_name(static_cast<SpanKind>(k));
     out += (k ? "," : "");
     out += "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":1,\"tid\":" + std::to_string(k) +

@@ -68,13 +68,13 @@ TEST(Settings, TheRowsInDocumentationOrder) {
   for (const auto& row : ts::settings()) names.emplace_back(row.name);
   const std::vector<std::string> expected{
       "device", "device_budget", "ram_cache_bytes", "cache_policy", "backend", "prefetch",
-      "prefetch_depth", "slots", "verify_checksums", "gds", "wait_timeout_ms", "trace_capacity",
-      "check_invariants",
+      "prefetch_depth", "slots", "verify_checksums", "decode_threads", "compressed_reads", "gds",
+      "wait_timeout_ms", "trace_capacity", "check_invariants",
       // io
       "num_threads", "request_size", "queue_depth", "direct",
       // python
       "storage_path", "vram_budget_gb", "memory_pressure_mode", "min_layer_size", "dtype",
-      "debug_mode",
+      "compression_enabled", "compression_level", "debug_mode",
       // environment
       "TENSORSTREAM_CUDA_LIBRARY", "TENSORSTREAM_CUFILE_LIBRARY", "CUFILE_LOGFILE_PATH",
       "CUFILE_ENV_PATH_JSON"};
@@ -210,8 +210,8 @@ TEST(Settings, StructuralOptionsAreListedOutsideTheTable) {
     names.emplace_back(o.name);
     EXPECT_EQ(ts::find_setting(o.name), nullptr) << o.name;
   }
-  EXPECT_EQ(names, (std::vector<std::string>{"device_memory", "env", "groups", "unit_needs", "unit_partial",
-                                      "memory_stream"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"device_memory", "env", "groups", "unit_needs",
+                                             "unit_partial", "memory_stream"}));
 }
 
 // Every statistic the Python dict had before the statistics were described once.

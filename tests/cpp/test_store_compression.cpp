@@ -1,7 +1,7 @@
 // Compressed stores end to end on real files: the writer's chunking, bitwise round trips of
 // every dtype at every level, mixed raw and compressed chunks and blocks, reading one tensor
-// alone, the chunk table's validation, damaged chunks, old (1.0) stores, and the engine
-// refusing compressed stores until it decodes them.
+// alone, the chunk table's validation, damaged chunks, old (1.0) stores, and the default open
+// refusing compressed stores (the engine opens them to decode).
 #include <gtest/gtest.h>
 
 #include <map>
@@ -628,7 +628,7 @@ TEST(StoreCompression, CompressedFixtureDecodesOrSaysTheBuildLacksZstd) {
   EXPECT_EQ(store.info().fingerprint.hex(), "3457b23066137a6b5e821cee99ff946b");
 }
 
-TEST(StoreCompression, DefaultOpenAndTheEngineRefuseCompressedStores) {
+TEST(StoreCompression, DefaultOpenRefusesCompressedStoresTheEngineDecodesThem) {
   SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const auto path = dir / "m.tstore";
@@ -648,15 +648,21 @@ TEST(StoreCompression, DefaultOpenAndTheEngineRefuseCompressedStores) {
   } catch (const ts::FormatError& e) {
     expect_refusal(e.what());
   }
+  EXPECT_NO_THROW((void)ts::Store::open(path, kDecode));
+  // The engine opens it to decode: every block's decoded bytes, as the store holds them
+  // (tests/cpp/test_engine_compressed.cpp covers the engine's decoding in depth).
+  const auto store = ts::Store::open(path, kDecode);
   ts::engine::EngineOptions options;
   options.device_budget = 64u << 20;
-  try {
-    ts::engine::Engine engine(path, options);
-    FAIL() << "the engine accepted a compressed store";
-  } catch (const ts::FormatError& e) {
-    expect_refusal(e.what());
+  ts::engine::Engine engine(path, options);
+  for (std::uint32_t b = 0; b < engine.block_count(); ++b) {
+    const auto view = engine.acquire(b);
+    EXPECT_EQ(ts::checksum64({view.host, store.blocks()[b].raw_size}),
+              store.blocks()[b].raw_checksum)
+        << store.blocks()[b].name;
+    engine.release(b);
   }
-  EXPECT_NO_THROW((void)ts::Store::open(path, kDecode));
+  EXPECT_EQ(engine.stats().compressed_units, 2u);
 }
 
 TEST(StoreCompression, ConvertCompressesAndKeepsTheFingerprint) {

@@ -171,3 +171,39 @@ def test_bench_codec_smoke(tmp_path: Path) -> None:
     bf16 = next(r for r in rows if r["source"] == "gaussian" and r["dtype"] == "bfloat16")
     assert bf16["ratio"] > 1.3 and bf16["ratio"] > bf16["plain_ratio"]
     assert data["machine"]["cpus"] >= 1 and data["command"].startswith("python bench/")
+
+
+def test_bench_compressed_decode_smoke(tmp_path: Path) -> None:
+    """bench/bench_compressed_decode.py --smoke: a tiny bf16 Llama streamed with O_DIRECT from
+    its uncompressed and its compressed store, each in its own subprocess; the tokens agree,
+    the compressed system decoded what it streamed, and the RAM-tier measurement ran."""
+    from tensorstream import _core
+
+    if not _core.compression_info()["available"]:
+        pytest.skip(_core.compression_info()["codec"])
+    out = tmp_path / "compressed.json"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    script = ROOT / "bench" / "bench_compressed_decode.py"
+    p = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--workdir", str(tmp_path / "work"),
+         "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    disk = data["summary"]["disk"]
+    assert disk["tokens_match"]
+    raw, packed = disk["systems"]["raw"], disk["systems"]["compressed"]
+    assert raw["decode_tok_s"] > 0 and packed["decode_tok_s"] > 0
+    assert packed["store_ratio"] > 1.0 and raw["store_ratio"] == 1.0
+    assert packed["per_step"]["bytes_decoded"] > packed["per_step"]["bytes_read_compressed"] > 0
+    assert raw["per_step"]["bytes_decoded"] == 0
+    assert data["ram_tier"]["hits"]["decoded"] == 0
+    assert data["ram_tier"]["hits"]["from_ram_tier"] == data["ram_tier"]["hits"]["bytes"] > 0
+    assert data["ram_tier"]["misses"]["decoded"] > 0

@@ -1,6 +1,7 @@
 """Lossless store compression from Python: save_to_ts / load_from_ts round trips, the ratio
 on a bf16 Llama built from a transformers config, header and integrity tools, defragment
-keeping the compression, conversion, the CLI, and the engine refusing compressed stores."""
+keeping the compression, conversion, the CLI, and the default open refusing compressed stores
+(the engine decodes them)."""
 
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def test_without_zstd_compression_is_refused(tmp_path: Path) -> None:
 
 
 @needs_zstd
-def test_engine_refuses_a_compressed_store_naming_its_first_compressed_block(
+def test_default_open_refuses_a_compressed_store_the_engine_decodes_it(
     tmp_path: Path,
 ) -> None:
     torch.manual_seed(4)
@@ -207,25 +208,29 @@ def test_engine_refuses_a_compressed_store_naming_its_first_compressed_block(
     }
     path = tmp_path / "m.tstore"
     ts.save_to_ts(state, path, compression=1)
-    memory = TorchMemory()
     with pytest.raises(_core.FormatError, match=r"m\.tstore.*block 'layers\.0'.*compressed"):
-        _core.Engine(
-            str(path),
-            {"device": "cpu", "device_budget": 64 << 20},
-            memory.allocate,
-            memory.release,
-        )
-    with pytest.raises(_core.FormatError, match="block 'layers.0'"):
         _core.Store(str(path))  # opened for raw reading
-    # Uncompressed, the same model streams.
+    # The engine streams it, decoding: the same bytes as the uncompressed store.
     ts.save_to_ts(state, tmp_path / "plain.tstore")
-    engine = _core.Engine(
-        str(tmp_path / "plain.tstore"),
-        {"device": "cpu", "device_budget": 64 << 20},
-        memory.allocate,
-        memory.release,
-    )
-    engine.close()
+    memory = TorchMemory()
+    options = {"device": "cpu", "device_budget": 64 << 20, "backend": "pread"}
+    engines = [
+        _core.Engine(str(p), options, memory.allocate, memory.release)
+        for p in (tmp_path / "plain.tstore", path)
+    ]
+    for block in range(3):
+        views = []
+        for engine in engines:
+            address, size, _ = engine.acquire(block)
+            views.append(memory.view(address, size).clone())
+            engine.release(block)
+        assert torch.equal(views[0], views[1]), block
+    stats = engines[1].stats()
+    assert stats["compressed_units"] == 2
+    assert stats["bytes_decoded"] > stats["bytes_read_compressed"] > 0
+    assert engines[0].stats()["compressed_units"] == 0
+    for engine in engines:
+        engine.close()
 
 
 @needs_zstd

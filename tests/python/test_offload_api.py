@@ -433,8 +433,12 @@ def test_to_cpu_after_offload_keeps_streaming_and_other_devices_are_refused(tmp_
     model.to("meta")  # a closed runtime no longer guards the model
 
 
-def test_compression_is_refused_until_it_exists(tmp_path):
+@pytest.mark.skipif(not ts._core.compression_info()["available"], reason="built without zstd")
+def test_compression_writes_a_compressed_store(tmp_path):
+    # tests/python/test_offload_compression.py covers it in depth.
     model = tiny_llama()
-    with pytest.raises(NotImplementedError, match="compression_enabled"):
-        ts.offload(model, Config(storage_path=tmp_path, compression_enabled=True))
-    assert not list(tmp_path.glob("*.tstore")), "nothing was written"
+    ts.offload(model, Config(storage_path=tmp_path, compression_enabled=True))
+    stores = list(tmp_path.glob("*.tstore"))
+    assert [p.name.endswith(".z3.tstore") for p in stores] == [True], stores
+    assert ts.read_ts_header(stores[0])["version"] == "1.1"
+    model.cleanup_tensorstream()

@@ -81,6 +81,25 @@
 // cuFile bypasses. kAuto then uses the host path and says why; kOn refuses these
 // combinations (std::invalid_argument).
 //
+// Compressed stores. A store written with compression (format 1.1, codec.hpp) streams like
+// any other: placements and buffers are those of the uncompressed store. Each fill of a unit
+// with compressed chunks reads only their stored bytes (for a unit covering part of a block,
+// only the chunks covering its tensors) and decodes them on its way into host memory —
+// straight into the CPU buffer, the RAM-tier entry or a GPU's pinned staging, chunks in
+// parallel on a pool shared by the fill workers (EngineOptions::decode_threads), overlapping
+// the unit's next reads, other units' fills and the computation (detail/decode_pipeline.hpp).
+// Chunk checksums are always checked; damaged, truncated or undecodable chunks reach the
+// waiter as ChecksumError / FormatError naming the file, the block and the chunk. The RAM
+// tier holds decoded units, so a hit costs no decoding. Neither reading in place nor
+// GPUDirect Storage can decode: such units take the host path, and stats().backend_note,
+// gds_reason and decode_note say so. Where decoding on every fill would be slower than
+// reading decoded bytes — on the CPU when an uncompressed store would be mapped in place
+// from the page cache, elsewhere when the storage measured at start reads faster than the
+// decoder decodes — the engine declines to decode on the critical path: it decodes every
+// compressed unit once into a temporary, unlinked copy and streams that
+// (EngineOptions::compressed_reads, detail/decoded_copy.hpp); decode_note gives the rule and
+// the rates, decoded_copy_bytes the copy.
+//
 // Failures. An I/O error, short read, checksum mismatch (with verify_checksums) or CUDA error
 // of a fill is delivered to whoever acquires that block, as an exception naming the file,
 // block, offset and cause; the failed block can be acquired again (it is re-read). No wait

@@ -53,6 +53,17 @@ enum class GdsMode {
 [[nodiscard]] std::string_view gds_mode_name(GdsMode mode) noexcept;
 [[nodiscard]] GdsMode parse_gds_mode(std::string_view name);
 
+/// How the compressed units of a store are read (engine.hpp, "Compressed stores").
+enum class CompressedReads {
+  kAuto,         ///< a decoded copy where decoding on every fill would be slower, else kDecode
+  kDecode,       ///< decode each fill's chunks on the fill path
+  kDecodedCopy,  ///< decode every compressed unit once into a temporary uncompressed copy
+};
+
+/// "auto", "decode", "decoded_copy"; parse throws std::invalid_argument naming the value.
+[[nodiscard]] std::string_view compressed_reads_name(CompressedReads mode) noexcept;
+[[nodiscard]] CompressedReads parse_compressed_reads(std::string_view name);
+
 struct EngineOptions {
   /// "cpu" or "cuda:N" (also "cuda" for device 0).
   std::string device = "cpu";
@@ -79,8 +90,22 @@ struct EngineOptions {
   /// EngineStats::overlap).
   unsigned slots = 2;
   /// Check every block read against the store's checksum. Checking happens in host memory,
-  /// so it keeps blocks off the GPUDirect Storage path.
+  /// so it keeps blocks off the GPUDirect Storage path. For a compressed block: each chunk's
+  /// stored checksum before it is decoded, then the decoded bytes' (the block's raw_checksum,
+  /// or each tensor's).
   bool verify_checksums = false;
+  /// Threads that decode the chunks of a compressed unit at once, the fill worker included
+  /// (a pool shared by the fill workers); 0: one per core, at most 8. Fewer leave cores to
+  /// the computation (on the CPU the same cores run the model), more decode a unit sooner.
+  unsigned decode_threads = 0;
+  /// Compressed units: decoded on every fill (kDecode), or decoded once at construction into
+  /// a temporary, unlinked uncompressed copy beside the store that is then streamed as an
+  /// uncompressed source (kDecodedCopy: costs the decoded bytes in disk space and their
+  /// decoding at start). kAuto makes the copy where decoding on every fill would be slower
+  /// than reading decoded bytes: on the CPU when an uncompressed store would be read in place
+  /// from the page cache, and elsewhere when the storage, measured at construction, reads
+  /// faster than the decoder decodes (engine.hpp, "Compressed stores").
+  CompressedReads compressed_reads = CompressedReads::kAuto;
   /// GPUDirect Storage: kAuto (default) reads straight into device memory wherever cuFile
   /// works with the nvidia-fs kernel module, and falls back per file; kOn insists (the
   /// constructor throws if it cannot, and a CPU device is std::invalid_argument); kOff never

@@ -19,6 +19,16 @@
 //   layout_of_store        a TensorStream store: one extent per block (the block's aligned
 //                          extent, with the stored block checksum), its tensors at their
 //                          offsets in the block
+//
+// Compressed store blocks (codec.hpp) are decoded on the way. An extent of such a block reads
+// the stored bytes of the chunks that cover the raw bytes it wants (one contiguous range of
+// the file, chunks_covering) and carries an ExtentDecode: the readers decode those chunks into
+// the buffer, where the raw bytes land exactly where an uncompressed store's would (at
+// buffer_offset + skip, skip = the raw offset mod kIoAlignment), so the buffer's layout and
+// the placements do not depend on compression. Its `checksum` / `tensor_checksums` are over
+// the decoded bytes (the block's raw_checksum, the tensors' checksums). Readers that write the
+// read layout straight into memory (in place, GPUDirect Storage) cannot decode: a block with
+// a decoded extent goes through the host reader (read_paths.hpp says so in the statistics).
 // A block whose tensors are misaligned in the read layout can be repacked (pack_for_device):
 // the reader then moves each tensor to a 256-aligned offset of the block's memory while
 // copying it there (the GPU's host-to-device copy, or a move inside the CPU buffer), so what
@@ -44,6 +54,7 @@
 #include <vector>
 
 #include "tensorstream/dtype.hpp"
+#include "tensorstream/store.hpp"
 
 namespace tensorstream::engine {
 
@@ -55,8 +66,14 @@ struct TensorPlacement {
   std::vector<std::int64_t> shape;
   std::uint64_t offset = 0;  ///< byte offset in the block's buffer
   std::uint64_t nbytes = 0;
-  std::uint32_t file = 0;         ///< index into Layout::files
-  std::uint64_t file_offset = 0;  ///< where its bytes start in that file
+  std::uint32_t file = 0;  ///< index into Layout::files
+  /// Where its bytes start in that file; for a tensor of a compressed block (`compressed`
+  /// set), where the block's stored bytes start.
+  std::uint64_t file_offset = 0;
+  /// A tensor of a compressed store block: the block (an index into Layout::compressed) and
+  /// the tensor's offset in the block's decoded bytes.
+  std::optional<std::uint32_t> compressed;
+  std::uint64_t raw_offset = 0;
 };
 
 /// A stored checksum of one tensor inside an extent (a store's tensors, grouped by the
@@ -79,8 +96,30 @@ struct CopyRange {
 /// Blocks given by the caller: block name -> names of its tensors, in the order blocks run.
 using TensorGroups = std::vector<std::pair<std::string, std::vector<std::string>>>;
 
+/// A compressed block of a store (codec.hpp), as the readers need it to decode parts of it.
+struct CompressedBlock {
+  std::string name;               ///< the store block's name (messages)
+  std::uint32_t index = 0;        ///< its index among the store's blocks (messages)
+  std::uint32_t file = 0;         ///< index into Layout::files
+  std::uint64_t file_offset = 0;  ///< where its stored bytes start in that file
+  std::uint64_t raw_size = 0;     ///< its decoded size
+  std::vector<ChunkInfo> chunks;  ///< its chunk table (Store::block_chunks)
+};
+
+/// How an extent's stored bytes become the bytes of the buffer: the extent's
+/// [file_offset, file_offset + length) are stored bytes [stored_offset, stored_offset + length)
+/// of Layout::compressed[block] — whole chunks, those that cover raw bytes [raw_offset,
+/// raw_offset + raw_length) — and those raw bytes land at buffer_offset + skip.
+struct ExtentDecode {
+  std::uint32_t block = 0;          ///< index into Layout::compressed
+  std::uint64_t raw_offset = 0;     ///< the first raw byte wanted, in the block's decoded bytes
+  std::uint64_t raw_length = 0;     ///< raw bytes wanted (≥ 1)
+  std::uint64_t stored_offset = 0;  ///< file_offset − the block's file_offset
+};
+
 /// One read of a block: `length` bytes at `file_offset` of files[file], landing at
-/// `buffer_offset` + `skip` of the block's buffer (`buffer_offset` is kIoAlignment-aligned).
+/// `buffer_offset` + `skip` of the block's buffer (`buffer_offset` is kIoAlignment-aligned);
+/// with `decode`, decoded there instead (see the top of this file).
 struct Extent {
   std::uint32_t file = 0;
   std::uint64_t file_offset = 0;
@@ -90,6 +129,13 @@ struct Extent {
   std::string label;                      ///< tensor(s) read, for messages; empty for a store block
   std::optional<std::uint64_t> checksum;  ///< stored XXH3-64 of the bytes (a store), else none
   std::vector<TensorChecksum> tensor_checksums;  ///< without `checksum`: per tensor, if stored
+  std::optional<ExtentDecode> decode;            ///< a compressed block's chunks, decoded
+
+  /// Bytes the extent puts into the buffer (from buffer_offset + skip): its length, or the
+  /// raw bytes it decodes to.
+  [[nodiscard]] std::uint64_t buffer_bytes() const noexcept {
+    return decode ? decode->raw_length : length;
+  }
 };
 
 struct BlockLayout {
@@ -109,6 +155,8 @@ struct BlockLayout {
   [[nodiscard]] std::uint64_t memory_size() const noexcept {
     return copies.empty() ? size : packed_size;
   }
+  /// Some of its extents are decoded (a compressed store block's chunks).
+  [[nodiscard]] bool decoded() const noexcept;
 };
 
 struct Layout {
@@ -116,9 +164,14 @@ struct Layout {
   std::string kind;              ///< "store" or "checkpoint", for messages
   std::vector<std::filesystem::path> files;
   std::vector<BlockLayout> blocks;
+  /// The compressed store blocks that extents decode (ExtentDecode::block); empty for an
+  /// uncompressed source.
+  std::vector<CompressedBlock> compressed;
 
   /// Sum of the blocks' sizes in memory.
   [[nodiscard]] std::uint64_t bytes() const noexcept;
+  /// Blocks with a decoded extent.
+  [[nodiscard]] std::size_t decoded_blocks() const noexcept;
 };
 
 /// One tensor where a source holds it, the input of layout_of_tensors.
@@ -139,12 +192,15 @@ struct SourceTensor {
 [[nodiscard]] BlockLayout layout_of_tensors(std::string name, std::span<const SourceTensor> tensors,
                                             std::uint64_t max_gap = 0);
 
-/// Opens the store at `path` (Store::open: FormatError / IoError for a bad store). Blocks:
-/// the store's own (one extent each, its stored checksum), or, when `groups` is not empty,
+/// Opens the store at `path` (Store::open, decoding compressed blocks: FormatError / IoError
+/// for a bad store, FormatError for a compressed one in a build without zstd). Blocks: the
+/// store's own (one extent each, its stored checksum, or for a compressed block one decoded
+/// extent over all its chunks, checked by its raw_checksum), or, when `groups` is not empty,
 /// the groups (block name -> tensor names, any of the store's tensors; tensors listed in no
 /// group are not streamed), each laid out by layout_of_tensors across the store's padding,
-/// verified by the tensors' stored checksums. Throws std::invalid_argument for bad groups
-/// as layout_of_safetensors does.
+/// verified by the tensors' stored checksums; tensors of a compressed block decode only the
+/// chunks that cover them. Throws std::invalid_argument for bad groups as
+/// layout_of_safetensors does.
 [[nodiscard]] Layout layout_of_store(const std::filesystem::path& path,
                                      const TensorGroups& groups = {});
 
@@ -167,7 +223,8 @@ bool pack_for_device(BlockLayout& block);
                                            const TensorGroups& groups);
 
 /// What a failure names: "block 'B' (N bytes at offset O of 'F')", or with the tensor(s)
-/// of the extent: "block 'B', tensor 'T' (...)".
+/// of the extent: "block 'B', tensor 'T' (...)"; a decoded extent: "block 'B' (R bytes
+/// decoded from N stored bytes at offset O of 'F', store block 'S')".
 [[nodiscard]] std::string describe_extent(const Layout& layout, std::uint32_t block,
                                           std::size_t extent);
 

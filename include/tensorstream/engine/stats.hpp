@@ -65,6 +65,14 @@ struct EngineStats {
   bool in_place = false;
   std::string backend_note;
   std::uint64_t bytes_from_page_cache = 0;
+  std::uint64_t compressed_units = 0;
+  std::uint64_t bytes_read_compressed = 0;
+  std::uint64_t bytes_decoded = 0;
+  double decode_seconds = 0;
+  unsigned decode_threads = 0;
+  std::uint64_t decoded_copy_bytes = 0;
+  double decoded_copy_seconds = 0;
+  std::string decode_note;
   unsigned prefetch_depth = 0;
   bool order_learned = false;
   std::vector<double> block_load_seconds;
@@ -140,6 +148,27 @@ void for_each_field(const EngineStats& s, Visit&& visit) {
   visit("gds", s.gds, "each file's GPUDirect Storage outcome");
   visit("bytes_from_page_cache", s.bytes_from_page_cache,
         "in place: bytes of fills found in the page cache (the rest is in bytes_from_storage)");
+  visit("compressed_units", s.compressed_units,
+        "units with compressed chunks to decode (0 for an uncompressed source)");
+  visit("bytes_read_compressed", s.bytes_read_compressed,
+        "stored bytes of compressed chunks read from storage (also in bytes_from_storage)");
+  visit("bytes_decoded", s.bytes_decoded,
+        "bytes those chunks decoded into (bytes_decoded / bytes_read_compressed: the ratio "
+        "of what was read)");
+  visit("decode_seconds", s.decode_seconds,
+        "summed time fills spent decoding (overlapping their reads; not in io_seconds)");
+  visit("decode_threads", s.decode_threads,
+        "threads that decode one unit's chunks at once (0: nothing to decode)");
+  visit("decoded_copy_bytes", s.decoded_copy_bytes,
+        "the temporary decoded copy the compressed units were decoded into once, at start "
+        "(`compressed_reads`), in bytes; 0: none, they are decoded on the fills");
+  visit("decoded_copy_seconds", s.decoded_copy_seconds,
+        "the time it took to make the decoded copy (reading, decoding, writing)");
+  visit("decode_note", s.decode_note,
+        "how compressed units are read and why: decoded on the fills (and why not in place or "
+        "with GPUDirect Storage, or that decoding holds the fills back) or once into a decoded "
+        "copy (the rule of `compressed_reads` that chose it, with the rates measured); empty for "
+        "an uncompressed source");
   visit("ram_tier", s.ram_tier, "the RAM tier (zeros when there is none)");
   visit("io", s.io, "the I/O backend (zeros when blocks are read in place: no backend)");
   visit("invariant_checks", s.invariant_checks,

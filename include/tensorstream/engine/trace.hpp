@@ -24,6 +24,7 @@ enum class SpanKind : std::uint8_t {
   kCompute = 3,  ///< the consumer held a block (acquire → release)
   kEvict = 4,    ///< a block left a tier
   kGdsRead = 5,  ///< storage → device memory with GPUDirect Storage (cuFileRead)
+  kDecode = 6,   ///< a compressed unit's chunks decoded into host memory (bytes: decoded)
 };
 
 /// Name of a kind as shown in traces ("read", "copy", ..., "gds read").

@@ -42,7 +42,11 @@ struct FillReport {
   std::uint64_t bytes_from_page_cache = 0;  ///< in place: found in the page cache
   std::uint64_t bytes_from_ram_tier = 0;
   std::uint64_t gds_bytes = 0;
-  double io_seconds = 0;
+  /// Stored bytes of compressed chunks read (also in bytes_from_storage).
+  std::uint64_t compressed_bytes_read = 0;
+  std::uint64_t bytes_decoded = 0;  ///< raw bytes those chunks decoded into
+  double io_seconds = 0;            ///< waiting for storage (decoding excluded)
+  double decode_seconds = 0;        ///< the fill worker's time in the decoder
 };
 
 class BlockReader {

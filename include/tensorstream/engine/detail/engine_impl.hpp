@@ -3,6 +3,7 @@
 // else:
 //
 //   source_layout.hpp   what to stream: files, blocks, extents, tensor placements
+//   decoded_copy.hpp    compressed units decoded once into a temporary copy, where that pays
 //   read_paths.hpp      which reader fills each unit (host, in place, GDS), and why
 //   unit_places.hpp     where units live in device memory (resident buffers, arena places)
 //   device_buffers.hpp  their memory and ready/done events
@@ -42,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "tensorstream/engine/detail/decoded_copy.hpp"
 #include "tensorstream/engine/detail/prefetcher.hpp"
 #include "tensorstream/engine/detail/read_paths.hpp"
 #include "tensorstream/engine/detail/row_reader.hpp"
@@ -115,16 +117,19 @@ class Engine::Impl {
   void worker_loop();
   void run_fill(const Job& job);
 
-  const EngineOptions options_;                   // immutable
-  std::optional<cuda::Device> cuda_device_;       // immutable; unset on the CPU
-  std::optional<cuda::Stream> copy_stream_;       // immutable; the fills' copies go here
-  TraceLog trace_;                                // thread-safe
-  std::optional<detail::ReadPaths> readers_;      // set in the constructor; fills use it
-                                                  // unlocked, close() and stats() under mutex_
-  std::optional<detail::UnitPlaces> places_;      // guarded by mutex_ (a unit's memory: see
-                                                  // BlockBuffer); set in the constructor
-  std::optional<detail::RowReader> rows_reader_;  // immutable after the constructor;
-                                                  // thread-safe
+  const EngineOptions options_;                      // immutable
+  std::optional<cuda::Device> cuda_device_;          // immutable; unset on the CPU
+  std::optional<cuda::Stream> copy_stream_;          // immutable; the fills' copies go here
+  TraceLog trace_;                                   // thread-safe
+  std::size_t compressed_units_ = 0;                 // immutable: units with compressed chunks
+  std::string compressed_note_;                      // immutable: how they are read, and why
+  std::optional<detail::DecodedCopy> decoded_copy_;  // immutable; outlives the readers
+  std::optional<detail::ReadPaths> readers_;         // set in the constructor; fills use it
+                                                     // unlocked, close() and stats() under mutex_
+  std::optional<detail::UnitPlaces> places_;         // guarded by mutex_ (a unit's memory: see
+                                                     // BlockBuffer); set in the constructor
+  std::optional<detail::RowReader> rows_reader_;     // immutable after the constructor;
+                                                     // thread-safe
 
   mutable std::mutex mutex_;
   std::condition_variable changed_;               // place states and pins changed; closing

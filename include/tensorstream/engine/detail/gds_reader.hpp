@@ -46,7 +46,8 @@ class GdsFiles {
            const cuda::Device* device);
 
   /// Each file was tried, every extent of `block` is in a file cuFile reads, and the block
-  /// needs no repacking (source_layout.hpp: cuFile writes the read layout as it is).
+  /// needs no repacking (source_layout.hpp: cuFile writes the read layout as it is) and no
+  /// decoding (compressed chunks are decoded in host memory).
   [[nodiscard]] bool covers(const BlockLayout& block) const noexcept;
   /// The registered handle of file `file` (it must be used).
   [[nodiscard]] const cuda::CuFileHandle& handle(std::uint32_t file) const {

@@ -13,8 +13,14 @@
 // copy is over: a slot keeps it until its next fill; a resident buffer, which has no next
 // fill, waits for its copy before the fill ends.
 // read() is the one step that produces a block's bytes in host memory from storage: all the
-// extents submitted at once to the backend, then each waited for within wait_timeout and
-// checked (verify_checksums). A transformation of the stored bytes (decoding) belongs there.
+// plain extents submitted at once to the backend, the decoded ones (a compressed store
+// block's chunks) read and decoded piece by piece meanwhile by the decode pipeline
+// (decode_pipeline.hpp: chunks decoded in parallel on its pool, straight into the
+// destination), then each plain extent waited for within wait_timeout and checked
+// (verify_checksums). Whatever the destination — the CPU buffer, a RAM-tier entry, a GPU's
+// staging — it receives decoded bytes: the RAM tier holds decoded units (a hit costs a copy,
+// not a decode; docs/architecture.md, "Compressed stores", gives the measurements), and a GPU
+// gets one host-to-device copy of the decoded unit.
 //
 // Thread-safety: fill() runs on several fill workers at once (the backend, the RAM tier and
 // the verifier are thread-safe; staging buffers are handed out under staging_mutex_).
@@ -34,6 +40,7 @@
 
 #include "tensorstream/cache/block_cache.hpp"
 #include "tensorstream/engine/detail/block_reader.hpp"
+#include "tensorstream/engine/detail/decode_pipeline.hpp"
 #include "tensorstream/engine/options.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/host_memory.hpp"
@@ -48,7 +55,8 @@ class HostReader final : public BlockReader {
   /// Makes a backend of options.backend (over `env`) and opens every file of `layout` with
   /// it; sets up the RAM tier when options.ram_cache_bytes > 0: one region (RegionAllocator)
   /// of ram_cache_bytes rounded down to kSlotAlignment, at most the bytes of all blocks,
-  /// pinned on a GPU, taken now.
+  /// pinned on a GPU, taken now; and the decode pipeline when `layout` has decoded extents
+  /// (options.decode_threads threads per piece, 0: one per core, at most 8).
   /// `device` and `copy_stream`: the GPU the buffers are on, or nullptr for the CPU. All
   /// references must outlive the reader. Throws what make_backend and Backend::open throw.
   HostReader(const Layout& layout, const EngineOptions& options, io::Env& env,
@@ -58,14 +66,18 @@ class HostReader final : public BlockReader {
 
   /// Reads every extent of `block` into `dest` at its buffer offset (all submitted, then all
   /// waited for; the first error wins and the other reads are cancelled when their tickets
-  /// go), checking them when verify_checksums is on. `dest` is kIoAlignment-aligned and
-  /// holds the block's size in memory.
+  /// go), decoding the decoded ones, checking them when verify_checksums is on. `dest` is
+  /// kIoAlignment-aligned and holds the block's size in memory.
   void read(std::uint32_t block, std::span<std::byte> dest, bool demand, FillReport& report);
 
   /// A GPU: allocates `count` pinned staging buffers of `bytes` each (one per fill worker).
   void allocate_staging(unsigned count, std::uint64_t bytes);
 
   [[nodiscard]] const io::Backend& backend() const noexcept { return *backend_; }
+  /// Threads that decode one piece of a compressed unit (0 when nothing is decoded).
+  [[nodiscard]] unsigned decode_threads() const noexcept {
+    return decode_ ? decode_->threads() : 0;
+  }
   /// Zeros once closed.
   [[nodiscard]] io::IoStats io_stats() const;
   [[nodiscard]] cache::Stats ram_tier_stats() const;
@@ -93,7 +105,8 @@ class HostReader final : public BlockReader {
   std::unique_ptr<io::Backend> backend_;
   std::vector<io::FileId> files_;  // per layout file
   std::unique_ptr<cache::BlockCache> cache_;
-  std::vector<Staging> staging_;  // sized once, before any fill
+  std::unique_ptr<DecodePipeline> decode_;  // when the layout has decoded extents
+  std::vector<Staging> staging_;            // sized once, before any fill
   std::mutex staging_mutex_;
   std::condition_variable staging_free_;
 };

@@ -36,8 +36,14 @@ struct CpuReadPath {
 
 /// The CPU's choice (engine.hpp, "In place"): kMmap reads in place where windows work and
 /// there is no RAM tier; kAuto also needs the source to be at most three quarters of
-/// MemAvailable (/proc/meminfo); other backends never read in place.
+/// MemAvailable (/proc/meminfo); other backends never read in place. A source with decoded
+/// extents (compressed store blocks) is never read in place: a window maps stored bytes, and
+/// decoding needs a buffer (the note says so).
 [[nodiscard]] CpuReadPath choose_cpu_read_path(const EngineOptions& options, const Layout& layout);
+/// The same as if no unit of `layout` had to be decoded: whether an uncompressed source of
+/// its size would be read in place (the decoded copy's rule, decoded_copy.hpp).
+[[nodiscard]] CpuReadPath choose_cpu_read_path_uncompressed(const EngineOptions& options,
+                                                            const Layout& layout);
 
 class InPlaceReader final : public BlockReader {
  public:

@@ -5,6 +5,10 @@
 //   device GPU     a HostReader always (the backend's selection note says which backend), and
 //                  GdsFiles per source file; a block whose extents all lie in files cuFile
 //                  reads goes to the GdsReader, every other block to the HostReader
+//   compressed     a unit with compressed chunks (decoded extents) is always the HostReader's:
+//                  neither a window over the page cache nor cuFile can decode. The CPU then
+//                  reads no unit in place (choose_cpu_read_path), a GPU sends those units
+//                  through host memory; decode_note() and gds_reason() say so
 //
 // The engine asks reader(block) for every fill and never looks at which reader it got.
 //
@@ -25,6 +29,7 @@
 #include "tensorstream/engine/detail/in_place_reader.hpp"
 #include "tensorstream/engine/detail/unit_places.hpp"
 #include "tensorstream/engine/options.hpp"
+#include "tensorstream/engine/stats.hpp"
 #include "tensorstream/engine/trace.hpp"
 #include "tensorstream/shim/cuda.hpp"
 
@@ -58,6 +63,14 @@ class ReadPaths {
   [[nodiscard]] bool in_place() const noexcept { return in_place_; }
   [[nodiscard]] const std::string& backend_note() const noexcept { return backend_note_; }
   [[nodiscard]] const GdsFiles& gds() const noexcept { return *gds_; }
+  /// Why files or blocks are not read with GPUDirect Storage: the files' reason, and the
+  /// units kept off it because they are decoded.
+  [[nodiscard]] std::string gds_reason() const;
+  /// How compressed units are read (empty for an uncompressed source), with what `stats`
+  /// measured so far: whether decoding holds the fills back.
+  [[nodiscard]] std::string decode_note(const EngineStats& stats) const;
+  /// Threads decoding one unit's chunks (0 when nothing is decoded); kept after close().
+  [[nodiscard]] unsigned decode_threads() const noexcept { return decode_threads_; }
   /// Zeros when reading in place or closed.
   [[nodiscard]] io::IoStats io_stats() const;
   [[nodiscard]] cache::Stats ram_tier_stats() const;
@@ -72,6 +85,9 @@ class ReadPaths {
   bool in_place_ = false;
   std::string backend_name_;
   std::string backend_note_;
+  std::string decode_note_;  // the part decided at construction
+  unsigned decode_threads_ = 0;
+  std::size_t gds_decoded_ = 0;  // decoded units of files cuFile reads
   std::unique_ptr<InPlaceReader> in_place_reader_;
   std::unique_ptr<HostReader> host_reader_;
   std::optional<GdsFiles> gds_;  // set in the constructor, after the host path is open

@@ -7,6 +7,12 @@
 // serves from memory when they were read before and from the drive at page granularity when
 // not. Rows asked for one after the other are read with one call.
 //
+// Rows of a tensor of a compressed store block are decoded: each chunk that holds some of the
+// rows asked for is read (its stored bytes, with pread), its stored checksum checked (always,
+// as the decode pipeline does), and decoded once, however many of the rows it holds, and the
+// rows are copied out of it. An embedding lookup of n tokens therefore costs at most n chunk
+// decodes (1 MiB each with the writer's default chunks), fewer when rows share chunks.
+//
 // Thread-safety: read() may run on several threads at once (pread shares no file position).
 #pragma once
 
@@ -33,11 +39,15 @@ class RowReader {
 
   /// Reads `rows` of `tensor` of unit `block` (each in [0, shape[0]), else
   /// std::invalid_argument naming it) into `dest`, row i at i × row_bytes. Throws IoError /
-  /// FormatError naming the unit, the tensor, the file and the offset.
+  /// FormatError naming the unit, the tensor, the file and the offset (and, decoding, the
+  /// store block and the chunk; ChecksumError for a damaged chunk when verifying).
   void read(std::uint32_t block, const TensorPlacement& tensor, std::span<const std::int64_t> rows,
             std::byte* dest) const;
 
  private:
+  void read_decoded(const TensorPlacement& tensor, std::span<const std::int64_t> rows,
+                    std::byte* dest) const;
+
   const Layout& layout_;
   std::vector<tensorstream::detail::FileDescriptor> files_;
 };
