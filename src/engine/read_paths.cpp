@@ -89,9 +89,9 @@ std::string ReadPaths::decode_note(const EngineStats& stats) const {
     const double decode_gbps =
         static_cast<double>(stats.bytes_decoded) / stats.decode_seconds / 1e9;
     const double read_gbps = static_cast<double>(stats.bytes_from_storage) / stats.io_seconds / 1e9;
-    note += concat("; decoding (", decode_gbps,
-                   " GB/s of decoded bytes) took longer than reading (", read_gbps,
-                   " GB/s of stored bytes): the fills wait for the decoder, not for storage");
+    note += concat("; the fills spent longer decoding (", decode_gbps,
+                   " GB/s of decoded bytes) than waiting for storage (", read_gbps,
+                   " GB/s of stored bytes): the decoder, not the storage, holds them back");
   }
   return note;
 }
