@@ -7,6 +7,9 @@ in one process, one after another, on the same prompt:
   experts+predict   tensorstream, each expert a unit, the next layer's experts prefetched
                     from its router (the default)
   experts           the same without the prediction (misses load on demand)
+  experts-order-cache  the same, experts planned and cached like units used on every pass
+                    (no learned use rates: resident experts picked by the plan, released
+                    ones ranked by the order of the first pass; _experts.every_pass_rates)
   whole-layer       tensorstream with MoE layers streamed like any other (every expert of a
                     layer read each pass; _experts.whole_layers)
   accelerate-disk   transformers/accelerate disk offload: from_pretrained(device_map="auto",
@@ -20,7 +23,8 @@ rate and the prediction recall, and whether its tokens equal the in-memory model
 store lives in ``--workdir`` (page cache warm after the first pass: what is measured is the
 streaming path, not the disk).
 
-    .venv/bin/python bench/bench_moe.py                       # CPU, both models
+    .venv/bin/python bench/bench_moe.py                       # CPU, both models, 1.3 GB
+    .venv/bin/python bench/bench_moe.py --size 445mb          # smaller, minutes
     .venv/bin/python bench/bench_moe.py --smoke               # tiny, seconds
     .venv/bin/python bench/bench_moe.py --device cuda         # GPU; dry-run without one
 
@@ -41,10 +45,18 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-SYSTEMS = ("experts+predict", "experts", "whole-layer", "accelerate-disk", "memory")
+SYSTEMS = (
+    "experts+predict",
+    "experts",
+    "experts-order-cache",
+    "whole-layer",
+    "accelerate-disk",
+    "memory",
+)
+SIZES = ("1.3gb", "445mb")
 
 
-def _models(smoke: bool) -> dict[str, tuple[str, dict]]:
+def _models(smoke: bool, size: str = "1.3gb") -> dict[str, tuple[str, dict]]:
     if smoke:
         common = dict(
             hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -67,20 +79,23 @@ def _models(smoke: bool) -> dict[str, tuple[str, dict]]:
                 ),
             ),  # fmt: skip
         }
-    common = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+    # 1.3gb: hidden 1024, experts of 1536 (Mixtral) / 384 (Qwen3-MoE) rows, 1.34 GB fp32 each;
+    # 445mb: hidden 512, experts of 1024 / 256 rows.
+    hidden, inter, moe_inter = (1024, 1536, 384) if size == "1.3gb" else (512, 1024, 256)
+    common = dict(hidden_size=hidden, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512)  # fmt: skip
     return {
         "mixtral": (
             "Mixtral",
-            dict(common, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
+            dict(common, intermediate_size=inter, num_local_experts=8, num_experts_per_tok=2),
         ),  # fmt: skip
         "qwen3_moe": (
             "Qwen3Moe",
             dict(
                 common,
-                intermediate_size=1024,
-                head_dim=64,
-                moe_intermediate_size=256,
+                intermediate_size=inter,
+                head_dim=hidden // 8,
+                moe_intermediate_size=moe_inter,
                 num_experts=32,
                 num_experts_per_tok=4,
             ),
@@ -153,12 +168,15 @@ def _run_system(system, kind, cfg, ids, steps, budget, workdir: Path, device):
                 if system == "whole-layer":
                     with _experts.whole_layers():
                         ts.offload(model, config)
+                elif system == "experts-order-cache":
+                    with _experts.every_pass_rates():
+                        ts.offload(model, config)
                 else:
                     ts.offload(model, config)
             except ts.BudgetTooSmallError as e:
                 res["refused"] = f"minimum budget {e.minimum_budget} bytes"
                 return res, None
-        if system == "experts":
+        if system in ("experts", "experts-order-cache"):
             model.tensorstream.predict_experts = False
     runtime = getattr(model, "tensorstream", None)
     before = 0
@@ -179,6 +197,8 @@ def _run_system(system, kind, cfg, ids, steps, budget, workdir: Path, device):
         if "experts" in stats:
             e = stats["experts"]
             res["expert_hit_rate"] = e["hit_rate"]
+            res["expert_stall_seconds"] = e["stall_seconds"]
+            res["resident_experts"] = sum(x["resident_experts"] for x in e["layers"])
             res["prediction_recall"] = e["prediction_recall"] if e["prediction"] else None
         model.cleanup_tensorstream()
     del model
@@ -190,6 +210,7 @@ def _run_system(system, kind, cfg, ids, steps, budget, workdir: Path, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models, a few steps")
+    ap.add_argument("--size", choices=SIZES, default=SIZES[0], help="model size (fp32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (dry-run without a GPU)")
     ap.add_argument("--budget-fraction", type=float, default=0.20)
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps")
@@ -207,8 +228,10 @@ def main(argv=None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-    models = {k: v for k, v in _models(args.smoke).items() if k in args.models.split(",")}
-    steps = args.steps if args.steps is not None else (4 if args.smoke else 24)
+    models = {
+        k: v for k, v in _models(args.smoke, args.size).items() if k in args.models.split(",")
+    }
+    steps = args.steps if args.steps is not None else (4 if args.smoke else 16)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("dry run: no GPU here; would run on", device)
         for name, (kind, cfg) in models.items():

@@ -381,6 +381,10 @@ ts::engine::EngineOptions engine_options_from(const nb::dict& d) {
       if (!value.is_none()) o.unit_partial = nb::cast<std::vector<bool>>(value);
       continue;
     }
+    if (key == "unit_use_rate") {
+      if (!value.is_none()) o.unit_use_rate = nb::cast<std::vector<double>>(value);
+      continue;
+    }
     if (key == "memory_stream") {
       o.memory_stream = reinterpret_cast<ts::cuda::StreamHandle>(nb::cast<std::uintptr_t>(value));
       continue;
@@ -647,6 +651,18 @@ void bind_engine(nb::module_& m) {
              }
              return engine_stats_dict(s);
            })
+      .def(
+          "counters",
+          [](PyEngine& self) {
+            ts::engine::EngineStats s;
+            {
+              nb::gil_scoped_release no_gil;
+              s = self.get()->stats();
+            }
+            return nb::make_tuple(s.device_hits, s.device_misses, s.bytes_to_device);
+          },
+          "(device_hits, device_misses, bytes_to_device): the counters a caller samples around "
+          "each call (stats() builds the whole dict, per-unit lists included)")
       .def(
           "trace_json", [](PyEngine& self) { return self.get()->trace_json(); }, ReleaseGil())
       .def_prop_ro("block_count", [](PyEngine& self) { return self.get()->block_count(); })

@@ -648,6 +648,11 @@ const std::vector<StructuralOption>& structural_options() {
        "`EngineOptions::unit_partial`",
        "Per unit, whether it is used by parts (rows): streaming it then moves only what is asked "
        "for, so the plan makes it resident last."},
+      {"unit_use_rate",
+       "options key `unit_use_rate` (list of float); C++: `EngineOptions::unit_use_rate`",
+       "Per unit, the share of passes expected to use it, in (0, 1] (default 1). Below 1 the unit "
+       "is routed (an expert): kept out of the learned order, its actual rate learned, its cached "
+       "place kept by that rate, made resident after every-pass units."},
       {"memory_stream",
        "options key `memory_stream` (a CUstream as int); C++: "
        "`EngineOptions::memory_stream`",

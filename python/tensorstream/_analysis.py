@@ -146,6 +146,9 @@ class Block:
     expert: int | None = None
     expert_attrs: list[str] = field(default_factory=list)
     expert_views: Any = None
+    # The share of passes expected to use the unit: 1, except for an expert (top-k of E); the
+    # engine learns the actual share (engine option ``unit_use_rate``).
+    use_rate: float = 1.0
 
 
 def streamed_blocks(model: nn.Module, min_layer_size: int) -> list[Block]:
@@ -275,6 +278,7 @@ def partition(model: nn.Module, min_layer_size: int, tier: int) -> Partition:
                         params=[(expert_tensor_name(q, e), p) for _, q, p in x.params],
                         expert=e,
                         expert_attrs=[attr for attr, _, _ in x.params],
+                        use_rate=x.use_rate,
                     )
                 )
                 units.append(x.units[-1])

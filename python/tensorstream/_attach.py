@@ -59,11 +59,12 @@ def check_device(device: torch.device) -> None:
 
 def unit_spec(part: Partition, name_of: Callable[[str], str] = str) -> UnitSpec:
     """The engine's view of ``part``: its units' tensors named by ``name_of`` (the source's
-    names), what each is held with, which are used by rows."""
+    names), what each is held with, which are used by rows, how often each is used."""
     return UnitSpec(
         {u.name: [name_of(n) for n, _ in u.params] for u in part.units},
         tuple(frozenset(h) for h in part.held_with),
         tuple(u.rows for u in part.units),
+        tuple(u.use_rate for u in part.units),
     )
 
 

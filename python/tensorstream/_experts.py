@@ -27,10 +27,18 @@ module, whose class is decorated ``@use_experts_implementation`` (``MixtralExper
   never displacing a held or not-yet-used unit). When that layer runs, the experts it
   really uses are compared with the prediction (``prediction_recall``). Misses load on
   demand.
+* **Expert cache.** Each expert unit tells the engine the share of passes expected to use
+  it (top-k of E, engine option ``unit_use_rate``). The engine learns the real share from
+  the acquires, keeps experts out of its learned order (its own prefetch never replays the
+  experts of an earlier token), ranks a released expert's place in the arena by how soon it
+  is expected back — a frequently routed expert stays, a rarely routed one goes first — and
+  makes every-pass units (attention, routers, shared experts) resident before experts.
 * **Statistics** (``model.tensorstream.statistics()["experts"]``): expert acquires, the
   share that found the expert in device memory (``hit_rate``, from the engine's device
   hits/misses across each experts forward), bytes brought to the device during experts
-  forwards, experts predicted and the recall of the prediction.
+  forwards, experts predicted and the recall of the prediction, the time acquires of
+  experts waited (``stall_seconds``), and per experts site (``layers``): its acquires, hit
+  rate, stall, resident experts and each expert's learned use rate.
 
 Torch-facing. Several threads may run one model: a unit's count is kept under its block's
 lock as for every other unit; the statistics are guarded by ``ExpertsRuntime.lock``.
@@ -38,6 +46,7 @@ lock as for every other unit; the statistics are guarded by ``ExpertsRuntime.loc
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +57,8 @@ from torch import nn
 if TYPE_CHECKING:
     from ._analysis import Block
     from .runtime import OffloadedModel
+
+logger = logging.getLogger("tensorstream")
 
 __all__ = [
     "ExpertsSite",
@@ -83,6 +94,16 @@ class ExpertsSite:
     num_experts: int
     router: nn.Module | None
     units: list[Block] = field(default_factory=list)
+
+    @property
+    def use_rate(self) -> float:
+        """The share of passes expected to use one expert: top-k of E (the router's
+        ``top_k``; 1 of E without a router), before the engine learns the real share. 1
+        inside :class:`every_pass_rates`."""
+        if not _RATES[0]:
+            return 1.0
+        top_k = getattr(self.router, "top_k", 1) if self.router is not None else 1
+        return min(1.0, max(1, int(top_k)) / self.num_experts)
 
 
 def _is_experts(module: nn.Module) -> bool:
@@ -127,6 +148,23 @@ class whole_layers:  # noqa: N801 - used as a context manager, like a function
 
     def __exit__(self, *exc: object) -> None:
         _ENABLED[0] = True
+
+
+# Whether expert units tell the engine their use rate; off, the engine treats them as units
+# used on every pass (cached by the order of the first pass, possibly made resident): the
+# expert-cache baseline of bench/bench_moe.py. Set via every_pass_rates().
+_RATES = [True]
+
+
+class every_pass_rates:  # noqa: N801 - used as a context manager, like a function
+    """``with every_pass_rates(): offload(...)``: expert units are planned and cached as if
+    used on every pass, not by their learned rate (for comparisons; not thread-safe)."""
+
+    def __enter__(self) -> None:
+        _RATES[0] = False
+
+    def __exit__(self, *exc: object) -> None:
+        _RATES[0] = True
 
 
 def find_experts(model: nn.Module) -> list[ExpertsSite]:
@@ -212,10 +250,29 @@ class ExpertsRuntime:
         self.predicted_used = 0  # of the experts used by predicted forwards, those predicted
         self.used_in_predicted = 0  # experts used by forwards that had a prediction
         self.pending: dict[int, set[int]] = {}  # site index -> predicted experts
+        self.site_acquires = [0] * len(sites)
+        self.site_hits = [0] * len(sites)
+        self.site_misses = [0] * len(sites)
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self, engine: dict[str, Any], resident: list[bool]) -> dict[str, Any]:
+        """The experts' statistics, from these counters and the engine's ``engine`` (its
+        stats: each unit's stall time and learned use rate) under the plan ``resident``."""
+        stall, rates = engine["block_stall_seconds"], engine["use_rates"]
         with self.lock:
             looked = self.device_hits + self.device_misses
+            layers = []
+            for i, site in enumerate(self.sites):
+                hits, misses = self.site_hits[i], self.site_misses[i]
+                layers.append(
+                    {
+                        "name": site.name,
+                        "acquires": self.site_acquires[i],
+                        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                        "stall_seconds": sum(stall[u.index] for u in site.units),
+                        "resident_experts": sum(1 for u in site.units if resident[u.index]),
+                        "use_rates": [rates[u.index] for u in site.units],
+                    }
+                )
             return {
                 "sites": len(self.sites),
                 "units": sum(len(s.units) for s in self.sites),
@@ -228,6 +285,8 @@ class ExpertsRuntime:
                 "prediction_recall": (
                     self.predicted_used / self.used_in_predicted if self.used_in_predicted else 0.0
                 ),
+                "stall_seconds": sum(layer["stall_seconds"] for layer in layers),
+                "layers": layers,
             }
 
 
@@ -277,11 +336,14 @@ class _Table:
 
 
 class _Proxy:
-    """The experts module as its eager forward sees it, fused parameters replaced by tables."""
+    """The experts module as an experts forward sees it, fused parameters replaced by
+    ``tables`` (a :class:`_Table` each for the eager forward; one expert's slices, as
+    ``[1, ...]`` tensors, for a fused implementation) and any other attribute overridden by
+    ``extra``."""
 
-    def __init__(self, module: nn.Module, tables: dict[str, _Table]) -> None:
+    def __init__(self, module: nn.Module, tables: dict[str, Any], **extra: Any) -> None:
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_tables", tables)
+        object.__setattr__(self, "_tables", {**tables, **extra})
 
     def __getattr__(self, name: str) -> Any:
         tables = object.__getattribute__(self, "_tables")
@@ -326,6 +388,85 @@ def _release_expert(runtime: OffloadedModel, unit: Block) -> None:
             _debug.released(runtime, unit)
 
 
+# Fused implementations whose result is the sum over each token's k routed slots of
+# (expert output × routing weight), taken as ``view(tokens, k, hidden).sum(1)``, each slot's
+# output computed from its own row: they run one expert at a time (:func:`_per_expert`).
+# grouped_mm (transformers' default) multiplies each expert's rows on their own, so that is
+# bitwise its result; batched_mm's one bmm over every (token, slot) pair rounds by the size
+# of that batch, which streamed is one expert's pairs: its last bits may differ.
+_PER_SLOT_SUM = {"grouped_mm": True, "batched_mm": False}  # name -> bitwise
+_warned: set[str] = set()
+
+
+def _warn_once(name: str, why: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning(
+            "tensorstream: streamed experts under experts implementation '%s' %s: outputs may "
+            "differ from the in-memory model's in the last bits",
+            name,
+            why,
+        )
+
+
+def _fused_implementation(module: nn.Module) -> Any:
+    """The experts forward ``module.config._experts_implementation`` names, where it is one
+    of _PER_SLOT_SUM; None for the eager forward, which any other implementation computes
+    with (warned once)."""
+    name = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if name in (None, "eager"):
+        return None
+    if name not in _PER_SLOT_SUM:
+        _warn_once(name, "compute with the eager experts forward")
+        return None
+    if not _PER_SLOT_SUM[name]:
+        _warn_once(name, "run one expert's batch at a time")
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: PLC0415
+
+    return ALL_EXPERTS_FUNCTIONS.get_interface(name, None)
+
+
+def _per_expert(
+    forward: Any,
+    held: _Held,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    hit: list[int],
+) -> torch.Tensor:
+    """A fused experts ``forward`` (grouped_mm, batched_mm) computed one routed expert at a
+    time: for expert ``e``, the implementation itself runs on the (token, slot) pairs routed
+    to ``e`` with a one-expert module (its slices as ``[1, ...]`` tensors) and k = 1, which
+    gives those pairs' weighted outputs; they are laid out as the implementation lays out
+    its own, ``[tokens · k, hidden]``, and summed over the slots as it sums them. The input
+    rows are given in the dtype of (weights × routing weights), so that a pair's output is
+    not rounded before the sum (the implementation casts its input to the weights' dtype),
+    and each expert's pairs in the order the implementation's own sort gives them."""
+    tokens, k = top_k_index.shape[0], top_k_index.shape[-1]
+    hidden = hidden_states.shape[-1]
+    flat = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1, 1)
+    # Each expert's pairs in the order the implementation sorts them (its matmuls round a
+    # row differently by where in the block of rows it is).
+    sorted_ids, perm = torch.sort(flat)
+    attrs = [attr for attr, _, _ in held.site.params]
+    out = None
+    for e in hit:
+        pairs = perm[sorted_ids == e]
+        slices = {attr: held.view(e, attr).unsqueeze(0) for attr in attrs}
+        dtype = torch.promote_types(slices[attrs[0]].dtype, top_k_weights.dtype)
+        one = _Proxy(held.site.module, slices, num_experts=1)
+        rows = hidden_states[pairs // k].to(dtype)
+        ids = torch.zeros((len(pairs), 1), dtype=top_k_index.dtype, device=flat.device)
+        result = forward(one, rows, ids, weights[pairs])
+        if out is None:
+            out = result.new_zeros((tokens * k, hidden))
+        out[pairs] = result
+    if out is None:
+        return hidden_states.new_zeros((tokens, hidden))
+    return out.view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
 def _indices(router_out: Any) -> torch.Tensor:
     return router_out[-1] if isinstance(router_out, tuple) else router_out
 
@@ -355,19 +496,27 @@ def _routed_forward(runtime: OffloadedModel, state: ExpertsRuntime, index: int):
                 if not runtime.unit_resident(unit.index):
                     engine.prefetch(unit.index)
         held = _Held(runtime, site)
-        proxy = _Proxy(module, {attr: _Table(held, attr) for attr, _, _ in site.params})
-        before = engine.stats()
+        fused = _fused_implementation(module)
+        before = engine.counters()
         try:
-            out = eager(proxy, hidden_states, top_k_index, *args, **kwargs)
+            if fused is None:
+                proxy = _Proxy(module, {attr: _Table(held, attr) for attr, _, _ in site.params})
+                out = eager(proxy, hidden_states, top_k_index, *args, **kwargs)
+            else:
+                weights = args[0] if args else kwargs["top_k_weights"]
+                out = _per_expert(fused, held, hidden_states, top_k_index, weights, hit)
         finally:
             held.release()
-        after = engine.stats()
+        hits, misses, moved = (a - b for a, b in zip(engine.counters(), before, strict=True))
         with state.lock:
             state.forwards += 1
             state.acquires += held.acquires
-            state.device_hits += after["device_hits"] - before["device_hits"]
-            state.device_misses += after["device_misses"] - before["device_misses"]
-            state.bytes_to_device += after["bytes_to_device"] - before["bytes_to_device"]
+            state.device_hits += hits
+            state.device_misses += misses
+            state.site_acquires[index] += held.acquires
+            state.site_hits[index] += hits
+            state.site_misses[index] += misses
+            state.bytes_to_device += moved
             expected = state.pending.pop(index, None)
             if expected is not None:
                 used = set(hit)

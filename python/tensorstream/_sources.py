@@ -45,11 +45,13 @@ class UnitSpec:
     """The engine units a runtime streams: ``groups`` (unit name -> tensor names in the
     source, in unit order), per unit the indices of the units held while it is
     (``held_with``: a module's weights while its parent's are held) and whether it is used by
-    rows (``rows``: an embedding table). Torch-free, so a source can tell the engine's needs."""
+    rows (``rows``: an embedding table) and the share of passes expected to use it
+    (``rates``: below 1 for an expert). Torch-free, so a source can tell the engine's needs."""
 
     groups: dict[str, list[str]]
     held_with: tuple[frozenset[int], ...] = ()
     rows: tuple[bool, ...] = ()
+    rates: tuple[float, ...] = ()
 
 
 def _footprint(nbytes: int) -> int:
@@ -116,9 +118,13 @@ class _Units:
         return sizes, needs, partial
 
     def engine_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with the units' needs for the engine."""
+        """``options`` with the units' needs for the engine, and their use rates where some
+        unit is routed (an expert)."""
         _, needs, partial = self.demands(str(options.get("device", "cpu")))
-        return dict(options, unit_needs=needs, unit_partial=partial)
+        out = dict(options, unit_needs=needs, unit_partial=partial)
+        if self.spec is not None and any(r < 1 for r in self.spec.rates):
+            out["unit_use_rate"] = list(self.spec.rates)
+        return out
 
     def streaming_minimum(self, options: dict[str, Any]) -> int:
         """The smallest engine budget for the units (the physical minimum)."""

@@ -332,7 +332,7 @@ class OffloadedModel:
             stall_time_seconds=stats["stall_seconds"],
         )
         if self._experts is not None:
-            stats["experts"] = self._experts.statistics()
+            stats["experts"] = self._experts.statistics(stats, list(plan["resident"]))
         return stats
 
     def print_statistics(self) -> None:

@@ -68,9 +68,13 @@ std::optional<Arena::Place> Arena::find(std::uint64_t bytes, bool demand, Distan
     Score score;
     score.offset = start;
     const auto end = start + need;
-    // Units of the run are sorted and disjoint: those overlapping the window are contiguous.
-    std::size_t i = first;
-    while (i < last && slots[i].end() <= start) ++i;
+    // Units of the run are sorted and disjoint: those overlapping the window are contiguous
+    // (found by bisection: an arena caching many experts holds thousands of units).
+    const auto begin = slots.begin() + static_cast<std::ptrdiff_t>(first);
+    const auto stop = slots.begin() + static_cast<std::ptrdiff_t>(last);
+    auto i = static_cast<std::size_t>(
+        std::partition_point(begin, stop, [&](const Slot& s) { return s.end() <= start; }) -
+        slots.begin());
     std::size_t j = i;
     for (; j < last && slots[j].entry->offset < end; ++j) {
       score.soonest = std::min(score.soonest, slots[j].distance);

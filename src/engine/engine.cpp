@@ -31,6 +31,14 @@ int validated_device(const EngineOptions& options, std::size_t units) {
   TS_EXPECT(options.unit_partial.empty() || options.unit_partial.size() == units,
             std::invalid_argument, "unit_partial gives ", options.unit_partial.size(),
             " values for ", units, " units");
+  TS_EXPECT(options.unit_use_rate.empty() || options.unit_use_rate.size() == units,
+            std::invalid_argument, "unit_use_rate gives ", options.unit_use_rate.size(),
+            " values for ", units, " units");
+  for (std::size_t u = 0; u < options.unit_use_rate.size(); ++u) {
+    const double rate = options.unit_use_rate[u];
+    TS_EXPECT(rate > 0 && rate <= 1, std::invalid_argument, "unit_use_rate of unit ", u, " is ",
+              rate, ": a share of passes must be in (0, 1]");
+  }
   const int device_ordinal = detail::parse_device(options.device);
   if (options.gds == GdsMode::kOn) {
     TS_EXPECT(device_ordinal >= 0, std::invalid_argument, "gds=on needs a CUDA device, but ",
@@ -99,7 +107,8 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
     bytes.push_back(cuda_device_ ? b.memory_size() : b.size);
     const auto need = options_.unit_needs.empty() ? 0 : options_.unit_needs[u];
     const bool partial = !options_.unit_partial.empty() && options_.unit_partial[u];
-    demands.push_back(UnitDemand{bytes.back(), need, partial});
+    const double rate = options_.unit_use_rate.empty() ? 1.0 : options_.unit_use_rate[u];
+    demands.push_back(UnitDemand{bytes.back(), need, partial, rate});
     together.push_back(need > bytes.back() ? need : 0);
   }
   try {
@@ -122,10 +131,12 @@ Engine::Impl::Impl(Layout layout, EngineOptions options)
     const auto fit = plan_.arena_bytes / plan_.largest_need;
     max_depth = static_cast<std::uint32_t>(std::max<std::uint64_t>(fit, 2) - 1);
   }
-  prefetcher_.emplace(options_.prefetch, options_.prefetch_depth, plan_.resident, max_depth);
+  prefetcher_.emplace(options_.prefetch, options_.prefetch_depth, plan_.resident, max_depth,
+                      options_.unit_use_rate);
 
   acquired_at_ns_.assign(n, 0);
   stats_.block_load_seconds.assign(n, 0.0);
+  stats_.block_stall_seconds.assign(n, 0.0);
   stats_.device_bytes_in_use = places_->device_bytes();
   stats_.device_bytes_peak = stats_.device_bytes_in_use;
   stats_.device_budget = options_.device_budget;
@@ -268,7 +279,8 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
             layout_.blocks.size(), " blocks in '", layout_.source.string(), "')");
   ++stats_.acquires;
   prefetcher_->record_acquire(block);
-  current_ = block;
+  const bool routed = prefetcher_->routed(block);
+  if (!routed) current_ = block;  // distances are measured from where the pass is
   const auto deadline = Clock::now() + options_.wait_timeout;
   const std::int64_t start = now_ns();
   bool waited = false;
@@ -347,6 +359,7 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
     ++stats_.device_misses;
     const auto end = now_ns();
     stats_.stall_seconds += static_cast<double>(end - start) / 1e9;
+    stats_.block_stall_seconds[block] += static_cast<double>(end - start) / 1e9;
     trace_.record({SpanKind::kStall, block, 0, start, end});
   } else {
     ++stats_.device_hits;
@@ -355,7 +368,7 @@ BlockView Engine::Impl::acquire(std::uint32_t block, cuda::StreamHandle stream) 
   const BlockView view = view_of(u, block);
   // Every acquirer's stream waits for the fill, not only the first one's.
   u.memory->make_wait_for_ready(stream);
-  prefetch_after(block);
+  prefetch_after(routed ? current_ : block);
   return view;
 }
 
@@ -382,6 +395,7 @@ void Engine::Impl::prefetch(std::uint32_t block) {
   std::lock_guard lock(mutex_);
   check_open();
   TS_EXPECT(block < layout_.blocks.size(), std::out_of_range, "block ", block, " out of range");
+  prefetcher_->record_prefetch(block);
   prefetch_locked(block);
 }
 
@@ -623,6 +637,10 @@ EngineStats Engine::Impl::stats() const {
   out.gds = readers_->gds().outcome();
   out.order_learned = prefetcher_->order_learned();
   out.prefetch_depth = prefetcher_->depth();
+  out.use_rates.resize(layout_.blocks.size());
+  for (std::uint32_t b = 0; b < out.use_rates.size(); ++b) {
+    out.use_rates[b] = prefetcher_->use_rate(b);
+  }
   return out;
 }
 

@@ -14,6 +14,7 @@ struct Units {
   std::vector<std::uint64_t> size;  // footprints
   std::vector<std::uint64_t> need;  // footprints
   std::vector<bool> partial;
+  std::vector<double> rate;
   std::uint64_t total = 0;
 };
 
@@ -24,6 +25,7 @@ Units units_of(const std::vector<UnitDemand>& units) {
     u.size.push_back(device_footprint(d.size));
     u.need.push_back(device_footprint(d.need == 0 ? d.size : d.need));
     u.partial.push_back(d.partial);
+    u.rate.push_back(d.rate);
     u.total += u.size.back();
   }
   return u;
@@ -32,7 +34,7 @@ Units units_of(const std::vector<UnitDemand>& units) {
 std::vector<UnitDemand> whole(const std::vector<std::uint64_t>& sizes) {
   std::vector<UnitDemand> out;
   out.reserve(sizes.size());
-  for (const auto s : sizes) out.push_back(UnitDemand{s, s, false});
+  for (const auto s : sizes) out.push_back(UnitDemand{s, s, false, 1.0});
   return out;
 }
 
@@ -67,12 +69,13 @@ std::optional<ResidencyPlan> plan_with_cap(const Units& u, std::uint64_t budget,
   }
   // Largest first fills the budget with the most bytes (first-fit decreasing) — partial
   // units, which stream only what is asked of them, last; stable, so equal sizes go to the
-  // units that come first.
+  // units that come first. Routed units are left to the arena (see the header).
   std::stable_sort(optional.begin(), optional.end(), [&](std::size_t a, std::size_t b) {
     if (u.partial[a] != u.partial[b]) return !u.partial[a];
     return u.size[a] > u.size[b];
   });
   for (const auto i : optional) {
+    if (u.rate[i] < 1) continue;
     if (u.size[i] <= left) {
       left -= u.size[i];
       plan.resident[i] = true;
@@ -90,6 +93,15 @@ std::optional<ResidencyPlan> plan_with_cap(const Units& u, std::uint64_t budget,
     plan.overlap = plan.arena_bytes / plan.largest_need >= 2;
   }
   return plan;
+}
+
+// Bytes a plan keeps from streaming on an average pass.
+double saved_per_pass(const Units& u, const ResidencyPlan& plan) {
+  double saved = 0;
+  for (std::size_t i = 0; i < u.size.size(); ++i) {
+    if (plan.resident[i]) saved += static_cast<double>(u.size[i]) * u.rate[i];
+  }
+  return saved;
 }
 
 }  // namespace
@@ -130,9 +142,16 @@ ResidencyPlan plan_residency(const std::vector<UnitDemand>& units, std::uint64_t
   const auto caps = caps_of(u);
   for (std::uint32_t k = slots; k >= 1; --k) {
     std::optional<ResidencyPlan> best;
+    double best_saved = 0;
     for (const auto cap : caps) {
       auto plan = plan_with_cap(u, budget, k, cap);
-      if (plan && (!best || plan->resident_bytes > best->resident_bytes)) best = std::move(plan);
+      if (!plan) continue;
+      const double saved = saved_per_pass(u, *plan);
+      if (!best || saved > best_saved ||
+          (saved == best_saved && plan->resident_bytes > best->resident_bytes)) {
+        best = std::move(plan);
+        best_saved = saved;
+      }
     }
     if (best) return *std::move(best);
   }

@@ -85,8 +85,12 @@ void expect_unit_bytes(eng::Engine& engine, const TestModel& m, std::uint32_t un
 TEST(EngineArena, UnitsAreTheCallersGroupsOfAStoresTensors) {
   TempDir dir;
   const auto m = make_model(dir, 4, 300);
-  for (const auto backend : {ts::io::BackendType::kPread, ts::io::BackendType::kMmap}) {
-    SCOPED_TRACE(std::string(ts::io::backend_name(backend)));
+  // Each backend, with the units of layers 3..5 routed (use rate learned, prefetched by the
+  // caller) or not.
+  for (const auto& [backend, routed] :
+       {std::pair{ts::io::BackendType::kPread, false}, std::pair{ts::io::BackendType::kMmap, false},
+        std::pair{ts::io::BackendType::kPread, true}}) {
+    SCOPED_TRACE(std::string(ts::io::backend_name(backend)) + (routed ? " routed" : ""));
     eng::EngineOptions options;
     options.backend = backend;
     options.verify_checksums = true;
@@ -149,8 +153,12 @@ TEST(EngineArena, RowsReadOnlyTheRowsAskedFor) {
   const auto m = make_model(dir, 2, 100);
   const auto& table = m.bytes.at("embed");
   constexpr std::uint64_t kRow = 64 * 4;
-  for (const auto backend : {ts::io::BackendType::kPread, ts::io::BackendType::kMmap}) {
-    SCOPED_TRACE(std::string(ts::io::backend_name(backend)));
+  // Each backend, with the units of layers 3..5 routed (use rate learned, prefetched by the
+  // caller) or not.
+  for (const auto& [backend, routed] :
+       {std::pair{ts::io::BackendType::kPread, false}, std::pair{ts::io::BackendType::kMmap, false},
+        std::pair{ts::io::BackendType::kPread, true}}) {
+    SCOPED_TRACE(std::string(ts::io::backend_name(backend)) + (routed ? " routed" : ""));
     eng::EngineOptions options;
     options.backend = backend;
     options.device_budget = 120 * KiB;  // the 500 KiB table never fits whole
@@ -259,12 +267,87 @@ TEST(EngineArena, CyclicLoopLargerThanTheArenaKeepsHittingWithoutPrefetch) {
   EXPECT_GE(engine.stats().device_hits, 4u * 2u);
 }
 
+// Misses on acquires of the hot expert (7) after `warm` passes of: every-pass units 0..3
+// (resident), with the hot expert after unit 0 and one of the cold experts {4, 5, 6, 8, ...,
+// 11}, drawn at random, after unit 1. The arena holds two experts.
+std::uint64_t hot_expert_misses(const std::filesystem::path& path, bool rates, int passes,
+                                int warm) {
+  constexpr std::uint32_t kHot = 7;
+  const auto store = ts::Store::open(path);
+  eng::EngineOptions options;
+  options.backend = ts::io::BackendType::kPread;
+  options.device_budget = 6 * 16 * KiB;
+  if (rates) {
+    options.unit_use_rate = {1, 1, 1, 1};
+    options.unit_use_rate.resize(12, 0.25);
+  }
+  eng::Engine engine(path, options);
+  for (std::uint32_t b = 0; b < 12; ++b) EXPECT_EQ(engine.plan().resident[b], b < 4) << b;
+  EXPECT_EQ(engine.plan().arena_bytes, 2 * 16 * KiB);
+  std::mt19937 random(5);
+  const std::vector<std::uint32_t> cold{4, 5, 6, 8, 9, 10, 11};
+  std::uint64_t misses = 0;
+  const auto use = [&](std::uint32_t b) {
+    const auto view = engine.acquire(b);
+    EXPECT_EQ(ts::checksum64({view.host, view.size}), store.blocks()[b].checksum) << b;
+    engine.release(b);
+  };
+  for (int pass = 0; pass < passes; ++pass) {
+    use(0);
+    const auto before = engine.stats().device_misses;
+    use(kHot);
+    if (pass >= warm) misses += engine.stats().device_misses - before;
+    use(1);
+    use(cold[random() % cold.size()]);
+    use(2);
+    use(3);
+  }
+  const auto stats = engine.stats();
+  EXPECT_LE(stats.device_bytes_peak, options.device_budget);
+  if (rates) {
+    EXPECT_GT(stats.use_rates[kHot], 0.9);
+    EXPECT_LT(stats.use_rates[5], 0.5);
+    EXPECT_DOUBLE_EQ(stats.use_rates[0], 1.0);
+  }
+  return misses;
+}
+
+TEST(EngineArena, AFrequentlyRoutedExpertStaysInTheArena) {
+  TempDir dir;
+  const auto path = ts::testing::make_random_store(dir.path(), 12, 16 * KiB, 16 * KiB, 3);
+  // Ranked by its learned rate the expert used every pass is never displaced by the cold
+  // ones; ranked by the order of the first pass it is, whenever a cold expert that comes
+  // sooner in the source order than it needs its place.
+  EXPECT_EQ(hot_expert_misses(path, /*rates=*/true, 40, 3), 0u);
+  EXPECT_GT(hot_expert_misses(path, /*rates=*/false, 40, 3), 0u);
+}
+
+TEST(EngineArena, UseRatesAreValidated) {
+  TempDir dir;
+  const auto path = ts::testing::make_random_store(dir.path(), 3, 16 * KiB, 16 * KiB, 3);
+  eng::EngineOptions options;
+  options.device_budget = 1 << 20;
+  options.unit_use_rate = {1, 0.5};
+  EXPECT_THROW(eng::Engine(path, options), std::invalid_argument);
+  options.unit_use_rate = {1, 0, 1};
+  try {
+    eng::Engine engine(path, options);
+    FAIL() << "a rate of 0 was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("unit_use_rate of unit 1"), std::string::npos) << e.what();
+  }
+}
+
 TEST(EngineArena, NeverExceedsItsBudgetUnderRandomConcurrentSchedules) {
   TempDir dir;
   const auto m = make_model(dir, 6, 120);
   constexpr std::uint64_t kRow = 64 * 4;
-  for (const auto backend : {ts::io::BackendType::kPread, ts::io::BackendType::kMmap}) {
-    SCOPED_TRACE(std::string(ts::io::backend_name(backend)));
+  // Each backend, with the units of layers 3..5 routed (use rate learned, prefetched by the
+  // caller) or not.
+  for (const auto& [backend, routed] :
+       {std::pair{ts::io::BackendType::kPread, false}, std::pair{ts::io::BackendType::kMmap, false},
+        std::pair{ts::io::BackendType::kPread, true}}) {
+    SCOPED_TRACE(std::string(ts::io::backend_name(backend)) + (routed ? " routed" : ""));
     eng::EngineOptions options;
     options.backend = backend;
     options.verify_checksums = true;
@@ -277,6 +360,10 @@ TEST(EngineArena, NeverExceedsItsBudgetUnderRandomConcurrentSchedules) {
     partial[0] = true;
     options.unit_needs = needs;
     options.unit_partial = partial;
+    if (routed) {
+      options.unit_use_rate.assign(groups.size(), 1.0);
+      for (std::size_t u = 7; u < groups.size(); ++u) options.unit_use_rate[u] = 0.3;
+    }
     options.device_budget = 3 * eng::device_footprint(120 * 64 * 4);  // less than 4 threads hold
     auto engine = eng::Engine::from_store(m.path, options, groups);
     ASSERT_FALSE(engine.plan().resident[0]);
@@ -317,6 +404,7 @@ TEST(EngineArena, NeverExceedsItsBudgetUnderRandomConcurrentSchedules) {
             continue;
           }
           const auto unit = 1 + static_cast<std::uint32_t>(rng() % 12);
+          if (routed && unit >= 7 && rng() % 2 == 0) engine.prefetch(unit);
           const auto view = engine.acquire(unit);
           for (const auto& tp : engine.tensors(unit)) {
             if (std::memcmp(view.host + tp.offset, m.bytes.at(tp.name).data(), tp.nbytes) != 0) {

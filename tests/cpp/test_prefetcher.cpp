@@ -150,3 +150,81 @@ TEST(Prefetcher, DistanceIsAcquiresToTheNextUse) {
   EXPECT_EQ(p.distance(2, 3), 1u);
   EXPECT_EQ(p.distance(0, 0), 4u);
 }
+
+// Blocks 0, 2, 4 every pass; 1, 3, 5, 6 routed (experts, prior rate 1/4).
+std::vector<double> routed_rates() { return {1, 0.25, 1, 0.25, 1, 0.25, 0.25}; }
+
+TEST(Prefetcher, RoutedBlocksStayOutOfTheOrderAndTheWalk) {
+  Prefetcher p(PrefetchStrategy::kAdaptive, 6u, none_resident(7), 6, routed_rates());
+  EXPECT_TRUE(p.routed(1));
+  EXPECT_FALSE(p.routed(2));
+  // Before an order is learned the walk in source order passes over the routed blocks.
+  EXPECT_EQ(next(p, 0), (Blocks{2, 4}));
+  // The first pass uses experts 1 and 5: the order learned is the every-pass blocks only.
+  for (const std::uint32_t b : {0u, 1u, 2u, 5u, 4u, 0u}) p.record_acquire(b);
+  ASSERT_TRUE(p.order_learned());
+  EXPECT_EQ(next(p, 0), (Blocks{2, 4}));
+  EXPECT_EQ(next(p, 4), (Blocks{0, 2}));
+  EXPECT_EQ(p.distance(0, 4), 2u);  // the pass is 3 long, experts not counted
+}
+
+TEST(Prefetcher, RoutedRatesAreLearnedFromThePassesThatUseThem) {
+  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(7), 6, routed_rates());
+  EXPECT_DOUBLE_EQ(p.use_rate(0), 1.0);
+  EXPECT_DOUBLE_EQ(p.use_rate(1), 0.25);  // the prior until passes are seen
+  // 40 passes: expert 1 in every pass (twice in some), expert 3 in every fourth, 5 never.
+  for (int pass = 0; pass < 40; ++pass) {
+    p.record_acquire(0);
+    p.record_acquire(1);
+    if (pass % 2 == 0) p.record_acquire(1);  // used twice in a pass: counts once
+    p.record_acquire(2);
+    if (pass % 4 == 0) p.record_acquire(3);
+    p.record_acquire(4);
+  }
+  EXPECT_GT(p.use_rate(1), 0.9);
+  EXPECT_LE(p.use_rate(1), 1.0);
+  EXPECT_GT(p.use_rate(3), 0.15);
+  EXPECT_LT(p.use_rate(3), 0.4);
+  EXPECT_LT(p.use_rate(5), 0.05);
+  // Unused for a while, a rate decays: about the last 20 passes count.
+  for (int pass = 0; pass < 40; ++pass) {
+    for (const std::uint32_t b : {0u, 2u, 4u}) p.record_acquire(b);
+  }
+  EXPECT_LT(p.use_rate(1), 0.2);
+}
+
+TEST(Prefetcher, RoutedDistanceIsTheExpectedNextUse) {
+  Prefetcher p(PrefetchStrategy::kAdaptive, std::nullopt, none_resident(7), 6, routed_rates());
+  for (int pass = 0; pass < 30; ++pass) {
+    p.record_acquire(0);
+    p.record_acquire(1);  // every pass, after block 0
+    p.record_acquire(2);
+    if (pass % 5 == 0) p.record_acquire(3);  // one pass in five, after block 2
+    p.record_acquire(4);
+  }
+  ASSERT_TRUE(p.order_learned());
+  // At block 4: expert 1 is next used after block 0 (1 acquire away), expert 3 after block 2,
+  // expected some passes later; the rarely used one ranks after every every-pass block.
+  const auto frequent = p.distance(4, 1);
+  const auto rare = p.distance(4, 3);
+  EXPECT_LE(frequent, 2u);
+  EXPECT_GT(rare, p.distance(4, 2) + 3);
+  EXPECT_GT(rare, frequent);
+  // Never used: further still.
+  EXPECT_GT(p.distance(4, 5), rare);
+  // Asked for by the caller: expected in this pass, where it was used before (expert 3,
+  // after block 2), or now if that is not known, until it is used or the pass after next.
+  p.record_prefetch(3);
+  EXPECT_EQ(p.distance(4, 3), p.distance(4, 2));
+  EXPECT_EQ(p.distance(2, 3), 1u);
+  p.record_prefetch(5);
+  EXPECT_EQ(p.distance(4, 5), 1u);
+  p.record_acquire(0);
+  EXPECT_EQ(p.distance(0, 5), 1u);
+  p.record_acquire(0);
+  p.record_acquire(0);
+  EXPECT_GT(p.distance(0, 5), 1u);
+  p.record_prefetch(6);
+  p.record_acquire(6);
+  EXPECT_GT(p.distance(0, 6), 1u);
+}

@@ -3,6 +3,7 @@
 // as fit beside an arena that overlaps loads with compute where the budget allows.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
 #include <random>
 
@@ -175,4 +176,31 @@ TEST(Residency, BelowTheOverlapBudgetItRunsWithoutOverlap) {
   }
   const auto plan = eng::plan_residency(sizes, 200 * MiB);
   EXPECT_TRUE(plan.overlap);
+}
+
+TEST(Residency, RoutedUnitsAreCachedInTheArenaNotMadeResident) {
+  // A layer's attention and shared expert (every pass) beside 8 routed experts (rate 1/4)
+  // of the same size as the attention: the every-pass units are resident, and the rest of the
+  // budget is the arena, which caches experts by their learned rate — no expert is resident,
+  // though one would fit.
+  std::vector<eng::UnitDemand> units{{100 * MiB, 0, false, 1.0}};
+  for (int e = 0; e < 8; ++e) units.push_back({100 * MiB, 0, false, 0.25});
+  units.push_back({50 * MiB, 0, false, 1.0});  // the shared expert
+  auto plan = eng::plan_residency(units, 450 * MiB);
+  EXPECT_TRUE(plan.resident[0]);
+  EXPECT_TRUE(plan.resident[9]) << "the shared expert";
+  for (int e = 1; e <= 8; ++e) EXPECT_FALSE(plan.resident[e]) << e;
+  EXPECT_EQ(plan.resident_bytes, 150 * MiB);
+  EXPECT_EQ(plan.arena_bytes, 300 * MiB);
+  EXPECT_TRUE(plan.overlap);
+  // Below the every-pass units' room, they stream too, beside the experts.
+  plan = eng::plan_residency(units, 250 * MiB);
+  EXPECT_TRUE(plan.resident[9]);
+  EXPECT_FALSE(plan.resident[0]);
+  EXPECT_EQ(plan.arena_bytes, 200 * MiB);
+  // When everything fits, everything is resident.
+  plan = eng::plan_residency(units, 1000 * MiB);
+  EXPECT_EQ(std::count(plan.resident.begin(), plan.resident.end(), true), 10);
+  // Rates do not change the minimum: the largest need beside what cannot stream.
+  EXPECT_EQ(eng::minimum_budget(units), 100 * MiB);
 }

@@ -211,7 +211,7 @@ TEST(Settings, StructuralOptionsAreListedOutsideTheTable) {
     EXPECT_EQ(ts::find_setting(o.name), nullptr) << o.name;
   }
   EXPECT_EQ(names, (std::vector<std::string>{"device_memory", "env", "groups", "unit_needs",
-                                             "unit_partial", "memory_stream"}));
+                                             "unit_partial", "unit_use_rate", "memory_stream"}));
 }
 
 // Every statistic the Python dict had before the statistics were described once.

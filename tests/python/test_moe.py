@@ -134,6 +134,51 @@ def test_moe_bitwise_streaming_only_routed_experts(tmp_path, arch, fraction):
     model.cleanup_tensorstream()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("implementation", ("grouped_mm", "batched_mm"))
+def test_moe_streams_under_the_models_experts_implementation(
+    tmp_path, caplog, arch, implementation
+):
+    """A model whose experts run a fused implementation streams its experts one at a time
+    through that same implementation. grouped_mm (transformers' default): logits and greedy
+    tokens bitwise those of the in-memory model. batched_mm rounds by the size of its one
+    batch of every (token, slot) pair, which streamed is one expert's pairs: equal to
+    rounding, said once in a warning."""
+    from tensorstream import _experts
+
+    _experts._warned.discard(implementation)
+
+    def build():
+        model = _build(arch)
+        model.config._experts_implementation = implementation
+        return model
+
+    reference = build()
+    ids = _ids((2, 9))
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ref_tokens = reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    budget = int(_total(reference) * 0.30)
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        offload(model, _base(tmp_path).replace(vram_budget_gb=f"{budget}B"))
+    with caplog.at_level("WARNING", logger="tensorstream"), torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    warned = [r for r in caplog.records if implementation in r.getMessage()]
+    if implementation == "grouped_mm":
+        assert torch.equal(logits, ref_logits), f"{arch}/{implementation}: logits differ"
+        assert torch.equal(tokens, ref_tokens), f"{arch}/{implementation}: tokens differ"
+        assert not warned
+    else:
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    stats = _check_budget_kept(model, budget)
+    assert stats["experts"]["acquires"] > 0
+    model.cleanup_tensorstream()
+
+
 def _decode_bytes_per_token(model, steps=12) -> float:
     runtime = model.tensorstream
     with torch.no_grad():
@@ -165,9 +210,10 @@ def test_moe_decode_reads_about_k_of_e_experts(tmp_path, arch, predict):
     expert = max(s for u, s in streamed if u.expert is not None)
     every = sum(s for _, s in streamed)
     per_token = _decode_bytes_per_token(model)
-    # Prefetches that miss (the router's prediction, or the engine's own learned-order
-    # prefetch) load at most as many experts again as are routed.
-    routed_bound = non_expert + LAYERS * TOP_K * 2 * expert
+    # Prefetches of the router's prediction that miss load at most as many experts again as
+    # are routed; without prediction nothing but the routed experts loads (the engine's own
+    # prefetch never replays the experts of an earlier token).
+    routed_bound = non_expert + LAYERS * TOP_K * (2 if predict else 1) * expert
     assert per_token <= routed_bound, (per_token, routed_bound)
     # The experts are most of the model: reading k of E of them is well under a full pass.
     assert per_token * 2 < every, (per_token, every)
@@ -213,6 +259,118 @@ def test_moe_prompt_routing_to_every_expert(tmp_path):
     model.cleanup_tensorstream()
     with pytest.raises(RuntimeError, match="closed"):
         model(ids)
+
+
+HOT = 5
+
+
+def _hot_expert_model():
+    """gpt-oss-style (its router has a bias): every token of every layer routes to expert
+    HOT, and to one other expert as its hidden state decides."""
+    model = _build("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[HOT] = 50.0
+    return model
+
+
+def _reads(runtime, tmp_path) -> dict[int, int]:
+    """Reads per unit index in the engine's trace so far."""
+    trace = json.loads(runtime.export_trace(tmp_path / "trace.json").read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out: dict[int, int] = {}
+    for e in events:
+        if e.get("cat") == "read":
+            block = e["args"]["block"]
+            out[block] = out.get(block, 0) + 1
+    return out
+
+
+def test_moe_expert_cache_keeps_the_frequently_routed_experts(tmp_path):
+    """Once their use rate is learned the experts routed on every token stay in the arena:
+    decode steps never read them again, while the arena's other places cycle the experts
+    the tokens pick besides. The engine's learned rates follow the routing."""
+    reference = _hot_expert_model()
+    ids = _ids()
+    with torch.no_grad():
+        ref_tokens = reference.generate(ids, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    sizes_of = {}
+    for layer in reference.model.layers:
+        experts = layer.mlp.experts
+        sizes_of[layer] = sum(p[0].numel() * p.element_size() for p in experts.parameters())
+    expert_bytes = max(sizes_of.values())
+    non_expert = _total(reference) - LAYERS * EXPERTS * expert_bytes
+    # The attention and the rest resident, an arena of LAYERS + 2 experts (and some slack for
+    # placeholders and alignment).
+    budget = non_expert + (LAYERS + 2) * expert_bytes + (64 << 10)
+    model = _hot_expert_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        offload(model, _base(tmp_path).replace(vram_budget_gb=f"{budget}B"))
+    runtime = model.tensorstream
+    runtime.predict_experts = False
+    units = runtime._blocks
+    resident = runtime._engine.plan["resident"]
+    assert all(r for u, r in zip(units, resident, strict=True) if u.expert is None)
+    assert not any(r for u, r in zip(units, resident, strict=True) if u.expert is not None)
+    hot = {u.index for u in units if u.expert == HOT}
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens = [token]
+        for step in range(13):
+            if step == 4:  # the rates are learned: from here on the hot experts stay
+                warm = _reads(runtime, tmp_path)
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), ref_tokens)
+    reads = _reads(runtime, tmp_path)
+    assert all(reads.get(u, 0) == warm.get(u, 0) for u in hot), (warm, reads)
+    cold_reads = sum(reads.get(u.index, 0) - warm.get(u.index, 0) for u in units if u.expert)
+    assert cold_reads > 0, "the other experts' places cycle"
+    stats = _check_budget_kept(model, budget)
+    layers = stats["experts"]["layers"]
+    assert [layer["name"] for layer in layers] == [
+        f"model.layers.{i}.mlp.experts" for i in range(LAYERS)
+    ]
+    for layer in layers:
+        rates = layer["use_rates"]
+        assert len(rates) == EXPERTS and layer["resident_experts"] == 0
+        assert rates[HOT] > 0.5 and rates[HOT] == max(rates), rates
+        # The prompt acquires each expert it hits once, a decode step its k.
+        assert 13 * TOP_K + TOP_K <= layer["acquires"] <= 13 * TOP_K + EXPERTS
+        assert layer["stall_seconds"] >= 0.0
+        assert 0.0 <= layer["hit_rate"] <= 1.0
+    assert stats["experts"]["stall_seconds"] == pytest.approx(
+        sum(layer["stall_seconds"] for layer in layers)
+    )
+    model.cleanup_tensorstream()
+
+
+def test_moe_shared_experts_are_resident_before_experts(tmp_path):
+    """Qwen2-MoE's shared expert runs on every token: at a budget that holds every non-expert
+    unit, the shared experts are resident and no routed expert is (the arena caches those)."""
+    reference = _build("qwen2_moe")
+    ids = _ids()
+    with torch.no_grad():
+        ref_tokens = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    budget = int(_total(reference) * 0.45)
+    model = _offload("qwen2_moe", _base(tmp_path), budget)
+    runtime = model.tensorstream
+    resident = runtime._engine.plan["resident"]
+    # The units holding the shared experts' weights (a decoder layer's unit at the blocks
+    # tier, the shared expert's own modules at finer ones).
+    shared = [u for u in runtime._blocks if any(".shared_expert." in n for n, _ in u.params)]
+    assert len({n for u in shared for n, _ in u.params if "shared_expert." in n}) >= LAYERS
+    assert all(resident[u.index] for u in shared), [u.name for u in shared]
+    assert not any(resident[u.index] for u in runtime._blocks if u.expert is not None)
+    assert not all(resident), "the budget does not hold everything"
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, ref_tokens)
+    _check_budget_kept(model, budget)
+    model.cleanup_tensorstream()
 
 
 def test_moe_store_holds_one_tensor_per_expert(tmp_path):

@@ -127,6 +127,12 @@ struct EngineOptions {
   /// is used (0: its size), and whether it is used by parts (rows) and so made resident last.
   std::vector<std::uint64_t> unit_needs;
   std::vector<bool> unit_partial;
+  /// Per unit (empty: all 1), the share of passes expected to use it, in (0, 1]. Below 1 the
+  /// unit is routed — an expert, used when its router picks it: it is kept out of the learned
+  /// order and the prefetch walk (the caller prefetches it), its actual rate is learned from
+  /// its acquires, and its cached place is ranked by that rate (engine/detail/prefetcher.hpp);
+  /// the residency plan makes every-pass units resident before it (residency.hpp).
+  std::vector<double> unit_use_rate;
   /// A GPU with device_memory: the stream on which the memory's previous owner (torch's
   /// caching allocator: the stream that was current when it allocated) may still have work
   /// reading it. The first fill of any byte waits for that work. nullptr: the legacy stream.

@@ -18,6 +18,13 @@
 // times the largest streamed need; only when no such plan fits does it settle for one
 // (`overlap` false: every load then waits in front of the computation, and the engine says so).
 //
+// Routed units. An expert of a mixture-of-experts layer is used on the passes its router picks
+// it only, and which experts are picked is learned while the model runs. The plan therefore
+// makes no routed unit resident (unless everything is): what the every-pass units leave is
+// the arena, where released experts stay cached, kept or displaced by their learned rate of
+// use (engine/detail/prefetcher.hpp) — a resident place would hold whichever expert the plan
+// chose before any token was routed.
+//
 // Thread-safety: pure functions.
 #pragma once
 
@@ -72,6 +79,10 @@ struct UnitDemand {
   /// Used by parts (an embedding read by rows): streaming it moves only the parts asked for,
   /// not `size` bytes per pass, so it is the last to be made resident.
   bool partial = false;
+  /// The share of passes that use the unit, in (0, 1]; below 1 the unit is routed (an
+  /// expert, used when its router picks it) and is not made resident unless every unit is:
+  /// the arena is its cache (see the top of this file).
+  double rate = 1.0;
 };
 
 /// The smallest budget under which a plan whose arena holds `slots` (≥ 1) times the largest
@@ -84,10 +95,10 @@ struct UnitDemand {
 [[nodiscard]] std::uint64_t minimum_budget(const std::vector<std::uint64_t>& sizes,
                                            std::uint32_t slots = 1);
 
-/// Plans residency under `budget` bytes: the most resident bytes (partial units last) beside
-/// an arena of at least `slots` (≥ 1) largest streamed needs, else beside fewer, down to one;
-/// ties prefer units that come first. Throws BudgetTooSmall, naming minimum_budget(units, 1),
-/// if no plan fits; std::invalid_argument for slots = 0.
+/// Plans residency under `budget` bytes: the most resident bytes (partial units last, routed
+/// ones only when everything fits) beside an arena of at least `slots` (≥ 1) largest streamed
+/// needs, else beside fewer, down to one; ties prefer units that come first. Throws BudgetTooSmall,
+/// naming minimum_budget(units, 1), if no plan fits; std::invalid_argument for slots = 0.
 [[nodiscard]] ResidencyPlan plan_residency(const std::vector<UnitDemand>& units,
                                            std::uint64_t budget, std::uint32_t slots = 2);
 /// The same for units whose need is their size.

@@ -76,6 +76,8 @@ struct EngineStats {
   unsigned prefetch_depth = 0;
   bool order_learned = false;
   std::vector<double> block_load_seconds;
+  std::vector<double> block_stall_seconds;
+  std::vector<double> use_rates;
   GdsMode gds_mode = GdsMode::kAuto;
   std::uint64_t gds_files = 0;
   std::uint64_t gds_bytes = 0;
@@ -132,6 +134,11 @@ void for_each_field(const EngineStats& s, Visit&& visit) {
   visit("order_learned", s.order_learned, "`adaptive`: the cyclic order of acquires is known");
   visit("block_load_seconds", s.block_load_seconds,
         "per block: the time of its last fill (0: never filled)");
+  visit("block_stall_seconds", s.block_stall_seconds,
+        "per block: the time acquires of it waited, in all");
+  visit("use_rates", s.use_rates,
+        "per block: the share of recent passes that used it, as learned for routed units "
+        "(options `unit_use_rate` < 1: experts); 1 for the others");
   visit("backend", s.backend,
         "how blocks are read: `pread`, `io_uring` or `mmap` (with in_place: mapped, no copy)");
   visit("in_place", s.in_place, "blocks are read in place (device `cpu`: windows, no copy)");
