@@ -35,17 +35,39 @@ class Checkpoint:
     checkpoint directory or an index file); reads one tensor at a time. Immutable; ``load``
     may run in several threads at once."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, names: dict[str, str] | None = None) -> None:
         self.path = path
         self._reader = _core.SafetensorsCheckpoint(str(path))
         self.files = [Path(f) for f in self._reader.files]
+        self._names = dict(names or {})
+
+    def named(self, names: dict[str, str]) -> Checkpoint:
+        """This checkpoint (the same reader) with ``names`` (model tensor name -> checkpoint
+        tensor name: the renames transformers applies when it loads the checkpoint,
+        :mod:`._hf_mapping`) taking precedence in :meth:`resolve`."""
+        other = object.__new__(Checkpoint)
+        other.path, other._reader, other.files = self.path, self._reader, self.files
+        other._names = dict(names)
+        return other
 
     def __contains__(self, name: str) -> bool:
         return name in self._reader
 
+    def names(self) -> list[str]:
+        """Every tensor's name, in file then offset order."""
+        return [e["name"] for e in self._reader.entries]
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self.files[self.entry(name)["file"]]
+
     def resolve(self, name: str, prefix: str = "") -> str | None:
-        """The checkpoint's name of the model's tensor ``name`` (some checkpoints save the
-        base model without its ``prefix``, or the other way round), or None."""
+        """The checkpoint's name of the model's tensor ``name``: the one :meth:`named` gave,
+        else ``name`` itself (some checkpoints save the base model without its ``prefix``, or
+        the other way round), or None."""
+        mapped = self._names.get(name)
+        if mapped is not None:
+            return mapped
         if name in self._reader:
             return name
         if prefix:

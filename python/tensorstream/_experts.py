@@ -63,6 +63,8 @@ logger = logging.getLogger("tensorstream")
 __all__ = [
     "ExpertsSite",
     "ExpertsRuntime",
+    "FusedRecipe",
+    "SliceRecipe",
     "expert_tensor_name",
     "expert_slices",
     "expert_unit_name",
@@ -217,17 +219,54 @@ def split_store_params(
     return out
 
 
-def expert_slices(sites: list[ExpertsSite], key_of: dict[str, str]) -> dict[str, tuple[str, int]]:
-    """For a checkpoint whose tensors ``key_of`` names (model name -> checkpoint name): each
-    expert slice's store name -> (checkpoint tensor, expert), with ``key_of`` extended by the
-    slices' names (``<checkpoint name>.<e>``)."""
+@dataclass(frozen=True)
+class SliceRecipe:
+    """How one expert's slice of a fused parameter is read from a checkpoint: ``parts``, each
+    (checkpoint tensor, index or None: ``tensor[index]`` or the whole tensor), concatenated
+    along ``dim`` (a single part is taken as it is)."""
+
+    parts: tuple[tuple[str, int | None], ...]
+    dim: int = 0
+
+    def fingerprint(self) -> Any:
+        """A JSON value naming the recipe (a single indexed part: [tensor, index])."""
+        if len(self.parts) == 1 and self.parts[0][1] is not None:
+            return list(self.parts[0])
+        return {"parts": [list(p) for p in self.parts], "dim": self.dim}
+
+
+@dataclass(frozen=True)
+class FusedRecipe:
+    """A fused ``[E, ...]`` parameter the checkpoint holds one tensor per expert and
+    projection: ``experts[e]`` are expert ``e``'s checkpoint tensors, concatenated along
+    ``dim`` of the slice (transformers' MergeModulelist then Concatenate, :mod:`._hf_mapping`)."""
+
+    experts: tuple[tuple[str, ...], ...]
+    dim: int = 0
+
+
+def expert_slices(
+    sites: list[ExpertsSite],
+    key_of: dict[str, str],
+    fused: dict[str, FusedRecipe] | None = None,
+) -> dict[str, SliceRecipe]:
+    """For a checkpoint whose tensors ``key_of`` names (model name -> checkpoint name, or the
+    model's own name for a parameter in ``fused``): each expert slice's store name -> its
+    recipe, with ``key_of`` extended by the slices' names (``<key_of name>.<e>``). A
+    parameter in ``fused`` (model name -> :class:`FusedRecipe`) is made of per-expert
+    checkpoint tensors; any other is sliced from the checkpoint's fused tensor."""
+    fused = fused or {}
     out = {}
     for site in sites:
         for _, qname, _ in site.params:
+            recipe = fused.get(qname)
             for e in range(site.num_experts):
                 key = expert_tensor_name(key_of[qname], e)
                 key_of[expert_tensor_name(qname, e)] = key
-                out[key] = (key_of[qname], e)
+                if recipe is None:
+                    out[key] = SliceRecipe(((key_of[qname], e),))
+                else:
+                    out[key] = SliceRecipe(tuple((k, None) for k in recipe.experts[e]), recipe.dim)
     return out
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from ._checkpoint import Checkpoint
+    from ._experts import SliceRecipe
     from ._torch_memory import TorchMemory
 
 __all__ = ["CheckpointSource", "StoreSource", "UnitSpec", "store_compression", "usable_storage"]
@@ -242,7 +243,7 @@ class StoreSource(_Units):
         checkpoint: Checkpoint,
         groups: dict[str, list[str]],
         dtype: torch.dtype | None,
-        slices: dict[str, tuple[str, int]] | None = None,
+        slices: dict[str, SliceRecipe] | None = None,
         *,
         compression: int = 0,
     ) -> StoreSource:
@@ -250,16 +251,18 @@ class StoreSource(_Units):
         converted to ``dtype``, one tensor in memory at a time. Its name hashes the checkpoint
         files' identity (path, size, modification time, inode), the groups and the dtype, so
         it is reused until any of them changes; the write is crash-safe (a store is complete
-        or absent). ``slices`` names tensors that are one expert's slice of a checkpoint
-        tensor (name -> (checkpoint tensor, expert index)); ``dtype`` None keeps the
+        or absent). ``slices`` names tensors that are one expert's slice of a fused parameter
+        (name -> :class:`._experts.SliceRecipe`: a slice of a fused checkpoint tensor, or
+        per-expert checkpoint tensors concatenated); ``dtype`` None keeps the
         checkpoint's dtypes. Compressed at level ``compression`` (1..9; 0: none), which the
         name also hashes."""
         identity = []
         for file in checkpoint.files:
             st = file.stat()
             identity.append([str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+        recipes = {k: r.fingerprint() for k, r in (slices or {}).items()}
         fields: dict[str, Any] = {
-            "files": identity, "groups": groups, "dtype": str(dtype), "slices": slices or {},
+            "files": identity, "groups": groups, "dtype": str(dtype), "slices": recipes,
         }  # fmt: skip
         if compression:  # absent for none: uncompressed stores keep their earlier names
             fields["compression"] = compression
@@ -281,10 +284,7 @@ class StoreSource(_Units):
                 fused: dict[str, Any] = {}  # the block's sliced checkpoint tensors, read once
                 for k in keys:
                     if k in slices:
-                        whole, expert = slices[k]
-                        if whole not in fused:
-                            fused[whole] = checkpoint.load(whole)
-                        t = fused[whole][expert]
+                        t = _read_slice(checkpoint, slices[k], fused)
                     else:
                         t = checkpoint.load(k)
                     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
@@ -342,6 +342,22 @@ class CheckpointSource(_Units):
         """The dtypes (torch names) of the groups' tensors, from the checkpoint's headers."""
         reader = _core.SafetensorsCheckpoint(str(self.path))
         return {reader.find(name)["dtype"] for names in self.groups.values() for name in names}
+
+
+def _read_slice(checkpoint: Checkpoint, recipe: SliceRecipe, fused: dict[str, Any]) -> Any:
+    """The tensor ``recipe`` makes of ``checkpoint``'s tensors; a fused tensor sliced is read
+    once into ``fused`` (the block's cache)."""
+    import torch  # noqa: PLC0415
+
+    parts = []
+    for name, index in recipe.parts:
+        if index is None:
+            parts.append(checkpoint.load(name))
+            continue
+        if name not in fused:
+            fused[name] = checkpoint.load(name)
+        parts.append(fused[name][index])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=recipe.dim)
 
 
 def _fingerprint(blocks: list[tuple[str, list[tuple[str, Any]]]]) -> str:

@@ -2,6 +2,9 @@
 the whole model in CPU RAM.
 
 1. The model is built from ``path/config.json`` on the meta device (no weights allocated).
+   Its parameters are named in the checkpoint as transformers' own ``from_pretrained`` names
+   them (:mod:`._hf_mapping`: renames, and experts held one tensor per expert and projection,
+   which are concatenated into each expert's slice of the fused parameters).
 2. Blocks are found as :func:`tensorstream.offload` finds them; each block's parameters are
    streamed by the engine straight from the ``.safetensors`` files (no store is written) --
    unless ``Config.dtype`` asks for another floating-point dtype than the checkpoint's, or
@@ -31,7 +34,8 @@ from torch import nn
 from ._analysis import TIERS, partition, store_blocks
 from ._attach import attach, check_config, check_device, choose_units
 from ._checkpoint import Checkpoint
-from ._experts import expert_slices, find_experts
+from ._experts import FusedRecipe, expert_slices, find_experts
+from ._hf_mapping import checkpoint_names
 from ._sources import CheckpointSource, StoreSource, store_compression, usable_storage
 from ._torch_memory import placeholder, trim_host_heap
 
@@ -66,16 +70,36 @@ def from_pretrained(path: str | os.PathLike[str], config: Any = None, **kwargs: 
     model.eval()
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    # Every parameter by the checkpoint's name (shapes checked), tied ones once.
+    # The checkpoint's names as transformers' from_pretrained maps them (renames, experts held
+    # one tensor per expert and projection).
+    mapped = checkpoint_names(model, checkpoint)
+    checkpoint = checkpoint.named(mapped.names)
+    sites = find_experts(model)
+    site_params = {q for site in sites for _, q, _ in site.params}
+    # Every parameter by the checkpoint's name (shapes checked), tied ones once; a fused
+    # experts parameter made of per-expert tensors by its own name (it is stored by slices).
     key_of: dict[str, str] = {}
     for qname, p in model.named_parameters():
-        if p.numel() > 0:
-            key_of[qname] = _tensor_for(checkpoint, qname, p, prefix)
+        if p.numel() == 0:
+            continue
+        recipe = mapped.fused.get(qname)
+        if recipe is None:
+            key_of[qname] = _tensor_for(checkpoint, qname, p, prefix, mapped.unsupported)
+            continue
+        if qname not in site_params:
+            raise ValueError(
+                f"tensorstream: checkpoint '{root}' holds the model's parameter '{qname}' one "
+                "tensor per expert, which streams only with its experts as units (not "
+                "under whole_layers())"
+            )
+        _check_recipe(checkpoint, recipe, tuple(p.shape))
+        key_of[qname] = qname
     dtype = config.torch_dtype
     # Experts stream one expert at a time from a store of per-expert slices (the checkpoint's
-    # fused [E, ...] tensors are not cut in place): the store is converted, in Config.dtype
-    # if one is given, else in the checkpoint's dtypes.
-    slices = expert_slices(find_experts(model), key_of)
+    # fused [E, ...] tensors are not cut in place, per-expert tensors are concatenated as
+    # transformers does): the store is converted, in Config.dtype if one is given, else in
+    # the checkpoint's dtypes.
+    slices = expert_slices(sites, key_of, mapped.fused)
     # A compressed store is written when asked: safetensors are never compressed.
     compression = store_compression(config)
     source: StoreSource | CheckpointSource
@@ -155,13 +179,38 @@ def _missing(root: Path, name: str, what: str = "parameter") -> ValueError:
     )
 
 
-def _tensor_for(checkpoint: Checkpoint, qname: str, p: torch.Tensor, prefix: str) -> str:
+def _tensor_for(
+    checkpoint: Checkpoint,
+    qname: str,
+    p: torch.Tensor,
+    prefix: str,
+    unsupported: dict[str, str] | None = None,
+) -> str:
     """The checkpoint's name of parameter ``qname``, checked to have ``p``'s shape."""
     key = checkpoint.resolve(qname, prefix)
     if key is None:
+        why = (unsupported or {}).get(qname)
+        if why is not None:
+            raise ValueError(
+                f"tensorstream: checkpoint '{checkpoint.path}' does not hold the model's "
+                f"parameter '{qname}' as one tensor, and {why}, which tensorstream does not "
+                "read"
+            )
         raise _missing(checkpoint.path, qname)
     _check_shape(checkpoint, key, tuple(checkpoint.entry(key)["shape"]), tuple(p.shape))
     return key
+
+
+def _check_recipe(checkpoint: Checkpoint, recipe: FusedRecipe, shape: tuple) -> None:
+    """Each per-expert tensor of ``recipe`` has its share of an expert's slice of a fused
+    parameter of ``shape`` (the parts of a concatenation are equal, as transformers' reverse
+    Chunk of them on save requires)."""
+    expected = list(shape[1:])
+    parts = len(recipe.experts[0]) if recipe.experts else 1
+    expected[recipe.dim] //= parts
+    for keys in recipe.experts:
+        for key in keys:
+            _check_shape(checkpoint, key, tuple(checkpoint.entry(key)["shape"]), tuple(expected))
 
 
 def _check_shape(checkpoint: Checkpoint, key: str, stored: tuple, expected: tuple) -> None:

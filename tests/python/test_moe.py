@@ -11,6 +11,7 @@ are predicted from its router."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -448,13 +449,113 @@ def test_moe_from_pretrained_fused_checkpoint(tmp_path, arch):
     model.cleanup_tensorstream()
 
 
-def test_moe_from_pretrained_per_expert_checkpoint_is_refused_clearly(tmp_path):
-    """save_pretrained writes Mixtral's experts one tensor per expert and projection (the
-    Hub's layout, under block_sparse_moe): the first parameter not found is named."""
+# One expert's down projection in each per-expert (Hub) layout, by architecture.
+_DOWN = {
+    "mixtral": "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
+    "qwen2_moe": "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+    "qwen3_moe": "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+}
+_GATE = {
+    "mixtral": "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+    "qwen2_moe": "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+    "qwen3_moe": "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+}
+
+
+def _checkpoint_names(path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names.update(f.keys())
+    return names
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "qwen2_moe", "qwen3_moe"))
+def test_moe_from_pretrained_per_expert_checkpoint(tmp_path, arch):
+    """save_pretrained writes the experts one tensor per expert and projection (the Hub's
+    layout; Mixtral's under block_sparse_moe, its router renamed too): from_pretrained maps
+    them as transformers' own from_pretrained does (whose logits are the reference's), writes
+    each expert's slices from them and streams the routed experts, bitwise."""
+    reference = _build(arch)
+    path = tmp_path / "ckpt"
+    # Qwen2-MoE's checkpoint in several shards with an index.
+    reference.save_pretrained(path, **({"max_shard_size": "100KB"} if arch == "qwen2_moe" else {}))
+    names = _checkpoint_names(path)
+    assert _DOWN[arch].format(l=2, e=7) in names and _GATE[arch].format(l=0, e=3) in names
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in names)
+    if arch == "qwen2_moe":
+        assert (path / "model.safetensors.index.json").is_file()
+    if arch == "mixtral":
+        assert "model.layers.0.block_sparse_moe.gate.weight" in names
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+        ref_tokens = reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        loaded = T.AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager")
+        assert torch.equal(loaded.eval()(ids).logits, ref_logits), "transformers' own load"
+    del loaded
+    budget = int(_total(reference) * 0.30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = ts.from_pretrained(
+            path,
+            Config(storage_path=tmp_path / "s", vram_budget_gb=f"{budget}B"),
+            experts_implementation="eager",
+        )
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref_logits), f"{arch}: logits differ"
+    assert torch.equal(tokens, ref_tokens), f"{arch}: tokens differ"
+    stats = _check_budget_kept(model, budget)
+    assert stats["experts"]["units"] == LAYERS * EXPERTS
+    # The store holds each expert's slices, made of its per-expert checkpoint tensors.
+    store = ts._core.Store(str(model.tensorstream.store_path))
+    shapes = {t["name"]: list(t["shape"]) for t in store.tensors}
+    inter = 128 if arch == "mixtral" else 64
+    assert shapes["model.layers.1.mlp.experts.gate_up_proj.5"] == [2 * inter, 64]
+    assert shapes["model.layers.1.mlp.experts.down_proj.5"] == [64, inter]
+    model.cleanup_tensorstream()
+
+
+def _rewrite(path, drop=None, replace=None) -> None:
+    """Rewrites every safetensors file of ``path`` without tensor ``drop`` and with
+    ``replace``'s tensors (name -> tensor) in place of theirs."""
+    from safetensors.torch import load_file, save_file
+
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(str(file))
+        tensors.pop(drop, None)
+        for name, t in (replace or {}).items():
+            if name in tensors:
+                tensors[name] = t
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "qwen3_moe"))
+def test_moe_from_pretrained_per_expert_tensor_missing(tmp_path, arch):
+    reference = _build(arch)
+    path = tmp_path / "ckpt"
+    reference.save_pretrained(path)
+    missing = _DOWN[arch].format(l=1, e=3)
+    _rewrite(path, drop=missing)
+    assert missing not in _checkpoint_names(path)
+    with pytest.raises(ValueError, match=re.escape(missing)) as info:
+        ts.from_pretrained(path, Config(storage_path=tmp_path / "s"))
+    assert str(path) in str(info.value) and "expert 3" in str(info.value)
+
+
+def test_moe_from_pretrained_per_expert_tensor_of_wrong_shape(tmp_path):
     reference = _build("mixtral")
-    reference.save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="does not hold the model.s parameter .model.layers.0.mlp"):
-        ts.from_pretrained(tmp_path / "ckpt", ts.Config(storage_path=tmp_path / "s"))
+    path = tmp_path / "ckpt"
+    reference.save_pretrained(path)
+    name = _GATE["mixtral"].format(l=2, e=5)
+    _rewrite(path, replace={name: torch.zeros(128, 63)})
+    with pytest.raises(ValueError, match=re.escape(name)) as info:
+        ts.from_pretrained(path, Config(storage_path=tmp_path / "s"))
+    assert "(128, 63)" in str(info.value) and "(128, 64)" in str(info.value)
 
 
 def test_bench_moe_smoke(tmp_path):
