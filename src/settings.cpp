@@ -652,7 +652,7 @@ const std::vector<StructuralOption>& structural_options() {
        "options key `unit_use_rate` (list of float); C++: `EngineOptions::unit_use_rate`",
        "Per unit, the share of passes expected to use it, in (0, 1] (default 1). Below 1 the unit "
        "is routed (an expert): kept out of the learned order, its actual rate learned, its cached "
-       "place kept by that rate, made resident after every-pass units."},
+       "place kept by that rate; not made resident unless every unit is (the arena caches it)."},
       {"memory_stream",
        "options key `memory_stream` (a CUstream as int); C++: "
        "`EngineOptions::memory_stream`",

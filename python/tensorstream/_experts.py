@@ -392,18 +392,11 @@ class _Proxy:
 
 
 def _acquire_expert(runtime: OffloadedModel, unit: Block) -> dict[str, torch.Tensor]:
-    from ._hooks import _current_stream  # noqa: PLC0415
+    from ._hooks import acquire_bytes  # noqa: PLC0415
 
     with unit.lock:
         if unit.active == 0:
-            stream = _current_stream(runtime.device)
-            if runtime.debug:
-                from . import _debug  # noqa: PLC0415
-
-                address, size, _ = _debug.acquire(runtime, unit, stream)
-            else:
-                address, size, _ = runtime._engine.acquire(unit.index, stream)
-            raw = runtime._memory.view(address, size)
+            raw = acquire_bytes(runtime, unit)
             unit.expert_views = {
                 attr: raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
                 for attr, s in zip(unit.expert_attrs, unit.slots, strict=True)
@@ -413,18 +406,14 @@ def _acquire_expert(runtime: OffloadedModel, unit: Block) -> dict[str, torch.Ten
 
 
 def _release_expert(runtime: OffloadedModel, unit: Block) -> None:
-    from ._hooks import _current_stream  # noqa: PLC0415
+    from ._hooks import release_bytes  # noqa: PLC0415
 
     with unit.lock:
         unit.active -= 1
         if unit.active > 0:
             return
         unit.expert_views = None
-        runtime._engine.release(unit.index, _current_stream(runtime.device))
-        if runtime.debug:
-            from . import _debug  # noqa: PLC0415
-
-            _debug.released(runtime, unit)
+        release_bytes(runtime, unit)
 
 
 # Fused implementations whose result is the sum over each token's k routed slots of

@@ -53,6 +53,15 @@ def _transformers_mapping(model: Any) -> tuple[Any, list, list] | None:
         from transformers import conversion_mapping, core_model_loading  # noqa: PLC0415
     except ImportError:
         return None
+    # The parts of transformers' loader this reads (5.x); another version without them maps
+    # nothing here, and names then resolve as they are.
+    needed = ("rename_source_key", "apply_renamings", "dot_natural_key", "WeightRenaming",
+              "WeightConverter", "MergeModulelist", "Concatenate")  # fmt: skip
+    if not all(hasattr(core_model_loading, n) for n in needed) or not hasattr(
+        conversion_mapping, "get_model_conversion_mapping"
+    ):
+        logger.info("tensorstream: this transformers has no conversion mapping to read")
+        return None
     try:
         transforms = conversion_mapping.get_model_conversion_mapping(model)
     except Exception as e:  # noqa: BLE001 - a model transformers maps no weights of

@@ -74,15 +74,28 @@ def make_pre_hook(runtime: OffloadedModel, units: list[Block]):
     return pre_hook
 
 
+def acquire_bytes(runtime: OffloadedModel, block: Block) -> torch.Tensor:
+    """Acquires ``block``'s unit on the current stream: its bytes, as a uint8 tensor (the
+    caller holds ``block.lock`` and counts its holders)."""
+    stream = _current_stream(runtime.device)
+    if runtime.debug:
+        address, size, _ = _debug.acquire(runtime, block, stream)
+    else:
+        address, size, _ = runtime._engine.acquire(block.index, stream)
+    return runtime._memory.view(address, size)
+
+
+def release_bytes(runtime: OffloadedModel, block: Block) -> None:
+    """Releases ``block``'s unit on the current stream (its last holder, under its lock)."""
+    runtime._engine.release(block.index, _current_stream(runtime.device))
+    if runtime.debug:
+        _debug.released(runtime, block)
+
+
 def _enter(runtime: OffloadedModel, block: Block) -> None:
     with block.lock:
         if block.active == 0:
-            stream = _current_stream(runtime.device)
-            if runtime.debug:
-                address, size, _ = _debug.acquire(runtime, block, stream)
-            else:
-                address, size, _ = runtime._engine.acquire(block.index, stream)
-            raw = runtime._memory.view(address, size)
+            raw = acquire_bytes(runtime, block)
             for s in block.slots:
                 s.param.data = raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
         # else: another thread (or an enclosing module) already made these weights available
@@ -100,9 +113,7 @@ def _leave(runtime: OffloadedModel, block: Block) -> None:
             return
         for s in block.slots:
             s.param.data = placeholder(s.dtype, s.shape, runtime.device)
-        runtime._engine.release(block.index, _current_stream(runtime.device))
-        if runtime.debug:
-            _debug.released(runtime, block)
+        release_bytes(runtime, block)
 
 
 def make_rows_pre_hook(runtime: OffloadedModel, block: Block):

@@ -60,6 +60,7 @@ def test_rows_are_complete_and_unique() -> None:
         "groups",
         "unit_needs",
         "unit_partial",
+        "unit_use_rate",
         "memory_stream",
     }
     assert not {o["name"] for o in _core.structural_options()} & set(TABLE)
