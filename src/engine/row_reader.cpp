@@ -29,39 +29,30 @@ void RowReader::read(std::uint32_t block, const TensorPlacement& tensor,
     TS_EXPECT(r >= 0 && r < count, std::invalid_argument, "row ", r, " of tensor '", tensor.name,
               "' is out of range (", count, " rows)");
   }
-  if (tensor.compressed) {
-    try {
+  // Whichever way the rows are read, an error names the tensor and its block.
+  const auto context = [&] {
+    return concat("rows of tensor '", tensor.name, "' of block '", layout_.blocks[block].name,
+                  "': ");
+  };
+  try {
+    if (tensor.compressed) {
       read_decoded(tensor, rows, dest);
-    } catch (const ChecksumError& e) {
-      throw ChecksumError(concat("rows of tensor '", tensor.name, "' of block '",
-                                 layout_.blocks[block].name, "': ", e.what()));
-    } catch (const IoError& e) {
-      throw IoError(concat("rows of tensor '", tensor.name, "' of block '",
-                           layout_.blocks[block].name, "': ", e.what()),
-                    e.code());
-    } catch (const FormatError& e) {
-      throw FormatError(concat("rows of tensor '", tensor.name, "' of block '",
-                               layout_.blocks[block].name, "': ", e.what()));
+      return;
     }
-    return;
-  }
-  const auto& file = files_[tensor.file];
-  for (std::size_t i = 0; i < rows.size();) {
-    std::size_t j = i + 1;
-    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;  // one read for a run
-    const auto offset = tensor.file_offset + static_cast<std::uint64_t>(rows[i]) * row;
-    std::span<std::byte> out(dest + i * row, (j - i) * row);
-    try {
-      file.pread_exact(out, offset);
-    } catch (const IoError& e) {
-      throw IoError(concat("rows of tensor '", tensor.name, "' of block '",
-                           layout_.blocks[block].name, "': ", e.what()),
-                    e.code());
-    } catch (const FormatError& e) {
-      throw FormatError(concat("rows of tensor '", tensor.name, "' of block '",
-                               layout_.blocks[block].name, "': ", e.what()));
+    const auto& file = files_[tensor.file];
+    for (std::size_t i = 0; i < rows.size();) {
+      std::size_t j = i + 1;
+      while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;  // one read for a run
+      const auto offset = tensor.file_offset + static_cast<std::uint64_t>(rows[i]) * row;
+      file.pread_exact(std::span<std::byte>(dest + i * row, (j - i) * row), offset);
+      i = j;
     }
-    i = j;
+  } catch (const ChecksumError& e) {
+    throw ChecksumError(context() + e.what());
+  } catch (const IoError& e) {
+    throw IoError(context() + e.what(), e.code());
+  } catch (const FormatError& e) {
+    throw FormatError(context() + e.what());
   }
 }
 

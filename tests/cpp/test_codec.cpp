@@ -22,11 +22,6 @@ using ts::testing::weight_bytes;
 
 namespace {
 
-#define SKIP_WITHOUT_ZSTD()                                     \
-  do {                                                          \
-    if (!codec::available()) GTEST_SKIP() << codec::describe(); \
-  } while (0)
-
 // A one-chunk "block" for decode_chunk: the encoding of `raw` and its chunk record.
 struct OneChunk {
   std::vector<std::byte> stored;
@@ -126,7 +121,7 @@ TEST(Codec, PlanesSplitAndJoinAnyClippedRange) {
 }
 
 TEST(Codec, RoundTripsEveryWidthAndLevelBitwise) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   const std::vector<ts::DType> dtypes = {ts::DType::kBFloat16, ts::DType::kFloat16,
                                          ts::DType::kFloat32,  ts::DType::kFloat64,
                                          ts::DType::kInt8,     ts::DType::kFloat8E4M3FN};
@@ -150,7 +145,7 @@ TEST(Codec, RoundTripsEveryWidthAndLevelBitwise) {
 }
 
 TEST(Codec, BFloat16WeightsShrinkAndHigherLevelsNeverLose) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   const auto raw = weight_bytes(ts::DType::kBFloat16, 512 * 1024, 5);  // 1 MiB
   const auto level1 = encode_one(raw, 2, 1).stored.size();
   const auto level9 = encode_one(raw, 2, 9).stored.size();
@@ -165,7 +160,7 @@ TEST(Codec, BFloat16WeightsShrinkAndHigherLevelsNeverLose) {
 }
 
 TEST(Codec, IncompressibleChunksStayRaw) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   const auto raw = random_bytes(100000, 8);
   for (const unsigned width : {1u, 2u, 4u}) {
     const auto c = encode_one(raw, width, 3);
@@ -176,7 +171,7 @@ TEST(Codec, IncompressibleChunksStayRaw) {
 }
 
 TEST(Codec, DecodesAClippedRangeOfEveryCodec) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   auto raw = weight_bytes(ts::DType::kFloat32, 20000, 2);
   const auto random = random_bytes(raw.size(), 4);
   std::mt19937_64 rng(1);
@@ -198,7 +193,7 @@ TEST(Codec, DecodesAClippedRangeOfEveryCodec) {
 }
 
 TEST(Codec, CorruptTruncatedAndForgedChunksAreRefused) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   const auto raw = weight_bytes(ts::DType::kBFloat16, 30000, 9);
   const auto good = encode_one(raw, 2, 3);
   ASSERT_EQ(good.info.codec, ts::ChunkCodec::kBytePlanesZstd);
@@ -268,7 +263,7 @@ TEST(Codec, CorruptTruncatedAndForgedChunksAreRefused) {
 }
 
 TEST(Codec, RandomDamageNeverCrashesOrDecodesShort) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   const auto raw = weight_bytes(ts::DType::kFloat16, 20000, 1);
   const auto good = encode_one(raw, 2, 1);
   std::mt19937_64 rng(77);
@@ -330,7 +325,7 @@ TEST(Codec, ChunksCoveringFindsTheChunksOfARange) {
 }
 
 TEST(Codec, DecodeBlockOnSeveralThreadsEqualsOneThread) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   // A block of 40 chunks: weights, random bytes (raw chunks) and zeros, alternating.
   std::vector<std::byte> raw;
   std::vector<ts::ChunkInfo> chunks;

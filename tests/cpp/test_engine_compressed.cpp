@@ -33,6 +33,7 @@ using ts::testing::Fault;
 using ts::testing::FaultContext;
 using ts::testing::FaultInjectionEnv;
 using ts::testing::FaultPoint;
+using ts::testing::kAllDTypes;
 using ts::testing::random_bytes;
 using ts::testing::read_file;
 using ts::testing::TempDir;
@@ -41,23 +42,8 @@ using ts::testing::write_file;
 
 namespace {
 
-#define SKIP_WITHOUT_ZSTD()                                     \
-  do {                                                          \
-    if (!codec::available()) GTEST_SKIP() << codec::describe(); \
-  } while (0)
-
 constexpr ts::OpenOptions kDecode{true};
 constexpr std::uint32_t kChunk = 64u << 10;
-
-const std::vector<ts::DType> kAllDTypes = {
-    ts::DType::kBool,          ts::DType::kUInt8,          ts::DType::kInt8,
-    ts::DType::kInt16,         ts::DType::kUInt16,         ts::DType::kInt32,
-    ts::DType::kUInt32,        ts::DType::kInt64,          ts::DType::kUInt64,
-    ts::DType::kFloat16,       ts::DType::kBFloat16,       ts::DType::kFloat32,
-    ts::DType::kFloat64,       ts::DType::kComplex32,      ts::DType::kComplex64,
-    ts::DType::kComplex128,    ts::DType::kFloat8E4M3FN,   ts::DType::kFloat8E4M3FNUZ,
-    ts::DType::kFloat8E5M2,    ts::DType::kFloat8E5M2FNUZ, ts::DType::kFloat8E8M0FNU,
-    ts::DType::kFloat4E2M1FNx2};
 
 struct Tensor {
   std::string name;

@@ -12,10 +12,26 @@
 #include <string>
 #include <vector>
 
+#include "tensorstream/codec.hpp"
 #include "tensorstream/dtype.hpp"
 #include "tensorstream/io/env.hpp"
 
+/// Skips the current test where this build has no zstd (compressed stores are refused).
+#define TS_SKIP_WITHOUT_ZSTD()                                                                  \
+  do {                                                                                          \
+    if (!::tensorstream::codec::available()) GTEST_SKIP() << ::tensorstream::codec::describe(); \
+  } while (0)
+
 namespace tensorstream::testing {
+
+/// Every element type a store can hold, in DType order.
+inline const std::vector<DType> kAllDTypes = {
+    DType::kBool,          DType::kUInt8,          DType::kInt8,       DType::kInt16,
+    DType::kUInt16,        DType::kInt32,          DType::kUInt32,     DType::kInt64,
+    DType::kUInt64,        DType::kFloat16,        DType::kBFloat16,   DType::kFloat32,
+    DType::kFloat64,       DType::kComplex32,      DType::kComplex64,  DType::kComplex128,
+    DType::kFloat8E4M3FN,  DType::kFloat8E4M3FNUZ, DType::kFloat8E5M2, DType::kFloat8E5M2FNUZ,
+    DType::kFloat8E8M0FNU, DType::kFloat4E2M1FNx2};
 
 /// A fresh directory under the system temp dir, removed with its content on destruction.
 class TempDir {

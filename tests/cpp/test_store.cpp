@@ -11,20 +11,11 @@
 #include "test_helpers.hpp"
 
 namespace ts = tensorstream;
+using ts::testing::kAllDTypes;
 using ts::testing::random_bytes;
 using ts::testing::TempDir;
 
 namespace {
-
-const std::vector<ts::DType> kAllDTypes = {
-    ts::DType::kBool,          ts::DType::kUInt8,          ts::DType::kInt8,
-    ts::DType::kInt16,         ts::DType::kUInt16,         ts::DType::kInt32,
-    ts::DType::kUInt32,        ts::DType::kInt64,          ts::DType::kUInt64,
-    ts::DType::kFloat16,       ts::DType::kBFloat16,       ts::DType::kFloat32,
-    ts::DType::kFloat64,       ts::DType::kComplex32,      ts::DType::kComplex64,
-    ts::DType::kComplex128,    ts::DType::kFloat8E4M3FN,   ts::DType::kFloat8E4M3FNUZ,
-    ts::DType::kFloat8E5M2,    ts::DType::kFloat8E5M2FNUZ, ts::DType::kFloat8E8M0FNU,
-    ts::DType::kFloat4E2M1FNx2};
 
 struct Expected {
   ts::DType dtype;

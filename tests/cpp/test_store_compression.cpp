@@ -21,6 +21,7 @@
 namespace ts = tensorstream;
 namespace codec = tensorstream::codec;
 namespace detail = tensorstream::detail;
+using ts::testing::kAllDTypes;
 using ts::testing::random_bytes;
 using ts::testing::read_file;
 using ts::testing::TempDir;
@@ -28,21 +29,6 @@ using ts::testing::weight_bytes;
 using ts::testing::write_file;
 
 namespace {
-
-#define SKIP_WITHOUT_ZSTD()                                     \
-  do {                                                          \
-    if (!codec::available()) GTEST_SKIP() << codec::describe(); \
-  } while (0)
-
-const std::vector<ts::DType> kAllDTypes = {
-    ts::DType::kBool,          ts::DType::kUInt8,          ts::DType::kInt8,
-    ts::DType::kInt16,         ts::DType::kUInt16,         ts::DType::kInt32,
-    ts::DType::kUInt32,        ts::DType::kInt64,          ts::DType::kUInt64,
-    ts::DType::kFloat16,       ts::DType::kBFloat16,       ts::DType::kFloat32,
-    ts::DType::kFloat64,       ts::DType::kComplex32,      ts::DType::kComplex64,
-    ts::DType::kComplex128,    ts::DType::kFloat8E4M3FN,   ts::DType::kFloat8E4M3FNUZ,
-    ts::DType::kFloat8E5M2,    ts::DType::kFloat8E5M2FNUZ, ts::DType::kFloat8E8M0FNU,
-    ts::DType::kFloat4E2M1FNx2};
 
 constexpr ts::OpenOptions kDecode{true};
 constexpr std::uint32_t kSmallChunk = 64u << 10;
@@ -144,7 +130,7 @@ std::size_t compressed_chunks(const ts::Store& store) {
 }  // namespace
 
 TEST(StoreCompression, EveryDTypeAtEveryLevelRoundTripsBitwise) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   Blocks blocks;
   std::uint64_t seed = 1;
@@ -180,7 +166,7 @@ TEST(StoreCompression, EveryDTypeAtEveryLevelRoundTripsBitwise) {
 }
 
 TEST(StoreCompression, IncompressibleChunksAndBlocksStayRaw) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const Blocks blocks = {
       {"mixed",
@@ -210,7 +196,7 @@ TEST(StoreCompression, IncompressibleChunksAndBlocksStayRaw) {
 }
 
 TEST(StoreCompression, AStoreWhereNothingShrinksIsAVersion10StoreByteForByte) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const Blocks blocks = {{"a", {noise("a.x", 200000, 1), noise("a.y", 77, 2)}},
                          {"b", {noise("b.x", 5000, 3)}}};
@@ -221,7 +207,7 @@ TEST(StoreCompression, AStoreWhereNothingShrinksIsAVersion10StoreByteForByte) {
 }
 
 TEST(StoreCompression, WriterThreadsDoNotChangeTheBytes) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   Blocks blocks;
   for (int b = 0; b < 3; ++b) {
@@ -238,7 +224,7 @@ TEST(StoreCompression, WriterThreadsDoNotChangeTheBytes) {
 }
 
 TEST(StoreCompression, ReadingOneTensorReadsOnlyItsChunks) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const Blocks blocks = {{"layer",
                           {weights("layer.q", ts::DType::kBFloat16, 100000, 1),
@@ -292,7 +278,7 @@ TEST(StoreCompression, ReadingOneTensorReadsOnlyItsChunks) {
 }
 
 TEST(StoreCompression, ParallelBlockReadsEqualSerialOnes) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const Blocks blocks = {
       {"l", {weights("l.w", ts::DType::kBFloat16, 600000, 1), noise("l.n", 100000, 2)}}};
@@ -318,7 +304,7 @@ TEST(StoreCompression, ParallelBlockReadsEqualSerialOnes) {
 }
 
 TEST(StoreCompression, DamagedChunksAreRefusedNamingFileBlockAndChunk) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const Blocks blocks = {{"layers.0", {weights("layers.0.w", ts::DType::kBFloat16, 200000, 1)}},
                          {"layers.1", {weights("layers.1.w", ts::DType::kBFloat16, 200000, 2)}}};
@@ -629,7 +615,7 @@ TEST(StoreCompression, CompressedFixtureDecodesOrSaysTheBuildLacksZstd) {
 }
 
 TEST(StoreCompression, DefaultOpenRefusesCompressedStoresTheEngineDecodesThem) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   const auto path = dir / "m.tstore";
   write_store(path,
@@ -666,7 +652,7 @@ TEST(StoreCompression, DefaultOpenRefusesCompressedStoresTheEngineDecodesThem) {
 }
 
 TEST(StoreCompression, ConvertCompressesAndKeepsTheFingerprint) {
-  SKIP_WITHOUT_ZSTD();
+  TS_SKIP_WITHOUT_ZSTD();
   TempDir dir;
   // A safetensors file written by a StoreWriter-independent path: header + data by hand.
   const std::vector<std::pair<std::string, std::size_t>> tensors = {
